@@ -1,0 +1,220 @@
+"""Dual-eye network: one shared timm backbone, per-eye branches, two-way cross-attention, fusion MLP.
+
+    left  (B,3,H,W) ─┐                  ┌─ left branch  (B,T,D) ─┬─ left attends right ─┐
+                     ├─ backbone (2B) ──┤                        ×                      ├─ mean pool ×4 ─ MLP ─ logits (B,K)
+    right (B,3,H,W) ─┘                  └─ right branch (B,T,D) ─┴─ right attends left ─┘
+
+The model returns logits (no sigmoid) and does no I/O; the loss lives in model/loss.py.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import timm
+from timm.data import resolve_model_data_config
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel normalisation the backbone's pretrained weights expect, from timm's registry (no download).
+
+    Args:
+        name: a timm model name, with or without a pretrained tag (``"convnext_small"``,
+            ``"convnext_small.fb_in22k_ft_in1k"``).
+
+    Returns:
+        ``(mean, std)``, each a 3-tuple in [0, 1] pixel units; ImageNet defaults when timm has no
+        pretrained config for the name.
+    """
+    cfg = timm.get_pretrained_cfg(name)
+    mean = getattr(cfg, "mean", None) or IMAGENET_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (elements) of a module.
+
+    Args:
+        model: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class EyeBranch(nn.Module):
+    """Per-eye projection of backbone tokens: Linear(C→D), LayerNorm, GELU, Dropout.
+
+    Args:
+        in_dim: backbone feature channels C.
+        embed_dim: token width D after projection.
+        dropout: dropout probability after the activation.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) → (B, T, D)."""
+        return self.drop(self.act(self.norm(self.proj(tokens))))
+
+
+class CrossAttention(nn.Module):
+    """Query tokens attend to context tokens, with a residual connection and post-LayerNorm.
+
+    Args:
+        embed_dim: token width D (must be divisible by ``heads``).
+        heads: number of attention heads.
+        dropout: dropout on the attention weights and on the residual branch.
+    """
+
+    def __init__(self, embed_dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, heads, dropout=dropout, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """query (B, Tq, D), context (B, Tc, D) → (B, Tq, D)."""
+        attended, _ = self.attn(query, context, context, need_weights=False)  # (B, Tq, D)
+        return self.norm(query + self.drop(attended))
+
+
+class DualEyeNet(nn.Module):
+    """Multi-label classifier over a (left, right) pair of fundus photographs.
+
+    Both eyes go through ONE shared timm backbone in a single batch of 2B images. Each eye's spatial
+    tokens then pass through their own branch (weights not shared, so the model knows which eye is
+    which), each eye attends to the other with 8-head cross-attention (one attention module per
+    direction), and the four mean-pooled representations are fused by an MLP into one logit per class.
+
+    Args:
+        backbone: any timm model name. CNNs give feature maps (B, C, h, w) (or (B, h, w, C) for NHWC
+            models such as Swin), ViT-like models give tokens (B, T, C); both become (B, T, C) tokens.
+        num_classes: number of output logits (8 for ODIR-5K).
+        embed_dim: token width D of the branches and the cross-attention.
+        heads: attention heads; must divide ``embed_dim``.
+        dropout: dropout in the branches, the attention and the fusion MLP.
+        pretrained: load timm's pretrained weights (timm may download them; the model itself does no I/O
+            beyond what timm.create_model does at construction).
+        weights_file: local checkpoint for the backbone (offline hosts); implies ``pretrained=True`` and
+            is loaded through timm's ``pretrained_cfg_overlay=dict(file=...)``, so timm's own
+            checkpoint filtering (classifier removal, key remapping) applies.
+        drop_path_rate: stochastic depth rate of the backbone.
+        backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size=384`` for a ViT).
+
+    Attributes:
+        backbone: the shared timm feature extractor (``num_classes=0, global_pool=""``).
+        data_config: timm's resolved data config of the backbone (input_size, mean, std, interpolation, ...).
+        config: the constructor arguments needed to rebuild this architecture (no weights/paths).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "convnext_small",
+        num_classes: int = 8,
+        embed_dim: int = 512,
+        heads: int = 8,
+        dropout: float = 0.2,
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        drop_path_rate: float = 0.0,
+        backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if embed_dim % heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by heads ({heads})")
+        self.config = dict(
+            backbone=backbone,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            heads=heads,
+            dropout=dropout,
+            drop_path_rate=drop_path_rate,
+            backbone_kwargs=dict(backbone_kwargs or {}),
+        )
+        self.backbone = timm.create_model(
+            backbone,
+            pretrained=pretrained or weights_file is not None,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=drop_path_rate,
+            pretrained_cfg_overlay=dict(file=str(weights_file)) if weights_file is not None else None,
+            **(backbone_kwargs or {}),
+        )
+        self.data_config = resolve_model_data_config(self.backbone)
+        # NHWC backbones (Swin, MambaOut, ...) declare it; everything else 4-D is NCHW.
+        fmt = getattr(self.backbone, "output_fmt", "NCHW")
+        self._nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
+
+        feat_dim = self.backbone.num_features  # C
+        self.left_branch = EyeBranch(feat_dim, embed_dim, dropout)
+        self.right_branch = EyeBranch(feat_dim, embed_dim, dropout)
+        self.left_to_right = CrossAttention(embed_dim, heads, dropout)  # left queries, right keys/values
+        self.right_to_left = CrossAttention(embed_dim, heads, dropout)  # right queries, left keys/values
+        self.head = nn.Sequential(
+            nn.Linear(4 * embed_dim, embed_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(embed_dim, num_classes),
+        )
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the shared backbone (for a lower learning rate)."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter outside the backbone: branches, cross-attention, fusion MLP."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        return (p for p in self.parameters() if id(p) not in backbone_ids)
+
+    def _tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone output → tokens (N, T, C)."""
+        if feats.ndim == 3:  # ViT-like: already (N, T, C), prefix/class tokens included
+            return feats
+        if feats.ndim != 4:
+            raise ValueError(f"unsupported backbone output shape {tuple(feats.shape)}")
+        if self._nhwc:
+            return feats.flatten(1, 2)  # (N, h, w, C) → (N, h*w, C)
+        return feats.flatten(2).transpose(1, 2)  # (N, C, h, w) → (N, C, h*w) → (N, h*w, C)
+
+    def forward_features(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Fused representation before the classifier.
+
+        Args:
+            left: left-eye images (B, 3, H, W), normalised.
+            right: right-eye images (B, 3, H, W), same shape as ``left``.
+
+        Returns:
+            (B, 4 * embed_dim): [left, right, left-attends-right, right-attends-left], each mean-pooled.
+        """
+        batch = left.shape[0]
+        feats = self.backbone.forward_features(torch.cat([left, right], dim=0))  # (2B, C, h, w) or (2B, T, C)
+        tokens = self._tokens(feats)  # (2B, T, C)
+        left_tok = self.left_branch(tokens[:batch])  # (B, T, D)
+        right_tok = self.right_branch(tokens[batch:])  # (B, T, D)
+        left_att = self.left_to_right(left_tok, right_tok)  # (B, T, D)
+        right_att = self.right_to_left(right_tok, left_tok)  # (B, T, D)
+        pooled = [t.mean(dim=1) for t in (left_tok, right_tok, left_att, right_att)]  # 4 × (B, D)
+        return torch.cat(pooled, dim=1)  # (B, 4D)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Logits, one per class.
+
+        Args:
+            left: left-eye images (B, 3, H, W), normalised with ``data_config`` mean/std.
+            right: right-eye images (B, 3, H, W).
+
+        Returns:
+            logits (B, num_classes); apply a sigmoid for probabilities.
+        """
+        return self.head(self.forward_features(left, right))  # (B, 4D) → (B, K)

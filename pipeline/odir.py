@@ -1,0 +1,382 @@
+"""ODIR-5K annotation sheets -> one table row per patient whose two eye images exist.
+
+Two sheet formats are read (see docs/ODIR.md):
+- the original ``data.xlsx``: one row per patient;
+- Kaggle's ``full_df.csv``: one row per image file that exists, with the patient's columns repeated.
+  Its per-image ``labels``/``target`` columns are never used: the patient labels are N..O.
+The format is told by the columns (Kaggle's sheet has ``filename``), not by the file extension.
+
+Only file existence is checked here (one ``os.listdir``); decoding every image is left to the
+preparation step that reads them anyway.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+try:
+    from model import CLASSES
+except ImportError:  # model/ not written yet: the same tuple, to be replaced by the import
+    CLASSES = ("N", "D", "G", "C", "A", "H", "M", "O")
+
+CLASS_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract",
+               "A": "AMD", "H": "hypertension", "M": "myopia", "O": "other"}
+REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
+# sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
+OPTIONAL = {"Patient Age": "age", "Patient Sex": "sex",
+            "Left-Diagnostic Keywords": "left_keywords",
+            "Right-Diagnostic Keywords": "right_keywords"}
+KAGGLE_MARK = "filename"  # only Kaggle's one-row-per-image sheet has this column
+# (sheet, images folder) pairs of the two published layouts, in order of preference
+KNOWN_LAYOUTS = (("data.xlsx", "Training Images"), ("full_df.csv", "preprocessed_images"))
+SHEET_SUFFIXES = (".xlsx", ".csv")
+FIRST_DATA_ROW = 2  # spreadsheet row of the first data row: the header is row 1, as Excel shows it
+EYES = ("left", "right")
+
+
+class SheetError(ValueError):
+    """Bad annotation sheet; message names the sheet file, the row (spreadsheet row number,
+    header = row 1, as a user sees it in Excel) and the column."""
+
+
+# ----------------------------------------------------------------------------- layout
+
+def find_layout(data_dir) -> tuple[Path, Path]:
+    """Locate the annotation sheet and the images folder of an ODIR-5K download.
+
+    Args:
+        data_dir: a folder in one of these layouts, tried in this order:
+            - original / Kaggle ``ODIR-5K/ODIR-5K``: ``data.xlsx`` + ``Training Images/``;
+            - Kaggle root: ``full_df.csv`` + ``preprocessed_images/``;
+            - any folder with one sheet (.xlsx or .csv with the ODIR columns) and a subfolder
+              holding the image files it names;
+            - either published layout one or two folder levels down (the Kaggle root holds
+              ``ODIR-5K/ODIR-5K/data.xlsx``; full_df.csv at the top wins over it).
+            A sheet file may also be given directly; its images folder is looked for beside it.
+
+    Returns:
+        (sheet, images_dir).
+
+    Raises:
+        FileNotFoundError: nothing matched; the message lists what was looked for.
+        ValueError: several candidate sheets in one folder (pass the sheet file instead).
+    """
+    root = Path(data_dir).expanduser()
+    if root.is_file():
+        images = _images_beside(root)
+        if images is None:
+            raise FileNotFoundError(f"no images folder beside {root}: looked for a subfolder "
+                                    f"holding the files its Left-/Right-Fundus columns name")
+        return root, images
+    if not root.is_dir():
+        raise FileNotFoundError(f"ODIR data folder not found: {root}")
+    found = _layout_in(root) or _known_layout_below(root)
+    if found is None:
+        raise FileNotFoundError(_not_found_message(root))
+    return found
+
+
+def _known_layout(folder: Path) -> tuple[Path, Path] | None:
+    """A published (sheet, images) pair directly in folder, or None."""
+    for sheet_name, images_name in KNOWN_LAYOUTS:
+        sheet, images = folder / sheet_name, folder / images_name
+        if sheet.is_file() and images.is_dir():
+            return sheet, images
+    return None
+
+
+def _layout_in(folder: Path) -> tuple[Path, Path] | None:
+    """A published pair in folder, else its only ODIR sheet with an images subfolder, or None."""
+    known = _known_layout(folder)
+    if known is not None:
+        return known
+    pairs = [(s, i) for s in _odir_sheets(folder) if (i := _images_beside(s)) is not None]
+    if len(pairs) > 1:
+        names = ", ".join(s.name for s, _ in pairs)
+        raise ValueError(f"several ODIR sheets in {folder} ({names}); pass the sheet file itself")
+    return pairs[0] if pairs else None
+
+
+def _known_layout_below(root: Path) -> tuple[Path, Path] | None:
+    """A published pair one, then two, folder levels below root (shallowest, then by name)."""
+    level = [root]
+    for _ in range(2):
+        level = [d for parent in level for d in _subfolders(parent)]
+        for folder in level:
+            found = _known_layout(folder)
+            if found is not None:
+                return found
+    return None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible subfolders, sorted by name so that detection is deterministic."""
+    with os.scandir(folder) as entries:
+        dirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+    return sorted(dirs)
+
+
+def _odir_sheets(folder: Path) -> list[Path]:
+    """The .xlsx/.csv files in folder whose header has all the required ODIR columns."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SHEET_SUFFIXES
+                   and p.is_file() and not p.name.startswith(("~$", ".")))  # ~$: Excel lock file
+    return [p for p in files if set(REQUIRED) <= set(_header(p))]
+
+
+def _header(sheet: Path) -> list[str]:
+    """Column names of a sheet, or [] when it cannot be parsed (it is then not an ODIR sheet)."""
+    try:
+        return list(_read_raw(sheet, nrows=0).columns)
+    except (OSError, ValueError, zipfile.BadZipFile):  # ValueError covers pandas parser errors
+        return []
+
+
+def _images_beside(sheet: Path) -> Path | None:
+    """The subfolder next to sheet holding most of the files it names (None if none holds any)."""
+    for sheet_name, images_name in KNOWN_LAYOUTS:
+        if sheet.name == sheet_name and (sheet.parent / images_name).is_dir():
+            return sheet.parent / images_name
+    raw = _read_raw(sheet)
+    _require_columns(raw, sheet)
+    names = set(raw["Left-Fundus"].dropna().astype(str)) | set(raw["Right-Fundus"].dropna().astype(str))
+    best, best_hits = None, 0
+    for folder in _subfolders(sheet.parent):
+        hits = len(names.intersection(os.listdir(folder)))
+        if hits > best_hits:
+            best, best_hits = folder, hits
+    return best
+
+
+def _not_found_message(root: Path) -> str:
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "") or "(empty)"
+    return (f"no ODIR-5K data in {root}. Looked for: data.xlsx with 'Training Images/' (original "
+            f"layout); full_df.csv with 'preprocessed_images/' (Kaggle root); either of these one "
+            f"or two levels down (e.g. ODIR-5K/ODIR-5K/); or one .xlsx/.csv sheet with columns "
+            f"{', '.join(REQUIRED)} beside a subfolder holding the images it names. "
+            f"Found: {shown}")
+
+
+# ----------------------------------------------------------------------------- sheet parsing
+
+def _read_raw(sheet: Path, nrows: int | None = None) -> pd.DataFrame:
+    """The sheet's first worksheet as read, header names stripped, RangeIndex from 0."""
+    if sheet.suffix.lower() == ".csv":
+        # utf-8-sig: Excel writes a byte-order mark when saving CSV
+        raw = pd.read_csv(sheet, nrows=nrows, encoding="utf-8-sig")
+    else:
+        raw = pd.read_excel(sheet, nrows=nrows, engine="openpyxl")
+    raw.columns = [str(c).strip() for c in raw.columns]
+    return raw.reset_index(drop=True)
+
+
+def _row(i: int) -> int:
+    """Spreadsheet row number of the i-th data row (0-based)."""
+    return int(i) + FIRST_DATA_ROW
+
+
+def _require_columns(raw: pd.DataFrame, sheet: Path) -> None:
+    absent = [c for c in REQUIRED if c not in raw.columns]
+    if absent:
+        raise SheetError(f"{sheet}: row 1 (header): missing column(s) {', '.join(map(repr, absent))}; "
+                         f"columns found: {', '.join(map(repr, raw.columns))}")
+
+
+def _bad_cell(sheet: Path, mask: pd.Series, values: pd.Series, column: str, what: str) -> SheetError:
+    """SheetError for the first True cell of mask, counting the others."""
+    bad = np.flatnonzero(mask.to_numpy())
+    more = f" ({len(bad) - 1} more bad cells in this column)" if len(bad) > 1 else ""
+    i = bad[0]
+    return SheetError(f"{sheet}: row {_row(i)}, column {column!r}: {what}, got {_show(values.iloc[i])}{more}")
+
+
+def _show(value) -> str:
+    """A cell value as a user would recognise it: 2, 'yes', a blank cell (not np.float64(nan))."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "a blank cell"
+    return repr(value)
+
+
+def _binary_cell(v) -> float:
+    """0/1 for a 0/1 int, float or string cell; NaN for anything else (blank, 2, 'yes', True)."""
+    if isinstance(v, (bool, np.bool_)):
+        return np.nan  # a TRUE/FALSE Excel cell is not a 0/1 label
+    if isinstance(v, str):
+        return {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}.get(v.strip(), np.nan)
+    if isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1):
+        return float(v)
+    return np.nan
+
+
+def _parse_labels(raw: pd.DataFrame, sheet: Path) -> pd.DataFrame:
+    """The N..O columns as int8 0/1; SheetError at the first cell that is not 0/1."""
+    out = {}
+    for c in CLASSES:
+        col = raw[c]
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            num = col.where(col.isin([0, 1]))  # fast path for the usual all-number column
+        else:
+            num = col.map(_binary_cell, na_action=None).astype(float)
+        if num.isna().any():
+            raise _bad_cell(sheet, num.isna(), col, c, "a label must be 0 or 1")
+        out[c] = num.astype(np.int8)
+    return pd.DataFrame(out)
+
+
+def _parse_ids(raw: pd.DataFrame, sheet: Path) -> pd.Series:
+    num = pd.to_numeric(raw["ID"], errors="coerce")
+    bad = num.isna() | (num.round() != num)
+    if bad.any():
+        raise _bad_cell(sheet, bad, raw["ID"], "ID", "a patient ID must be an integer")
+    return num.astype(np.int64)
+
+
+def _parse_text(raw: pd.DataFrame, column: str) -> pd.Series:
+    """A text column with blanks as ""; all "" if the column is absent."""
+    if column not in raw.columns:
+        return pd.Series([""] * len(raw), dtype=object)
+    col = raw[column]
+    return col.where(col.notna(), "").astype(str).str.strip().astype(object)
+
+
+def _parse_filenames(raw: pd.DataFrame, sheet: Path) -> dict[str, pd.Series]:
+    """Left-/Right-Fundus as stripped strings; SheetError at a blank cell."""
+    out = {}
+    for eye in EYES:
+        column = f"{eye.capitalize()}-Fundus"
+        names = _parse_text(raw, column)
+        if (names == "").any():
+            raise _bad_cell(sheet, names == "", raw[column], column, "an image file name is required")
+        out[eye] = names
+    return out
+
+
+def _parse_age(raw: pd.DataFrame, sheet: Path) -> pd.Series:
+    """Patient Age as float (NaN where blank or absent); SheetError at a non-number."""
+    if "Patient Age" not in raw.columns:
+        return pd.Series(np.nan, index=raw.index)
+    col = raw["Patient Age"]
+    age = pd.to_numeric(col, errors="coerce").astype(float)
+    bad = age.isna() & col.notna() & (col.astype(str).str.strip() != "")
+    if bad.any():
+        raise _bad_cell(sheet, bad, col, "Patient Age", "an age must be a number")
+    return age
+
+
+def _parse_sheet(raw: pd.DataFrame, sheet: Path) -> pd.DataFrame:
+    """Sheet rows as a patient-table-shaped frame (file names, not paths), same index as raw."""
+    _require_columns(raw, sheet)
+    names = _parse_filenames(raw, sheet)
+    table = pd.DataFrame({"id": _parse_ids(raw, sheet), "left": names["left"], "right": names["right"]})
+    table = pd.concat([table, _parse_labels(raw, sheet)], axis=1)
+    table["age"] = _parse_age(raw, sheet)
+    for column, name in OPTIONAL.items():
+        if name != "age":
+            table[name] = _parse_text(raw, column)
+    return table
+
+
+def _check_unique_ids(table: pd.DataFrame, sheet: Path) -> None:
+    """One row per patient in the original sheet: a repeated ID is an error naming both rows."""
+    dup = table["id"].duplicated(keep=False)
+    if dup.any():
+        first_id = table.loc[dup, "id"].iloc[0]
+        rows = [_row(i) for i in np.flatnonzero((table["id"] == first_id).to_numpy())]
+        raise SheetError(f"{sheet}: rows {' and '.join(map(str, rows))}, column 'ID': patient ID "
+                         f"{first_id} appears more than once (one row per patient expected)")
+
+
+def _one_row_per_patient(table: pd.DataFrame, sheet: Path) -> pd.DataFrame:
+    """Kaggle sheet: collapse each ID's image rows to its first, after checking they agree."""
+    must_agree = ["left", "right", *CLASSES]
+    first = table.groupby("id")[must_agree].transform("first")
+    differs = table[must_agree] != first
+    if differs.to_numpy().any():
+        i = int(np.flatnonzero(differs.any(axis=1).to_numpy())[0])
+        pid, column = table["id"].iloc[i], differs.columns[differs.iloc[i].to_numpy()][0]
+        j = int(np.flatnonzero((table["id"] == pid).to_numpy())[0])  # that ID's first row
+        sheet_column = {"left": "Left-Fundus", "right": "Right-Fundus"}.get(column, column)
+        raise SheetError(f"{sheet}: rows {_row(j)} and {_row(i)}, column {sheet_column!r}: the rows "
+                         f"of patient ID {pid} disagree ({_show(table[column].iloc[j])} vs "
+                         f"{_show(table[column].iloc[i])}); a patient's image rows must carry the same "
+                         f"patient columns")
+    return table[~table["id"].duplicated()]
+
+
+# ----------------------------------------------------------------------------- patients
+
+def read_patients(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read an ODIR-5K annotation sheet into a patient table; set aside patients missing an eye.
+
+    Args:
+        data_dir: any layout :func:`find_layout` accepts (a folder, or the sheet file itself).
+
+    Returns:
+        patients: columns id (int), left, right (str, absolute image paths), N D G C A H M O
+            (int8 0/1), age (float, NaN allowed), sex, left_keywords, right_keywords (str, raw:
+            keywords are separated by the full-width comma "，"); sorted by id, index reset.
+            Only patients with both image files present.
+        missing: columns id, eye ('left'/'right'), path, reason ('missing file'); one row per
+            missing eye image, sorted by id then eye. Images are not decoded here.
+
+    Raises:
+        SheetError: a bad sheet (missing column, repeated ID, label not 0/1, disagreeing rows, ...).
+        FileNotFoundError: no layout found, or none of the named images exists (wrong folder).
+    """
+    sheet, images = find_layout(data_dir)
+    raw = _read_raw(sheet)
+    table = _parse_sheet(raw, sheet)
+    if KAGGLE_MARK in raw.columns:
+        table = _one_row_per_patient(table, sheet)
+    else:
+        _check_unique_ids(table, sheet)
+    return _split_missing(table, Path(os.path.abspath(images)), sheet)
+
+
+def _present(names: pd.Series, images: Path) -> np.ndarray:
+    """Which file names exist in images: one listdir; a stat only for names with a subfolder."""
+    present = set(os.listdir(images))
+    found = names.isin(present).to_numpy()
+    nested = names.str.contains("/", regex=False) | names.str.contains("\\", regex=False)
+    for i in np.flatnonzero(nested.to_numpy()):
+        found[i] = (images / names.iloc[i]).is_file()
+    return found
+
+
+def _split_missing(table: pd.DataFrame, images: Path, sheet: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(patients with both images, one row per missing eye image); file names become paths."""
+    table = table.sort_values("id", kind="stable").reset_index(drop=True)
+    prefix = str(images) + os.sep
+    found = {eye: _present(table[eye], images) for eye in EYES}
+    if len(table) and not (found["left"].any() or found["right"].any()):
+        raise FileNotFoundError(f"none of the {2 * len(table)} images named in {sheet} is in {images}")
+    for eye in EYES:
+        table[eye] = prefix + table[eye]
+    missing = pd.concat([pd.DataFrame({"id": table.loc[~found[eye], "id"], "eye": eye,
+                                       "path": table.loc[~found[eye], eye], "reason": "missing file"})
+                         for eye in EYES])
+    missing = missing.sort_values(["id", "eye"], kind="stable").reset_index(drop=True)
+    patients = table[found["left"] & found["right"]].reset_index(drop=True)
+    return patients, missing
+
+
+def label_matrix(patients: pd.DataFrame) -> np.ndarray:
+    """(N, 8) int64 0/1 matrix, columns in CLASSES order."""
+    return patients[list(CLASSES)].to_numpy(dtype=np.int64)
+
+
+def describe(patients: pd.DataFrame) -> str:
+    """A short text summary for the dry run: N patients and positives per class."""
+    y = label_matrix(patients)
+    n = len(y)
+    lines = [f"{n} patients, {y.sum(1).mean() if n else 0:.2f} labels per patient"]
+    for c, count in zip(CLASSES, y.sum(0)):
+        share = 100 * count / n if n else 0.0
+        lines.append(f"  {c} {CLASS_NAMES[c]:<13}{count:>6}  {share:5.1f}%")
+    return "\n".join(lines)
