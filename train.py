@@ -122,6 +122,14 @@ def resolve_config(explicit: dict) -> Config:
     return Config(**values)
 
 
+def format_config(cfg: Config) -> str:
+    """The config as wrapped `name=value` lines, for the log."""
+    import textwrap
+
+    items = " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
+    return "config: " + textwrap.fill(items, 116, subsequent_indent="  ", break_on_hyphens=False)
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 
@@ -156,7 +164,7 @@ def git_commit() -> str:
 def library_versions() -> dict:
     import timm
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "timm": timm.__version__,
                 "numpy": np.__version__}
     try:
         import nvidia.dali
@@ -271,6 +279,22 @@ def setup_distributed():
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def check_replicas(model, device, is_main) -> None:
+    """After DDP training every rank must hold the same weights: compare a checksum across ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        total = torch.stack([p.double().sum() for p in model.parameters()]).sum()
+        mine = torch.stack([total, torch.stack([p.double().abs().sum() for p in model.parameters()]).sum()])
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine.to(device))
+    if is_main:
+        same = all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
+        print(f"replicas identical across {len(gathered)} ranks: {'yes' if same else 'NO'}")
+        if not same:
+            raise SystemExit("DDP replicas diverged: " + ", ".join(f"{g[0].item():.10g}" for g in gathered))
 
 
 def broadcast_flag(flag: bool, device) -> bool:
@@ -438,7 +462,7 @@ def main(argv=None):
     if is_main:
         print(f"odir-dual · commit {git_commit()} · {json.dumps(library_versions())}")
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} rank(s)")
-        print("config:", json.dumps(asdict(cfg), indent=1))
+        print(format_config(cfg))
 
     patients, left_out = load_data(cfg, is_main)
     train_tab, val_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
@@ -598,7 +622,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
             log.append(row, keep_epochs_below=epoch + 1)
             print_epoch(row, header=epoch == start_epoch)
             if row["val_f1_macro"] > best["f1_macro"]:
-                best = {"f1_macro": row["val_f1_macro"], "epoch": epoch + 1}
+                best = {"f1_macro": float(row["val_f1_macro"]), "epoch": epoch + 1}
                 thresholds = tune_thresholds(y_val, probs)
                 save_atomic(checkpoint_payload(model, cfg, thresholds=thresholds, mean=mean, std=std,
                                                epoch=epoch + 1, step=step, best=best,
@@ -616,7 +640,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
             print(f"early stopping: no better validation F1 macro for {cfg.patience} epochs")
         if stop_now or early:
             break
-    barrier()
+    check_replicas(model, device, is_main)
     if is_main:
         return report_best(run_dir, val_tab, y_val, device)
     return None
@@ -652,8 +676,8 @@ def _plain(obj):
 def _check_finite(first_bad, epoch, accum):
     bad = int(first_bad.item())
     if bad >= 0:
-        raise SystemExit(f"loss is NaN or infinite at epoch {epoch + 1}, update {bad // accum + 1} "
-                         f"(micro-step {bad}); stopping. The last good checkpoints are untouched. Try a lower "
+        raise SystemExit(f"loss is NaN or infinite at epoch {epoch + 1}, update {bad // accum + 1} (counted from "
+                         "the start of the run); stopping. The last good checkpoints are untouched. Try a lower "
                          "--lr, --precision fp32, or check the data.")
 
 

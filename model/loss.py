@@ -14,14 +14,15 @@ def pos_weights_from_labels(labels) -> torch.Tensor:
         labels: (N, K) 0/1 matrix (numpy array, tensor or nested lists) of training labels.
 
     Returns:
-        float32 tensor (K,); ``pos`` is clamped to >= 1 so a class without positives gets weight N.
+        float32 tensor (K,); the divisor ``pos`` is clamped to >= 1, so a class without positives
+        gets weight N (its negative count).
     """
     y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     if y.ndim != 2:
         raise ValueError(f"labels must be (N, K), got shape {tuple(y.shape)}")
-    n = y.shape[0]
-    pos = y.sum(dim=0).clamp_min(1.0)  # (K,)
-    return (n - pos) / pos
+    pos = y.sum(dim=0)  # (K,)
+    neg = y.shape[0] - pos  # (K,)
+    return neg / pos.clamp_min(1.0)
 
 
 def focal_loss(

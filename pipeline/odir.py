@@ -18,10 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-try:
-    from model import CLASSES
-except ImportError:  # model/ not written yet: the same tuple, to be replaced by the import
-    CLASSES = ("N", "D", "G", "C", "A", "H", "M", "O")
+from model import CLASSES  # cheap: model/__init__ imports torch only on first use of a model name
 
 CLASS_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract",
                "A": "AMD", "H": "hypertension", "M": "myopia", "O": "other"}

@@ -1,0 +1,484 @@
+"""Prepare every fundus photograph once: crop the round fundus out of its black border, resize, re-encode.
+
+Training and scoring read the prepared copy, never the originals: a ~5 MP ODIR original costs ~25 ms of CPU to
+decode, a 384 px prepared copy a few ms (docs/DALI-NOTES.md, "Speed facts"). This is also the one place where
+every image is fully decoded, so it is where bad images are found and reported (`BadImage`).
+
+Cache layout: `cache_dir/{short_px}px/{stem}-{hash10}.jpg`, where hash10 is a short hash of the absolute source
+path, so `a/1_left.jpg` and `b/1_left.jpg` never collide. An entry is up to date when it is at least as new as
+its source; up-to-date entries are skipped without decoding.
+
+Speed: JPEG draft mode (DCT scaling in libjpeg) decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a
+full decode; we pick the largest reduction that still leaves the fundus at least `short_px` on its short side, so
+the final resize never enlarges. `benchmarks/prepare.py` measures it against a plain full decode.
+
+    python -m pipeline.prepare --data DIR --cache DIR [--short-px 384] [--workers N]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import multiprocessing as mp
+import os
+import stat
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
+    import pandas as pd
+
+BRIGHT_THRESHOLD = 20  # channel max (0-255) above which a pixel counts as fundus, not border
+MIN_LINE_FRACTION = 0.1  # a row/column belongs to the fundus if it has >= 10% of the bright pixels of the fullest one
+MIN_FUNDUS_FRACTION = 0.05  # the bright box's short side must be >= 5% of the image's: a text label alone is no fundus
+JPEG_QUALITY = 95
+JPEG_SUBSAMPLING = "4:2:0"  # libjpeg's default at q95; smaller and faster to decode than 4:4:4
+# LANCZOS: at the <2x reduction left after draft decoding it costs ~5 ms per image at 384 px (~12 ms at 512 px) and
+# lands 0.3-1.3 dB PSNR closer to a full-resolution LANCZOS reference than BICUBIC, 1.5-5 dB closer than BILINEAR
+# (measured on synthetic 2592x1944 fundus images; benchmarks/prepare.py prints the cost).
+RESAMPLE = Image.Resampling.LANCZOS
+# Only matters where no draft scaling happened (PNG, or an image already near short_px): box-reduce by an integer
+# factor first while the remaining factor stays >= 2, the same trade as the JPEG draft itself.
+REDUCING_GAP = 2.0
+DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers (besides 1)
+CHUNK = 4  # images per worker task: amortises inter-process overhead, keeps the progress bar smooth
+IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers busy, memory stays flat
+
+
+class BadImage(Exception):
+    """An image that cannot be prepared. `reason` is a short human string ('missing file', 'truncated JPEG', ...)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One image
+
+
+def cache_path(src: str | os.PathLike, cache_dir: str | os.PathLike, short_px: int) -> Path:
+    """Where the prepared copy of `src` lives: `cache_dir/{short_px}px/{stem}-{hash of the absolute path}.jpg`."""
+    src = os.path.abspath(os.fspath(src))
+    digest = hashlib.sha1(src.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    stem = Path(src).stem[:100]  # keep the name readable but well under the 255-byte file-name limit
+    return Path(cache_dir) / f"{short_px}px" / f"{stem}-{digest}.jpg"
+
+
+def is_up_to_date(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """True if `dst` exists and is at least as new as `src` (make's rule; no decoding)."""
+    try:
+        s, d = os.stat(src), os.stat(dst)
+    except OSError:
+        return False
+    # >= rather than >: file times are coarse (one kernel tick), so a copy written right after its source may carry
+    # the same time stamp; it is still up to date.
+    return d.st_size > 0 and d.st_mtime_ns >= s.st_mtime_ns
+
+
+def fundus_box(img: Image.Image, threshold: int = BRIGHT_THRESHOLD, min_fraction: float = MIN_LINE_FRACTION,
+               symmetric: bool = True) -> tuple[int, int, int, int]:
+    """Bounding box (left, top, right, bottom) of the fundus: the pixels whose channel max exceeds `threshold`.
+
+    Robust to sensor noise and text labels in the black border: a row (column) counts only if it holds at least
+    `min_fraction` of the bright pixels of the fullest row (column), and of the runs of such rows (columns) the one
+    holding most bright pixels wins, so a label separated from the fundus by dark rows/columns is left out. Each
+    axis is then recounted inside the other's band, so a label beside the fundus does not widen the box.
+    With `symmetric` (default) the box is widened to be symmetric about the frame centre, which keeps a fundus's
+    dark side. An image with no dark border gives the whole image.
+
+    Raises:
+        BadImage: the image is black, or its bright region is too small to be a fundus.
+    """
+    a = np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB"))
+    # np.maximum over the three planes is ~10x faster than a.max(axis=2) (a reduction over a 3-wide inner axis)
+    chan_max = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2]) if a.ndim == 3 else a  # (H, W)
+    mask = (chan_max > threshold).view(np.uint8)  # (H, W) 0/1; uint8 sums with an int32 accumulator are 2x faster
+    h, w = mask.shape
+    rows, cols = mask.sum(axis=1, dtype=np.int32), mask.sum(axis=0, dtype=np.int32)  # (H,), (W,)
+    if rows.max(initial=0) == 0:
+        raise BadImage("no fundus found (image is black)")
+    r0, r1 = _main_run(rows, min_fraction)
+    c0, c1 = _main_run(cols, min_fraction)
+    # refine each axis inside the other's band: ignores labels beside (rows) or above/below (columns) the fundus
+    r0b, r1b = _main_run(mask[:, c0:c1].sum(axis=1, dtype=np.int32), min_fraction)
+    c0b, c1b = _main_run(mask[r0:r1].sum(axis=0, dtype=np.int32), min_fraction)
+    bw, bh = c1b - c0b, r1b - r0b
+    if min(bw, bh) < max(2, MIN_FUNDUS_FRACTION * min(w, h)):
+        raise BadImage(f"no fundus found (bright region {bw}x{bh} px in {w}x{h})")
+    if not symmetric:
+        return c0b, r0b, c1b, r1b
+    # Fundus cameras centre the field of view in the frame, and real fundi often have a dark side (under-exposed,
+    # cataract) whose pixels stay below the threshold: a plain box would cut it off, optic disc included (ODIR
+    # 2917_left, 2133_right). Union with its mirror image about the frame centre: never cuts more than the plain
+    # box, keeps the dark side; an off-centre fundus only keeps some extra border.
+    return min(c0b, w - c1b), min(r0b, h - r1b), max(c1b, w - c0b), max(r1b, h - r0b)
+
+
+def _main_run(counts: np.ndarray, min_fraction: float) -> tuple[int, int]:
+    """[start, end) of the run of lines with >= min_fraction * max(counts) that holds the most bright pixels."""
+    peak = counts.max(initial=0)
+    if peak == 0:
+        return 0, 0
+    ok = counts >= max(1.0, min_fraction * peak)
+    edges = np.diff(np.concatenate(([0], ok.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    cum = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+    best = int(np.argmax(cum[ends] - cum[starts]))
+    return int(starts[best]), int(ends[best])
+
+
+def crop_fundus(img: Image.Image) -> Image.Image:
+    """The fundus cropped out of its dark border (see `fundus_box`); an image with no dark border comes back whole.
+
+    Raises:
+        BadImage: the image is black or holds no fundus-sized bright region.
+    """
+    box = fundus_box(img)
+    return img if box == (0, 0, img.width, img.height) else img.crop(box)
+
+
+def _check_file(src: Path) -> None:
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except OSError as e:
+        raise BadImage(f"unreadable file: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage("not a regular file")
+    if st.st_size == 0:
+        raise BadImage("empty file")
+
+
+def _draft_scale(width: int, height: int, short_px: int) -> int:
+    """Largest DCT reduction k in (8, 4, 2) that leaves the UNCROPPED short side >= short_px, else 1.
+
+    Arithmetic: libjpeg decodes at ceil(side / k), and the crop can only shrink the image, so `short // k >=
+    short_px` is necessary (never an upscale because of the draft) but not sufficient: `_decode_fundus` measures
+    the cropped short side afterwards and decodes again at a finer scale if it fell below short_px. ODIR fundi
+    nearly fill the short side, so the first guess almost always stands. Example, 2592x1944 -> 384 px: k=4 gives
+    648x486; the fundus must span >= 4 * 384 = 1536 original px (79% of 1944), else we redo at k=2 (972 px).
+    k=8 would give 243 px < 384.
+    """
+    short = min(width, height)
+    return next((k for k in DRAFT_SCALES if short // k >= short_px), 1)
+
+
+def _decode(src: Path, short_px: int, max_k: int) -> tuple[Image.Image, int]:
+    """Fully decode `src` to RGB, a JPEG at the reduction `_draft_scale` picks (at most max_k).
+
+    Returns (image, reduction actually applied: 1, 2, 4 or 8).
+    """
+    try:
+        with Image.open(src) as im:
+            fmt, full_w = im.format or "image", im.width
+            k = min(max_k, _draft_scale(im.width, im.height, short_px)) if im.format == "JPEG" else 1
+            if k > 1:
+                im.draft("RGB", (im.width // k, im.height // k))
+            try:
+                im.load()  # decodes everything: truncation and corrupt streams surface here, not later
+            except OSError as e:
+                if "truncated" in str(e):
+                    raise BadImage(f"truncated {fmt}") from None
+                raise BadImage(f"corrupt image: {e}") from None
+            applied = max(1, round(full_w / im.width))
+            try:
+                if im.getexif().get(0x0112, 1) not in (0, 1):  # EXIF orientation: apply it (rare; no copy otherwise)
+                    im = ImageOps.exif_transpose(im)
+            except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to reject good pixels
+                pass
+            return _to_rgb(im), applied
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image, never a crash of the whole run
+        raise BadImage(f"corrupt image: {type(e).__name__}: {e}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode: L and CMYK (Adobe-inverted included) via PIL, 16-bit/float scaled, alpha onto black."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float32)
+        a = a / 257.0 if a.max(initial=0) > 255 else a  # 16-bit range -> 8-bit
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if "A" in im.getbands() or im.mode in ("RGBa", "La"):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size)  # transparent pixels become black border
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
+def _decode_fundus(src: Path, short_px: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Decode at the coarsest scale where the fundus box's short side is still >= short_px. Returns (image, box)."""
+    max_k = DRAFT_SCALES[0]
+    while True:
+        img, k = _decode(src, short_px, max_k)
+        box = fundus_box(img)
+        box_short = min(box[2] - box[0], box[3] - box[1])  # decoded pixels
+        if box_short >= short_px or k == 1:
+            return img, box
+        # The fundus spans ~box_short * k original pixels: take the largest reduction that keeps it >= short_px
+        # (1 if none does) and decode again. Costs one extra decode, only for fundi much smaller than the frame.
+        span = box_short * k
+        max_k = next((s for s in DRAFT_SCALES if s < k and span // s >= short_px), 1)
+
+
+def _output_size(box: tuple[int, int, int, int], short_px: int) -> tuple[int, int]:
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if bw <= bh:
+        return short_px, max(short_px, round(bh * short_px / bw))
+    return max(short_px, round(bw * short_px / bh)), short_px
+
+
+class _StrictTruncation:
+    """Decode with ImageFile.LOAD_TRUNCATED_IMAGES = False whatever the caller set: a truncated file is an error."""
+
+    def __enter__(self):
+        self.saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+
+    def __exit__(self, *exc):
+        ImageFile.LOAD_TRUNCATED_IMAGES = self.saved
+        return False
+
+
+def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int) -> None:
+    """Crop the fundus out of `src`, resize its short side to `short_px`, write RGB baseline JPEG q95 to `dst`.
+
+    The write is atomic (temporary file in dst's folder, then os.replace): a crash never leaves a half-written
+    `dst`. No up-to-date check here; `prepare_paths` does that.
+
+    Args:
+        src: any image PIL reads, decoded by content (a PNG named .jpg is fine); grayscale, CMYK, 16-bit and
+            alpha images are converted to RGB.
+        dst: output path; its folder is created if needed.
+        short_px: short side of the output in pixels (the training image size).
+    Raises:
+        BadImage: missing, empty, unreadable, not an image, truncated, corrupt, black or fundus-less input.
+        OSError: dst cannot be written (a problem of the cache, not of the image).
+    """
+    if short_px < 1:
+        raise ValueError(f"short_px must be >= 1, got {short_px}")
+    src, dst = Path(src), Path(dst)
+    _check_file(src)
+    with _StrictTruncation():
+        img, box = _decode_fundus(src, short_px)
+    out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        out.save(tmp, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many images
+
+
+def _prepare_chunk(items: list[tuple[str, str]], short_px: int) -> list[tuple[str, str | None, str | None]]:
+    """Worker task: [(src, dst)] -> [(src, dst or None, reason or None)]."""
+    results = []
+    for src, dst in items:
+        try:
+            prepare_image(src, dst, short_px)
+            results.append((src, dst, None))
+        except BadImage as e:
+            results.append((src, None, e.reason))
+        except Exception as e:  # a cache-side failure (disk full, permissions): stop the run, name the file
+            raise RuntimeError(f"preparing {src} -> {dst}: {type(e).__name__}: {e}") from e
+    return results
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _mp_context():
+    # forkserver, not fork: the caller may hold threads (DALI, torch) whose locks a forked child would inherit
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method)
+
+
+def _run(todo: list[tuple[str, str]], short_px: int, workers: int, bar: tqdm):
+    """Yield (src, dst or None, reason or None) for every item of todo, in completion order."""
+    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    workers = max(1, min(workers, len(chunks)))
+    if workers == 1:  # in-process: no start-up cost, plain tracebacks; also what "images/s per core" measures
+        for chunk in chunks:
+            results = _prepare_chunk(chunk, short_px)
+            bar.update(len(results))
+            yield from results
+        return
+    max_in_flight = workers * IN_FLIGHT_PER_WORKER
+    next_chunk = iter(chunks)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+        pending = set()
+        try:
+            while True:
+                # chunked submission: only max_in_flight chunks exist at a time, so 100k images stream flat
+                for chunk in next_chunk:
+                    pending.add(ex.submit(_prepare_chunk, chunk, short_px))
+                    if len(pending) >= max_in_flight:
+                        break
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results = fut.result()
+                    bar.update(len(results))
+                    yield from results
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _is_blank(p) -> bool:
+    return p is None or (isinstance(p, float) and math.isnan(p)) or (isinstance(p, str) and not p.strip())
+
+
+def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, workers: int | None = None,
+                  progress: bool = True, *, stats: dict | None = None) -> tuple[list[str | None], list[str | None]]:
+    """Prepare many images (in parallel); up-to-date cache entries are skipped without decoding.
+
+    Args:
+        paths: source image paths; duplicates are prepared once, None/NaN/'' give the reason 'no path given'.
+        cache_dir: cache root; outputs go to `cache_path(src, cache_dir, short_px)`.
+        short_px: output short side in pixels.
+        workers: processes (default: the cores this process may use); 1 runs in this process.
+        progress: show a tqdm bar ("prepare", img/s) over the images that need work.
+        stats: if given, filled with counts: images (distinct sources), up_to_date, prepared, failed, seconds.
+    Returns:
+        (prepared, reasons), one entry per input path: the prepared file's path or None, and None or the
+        BadImage reason. A bad image never stops the others.
+    """
+    t0 = time.perf_counter()
+    n = len(paths)
+    prepared: list[str | None] = [None] * n
+    reasons: list[str | None] = [None] * n
+    by_src: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        if _is_blank(p):
+            reasons[i] = "no path given"
+        else:
+            by_src.setdefault(os.path.abspath(os.fspath(p)), []).append(i)
+    (Path(cache_dir) / f"{short_px}px").mkdir(parents=True, exist_ok=True)
+    todo, up_to_date = [], 0
+    for src, idx in by_src.items():
+        dst = str(cache_path(src, cache_dir, short_px))
+        if is_up_to_date(src, dst):
+            up_to_date += 1
+            for i in idx:
+                prepared[i] = dst
+        else:
+            todo.append((src, dst))
+    done = failed = 0
+    with tqdm(total=len(todo), desc="prepare", unit="img", disable=not progress or not todo,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for src, dst, reason in _run(todo, short_px, workers or _default_workers(), bar):
+            done += reason is None
+            failed += reason is not None
+            for i in by_src[src]:
+                prepared[i], reasons[i] = dst, reason
+            if failed and reason is not None:
+                bar.set_postfix(failed=failed, refresh=False)
+    if stats is not None:
+        stats.update(images=len(by_src), up_to_date=up_to_date, prepared=done, failed=failed,
+                     seconds=time.perf_counter() - t0)
+    return prepared, reasons
+
+
+def prepare_table(patients: pd.DataFrame, cache_dir: str | os.PathLike, short_px: int, workers: int | None = None,
+                  progress: bool = True, *, stats: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Prepare both eyes of every patient.
+
+    Args:
+        patients: at least columns id, left, right (image paths); other columns are kept.
+        cache_dir, short_px, workers, progress, stats: as for `prepare_paths`.
+    Returns:
+        (prepared, problems). prepared: the patients whose BOTH eyes prepared fine, same columns, left/right
+        pointing to the cache files, index reset. problems: DataFrame(id, eye, path, reason), one row per failed
+        eye; a patient with one bad eye is left out of prepared whole.
+    """
+    import pandas as pd
+
+    n = len(patients)
+    left, right = list(patients["left"]), list(patients["right"])
+    out, reasons = prepare_paths(left + right, cache_dir, short_px, workers, progress, stats=stats)
+    ok = np.array([out[i] is not None and out[n + i] is not None for i in range(n)], dtype=bool)
+    prepared = patients.loc[ok].copy()
+    prepared["left"] = [p for p, keep in zip(out[:n], ok) if keep]
+    prepared["right"] = [p for p, keep in zip(out[n:], ok) if keep]
+    ids = list(patients["id"])
+    rows = [(ids[i % n], "left" if i < n else "right", (left + right)[i], r)
+            for i, r in enumerate(reasons) if r is not None]
+    problems = pd.DataFrame(rows, columns=["id", "eye", "path", "reason"])
+    return prepared.reset_index(drop=True), problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="ODIR folder: data.xlsx or full_df.csv + images")
+    ap.add_argument("--cache", required=True, help="cache root; images go to CACHE/{short_px}px/")
+    ap.add_argument("--short-px", type=int, default=384, help="short side of the prepared images, px (default 384)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from pipeline.odir import read_patients
+
+    patients, missing = read_patients(args.data)
+    workers = args.workers or _default_workers()
+    print(f"prepare: {len(patients)} patients from {args.data} -> {Path(args.cache) / f'{args.short_px}px'} "
+          f"(short side {args.short_px} px, {workers} workers)")
+    stats: dict = {}
+    prepared, problems = prepare_table(patients, args.cache, args.short_px, workers, not args.no_progress,
+                                       stats=stats)
+    rate = stats["prepared"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    speed = f" ({rate:.1f} img/s, {rate / workers:.1f} per worker)" if stats["prepared"] else ""
+    print(f"images: {stats['images']} distinct; prepared {stats['prepared']}{speed}, up to date "
+          f"{stats['up_to_date']}, failed {stats['failed']} in {stats['seconds']:.1f} s")
+    all_problems = pd.concat([df[["id", "eye", "path", "reason"]] for df in (missing, problems) if len(df)],
+                             ignore_index=True) if len(missing) or len(problems) else problems
+    if len(missing):
+        print(f"annotation/file problems before preparing: {len(missing)} eyes")
+    for reason, count in Counter(all_problems["reason"]).most_common():
+        print(f"  {count:6d}  {reason}")
+    for row in all_problems.head(10).itertuples(index=False):
+        print(f"    {row.id} {row.eye}: {row.reason}: {row.path}")
+    if len(all_problems):
+        report = Path(args.cache) / f"{args.short_px}px" / "problems.csv"
+        all_problems.to_csv(report, index=False)
+        print(f"  all {len(all_problems)} problems: {report}")
+    print(f"patients ready: {len(prepared)} of {len(patients)} ({len(patients) - len(prepared)} left out: a bad eye)")
+    return 0 if len(prepared) or not len(patients) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""DualEyeNet on timm's tiny test backbones (random init, 64 px): shapes, eye asymmetry, gradients,
+channels_last, torch.compile, ONNX export, local weights file, parameter groups."""
+
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from model.net import DualEyeNet, backbone_norm, count_parameters
+
+PX = 64  # stride-32 backbones give 2x2 = 4 tokens per eye
+TINY = dict(embed_dim=32, heads=8, dropout=0.0)
+
+
+def _pair(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, PX, PX, generator=g), torch.randn(batch, 3, PX, PX, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return DualEyeNet("test_convnext", **TINY).eval()
+
+
+# CNN (NCHW), CNN with BatchNorm, EfficientNet, ViT tokens (B, T, C), NHWC feature maps
+@pytest.mark.parametrize("name", ["test_convnext", "test_resnet", "test_efficientnet", "test_vit", "test_mambaout"])
+def test_output_shape(name):
+    model = DualEyeNet(name, num_classes=8, **TINY).eval()
+    with torch.no_grad():
+        out = model(*_pair(3))
+    assert out.shape == (3, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_eyes_are_not_interchangeable(tiny):
+    left, right = _pair()
+    assert tiny.left_branch.proj.weight is not tiny.right_branch.proj.weight
+    with torch.no_grad():
+        out, swapped = tiny(left, right), tiny(right, left)
+    assert not torch.allclose(out, swapped, atol=1e-4)
+
+
+def test_batch_items_independent_in_eval(tiny):
+    left, right = _pair(3)
+    with torch.no_grad():
+        full = tiny(left, right)
+        one = tiny(left[1:2], right[1:2])
+    torch.testing.assert_close(full[1:2], one, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_reaches_backbone_and_head():
+    torch.manual_seed(0)
+    model = DualEyeNet("test_convnext", **TINY).train()
+    model(*_pair()).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.backbone_parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.head.parameters())
+
+
+def test_parameter_groups_partition_the_model(tiny):
+    bb, hd = list(tiny.backbone_parameters()), list(tiny.head_parameters())
+    assert {id(p) for p in bb}.isdisjoint(id(p) for p in hd)
+    assert len(bb) + len(hd) == len(list(tiny.parameters()))
+    assert count_parameters(tiny) == sum(p.numel() for p in bb) + sum(p.numel() for p in hd)
+    assert count_parameters(tiny.backbone) == sum(p.numel() for p in timm.create_model("test_convnext", num_classes=0).parameters())
+    tiny.backbone.requires_grad_(False)
+    try:
+        assert count_parameters(tiny, trainable_only=True) == sum(p.numel() for p in hd)
+    finally:
+        tiny.backbone.requires_grad_(True)
+
+
+def test_channels_last(tiny):
+    left, right = _pair()
+    cl = tiny.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            out_cl = cl(left.to(memory_format=torch.channels_last), right.to(memory_format=torch.channels_last))
+    finally:
+        tiny.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        ref = tiny(left, right)
+    torch.testing.assert_close(out_cl, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile(tiny):
+    left, right = _pair()
+    compiled = torch.compile(tiny)
+    with torch.no_grad():
+        ref, out = tiny(left, right), compiled(left, right)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_onnx_export_matches_torch(tiny, tmp_path, dynamo):
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    path = tmp_path / "tiny.onnx"
+    names = dict(input_names=["left", "right"], output_names=["logits"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy exporter's DeprecationWarning, dynamo's axis-name notice
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.onnx.export(tiny, _pair(2), str(path), dynamo=True, verbose=False,
+                              dynamic_shapes={"left": {0: batch}, "right": {0: batch}}, **names)
+        else:
+            torch.onnx.export(tiny, _pair(2), str(path), dynamo=False, opset_version=17,
+                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", "logits")}, **names)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch_size in (1, 3):  # dynamic batch, different from the export batch
+        left, right = _pair(batch_size, seed=batch_size)
+        (got,) = session.run(None, {"left": left.numpy(), "right": right.numpy()})
+        with torch.no_grad():
+            ref = tiny(left, right).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_file_loads_backbone(tmp_path):
+    torch.manual_seed(123)
+    source = timm.create_model("test_convnext")  # with its classifier, as a real checkpoint would be
+    path = tmp_path / "test_convnext.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(0)
+    model = DualEyeNet("test_convnext", weights_file=str(path), **TINY)
+    saved = source.state_dict()
+    loaded = model.backbone.state_dict()
+    assert set(loaded) <= set(saved)
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, saved[key], atol=0, rtol=0, msg=key)
+    # pretrained=True with a file behaves the same; random init differs
+    same = DualEyeNet("test_convnext", pretrained=True, weights_file=path, **TINY)
+    torch.testing.assert_close(same.backbone.state_dict(), loaded, atol=0, rtol=0)
+    random = DualEyeNet("test_convnext", **TINY)
+    assert not torch.equal(random.backbone.stem[0].weight, loaded["stem.0.weight"])
+
+
+def test_backbone_norm_and_data_config(tiny):
+    assert backbone_norm("test_convnext") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert backbone_norm("convnext_small") == imagenet
+    assert backbone_norm("convnext_small.fb_in22k_ft_in1k") == imagenet
+    assert backbone_norm("no_such_model_xyz") == imagenet
+    assert tuple(tiny.data_config["mean"]) == (0.5, 0.5, 0.5)
+    assert tiny.config["backbone"] == "test_convnext" and tiny.config["embed_dim"] == 32
+
+
+def test_bad_heads_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        DualEyeNet("test_convnext", embed_dim=30, heads=8)
+
+
+def test_model_prints_nothing(capsys):
+    model = DualEyeNet("test_resnet", **TINY).eval()
+    with torch.no_grad():
+        model(*_pair(1))
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.slow
+def test_convnext_small_parameter_count():
+    model = DualEyeNet("convnext_small")
+    assert count_parameters(model.backbone) == 49_454_688  # ConvNeXt-Small without its 1000-class classifier
+    assert count_parameters(model) == 53_400_680

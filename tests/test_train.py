@@ -1,0 +1,160 @@
+"""train.py end to end on a tiny synthetic ODIR set: run folder, checkpoints, resume, NaN stop, DDP, compile."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32",
+        "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_odir(tmp_path_factory):
+    from pipeline.synthetic import make_synthetic_odir
+
+    return make_synthetic_odir(tmp_path_factory.mktemp("odir"), n_patients=48, seed=1, min_px=64, max_px=96,
+                               workers=1)
+
+
+def run(tmp_path, tiny_odir, *extra, name="run"):
+    args = ["--data", str(tiny_odir), "--out", str(tmp_path), "--name", name,
+            "--cache-dir", str(tmp_path / "cache"), *TINY, *extra]
+    return train.main(args)
+
+
+def test_seed_preset_is_the_seed_recipe():
+    cfg = train.resolve_config({"preset": "seed"})
+    assert (cfg.backbone, cfg.img_px, cfg.batch_size, cfg.accum_steps, cfg.epochs) == ("convnext_small", 384, 6, 2, 25)
+    assert (cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, cfg.warmup_epochs) == (5e-5, 0.1, 2e-5, 3.0)
+    assert cfg.clip_grad == 1.0 and cfg.weighted_sampling and cfg.pretrained and cfg.patience > 0
+    assert cfg.precision == "auto" and not cfg.compile  # AMP on a GPU; the seed ran eager
+
+
+def test_flags_come_from_config_fields_and_override_presets():
+    cfg = train.parse_config(["--preset", "fast", "--no-compile", "--batch-size", "7", "--precision", "fp32"])
+    assert (cfg.preset, cfg.compile, cfg.batch_size, cfg.precision) == ("fast", False, 7, "fp32")
+    assert cfg.img_px == 384  # from the preset
+    with pytest.raises(SystemExit):
+        train.parse_config(["--preset", "nope"])
+
+
+def test_no_arguments_is_the_demo_on_a_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("the default preset is fast on a GPU")
+    assert train.parse_config([]).preset == "demo"
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = [train.lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] < 0.01
+
+
+def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
+    run(tmp_path, tiny_odir)
+    d = tmp_path / "run"
+    for name in ("config.json", "split.csv", "left_out.csv", "metrics.csv", "curves.png", "best.pt", "last.pt"):
+        assert (d / name).is_file(), name
+    best = torch.load(d / "best.pt", weights_only=True)  # data only, no pickled code
+    assert best["classes"] == list(CLASSES) and len(best["thresholds"]) == 8
+    assert best["config"]["backbone"] == "test_convnext" and best["img_px"] == 48
+    assert {"torch", "timm"} <= set(best["versions"]) and best["commit"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in best["model"])
+    assert "odir" in best["val_metrics"] and "tuned" in best["val_metrics"]
+    rows = (d / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val_odir" in rows[0]
+    model = train.build_model(train.Config(**best["config"]), pretrained=False)
+    model.load_state_dict(best["model"])
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_odir):
+    run(tmp_path, tiny_odir, name="straight")
+    run(tmp_path, tiny_odir, "--stop-after-steps", "7", name="split")  # 5 updates per epoch: stops mid-epoch 2
+    part = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert part["step"] == 7
+    train.main(["--resume", str(tmp_path / "split")])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert (tmp_path / "split" / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
+    import model.loss
+
+    real = model.loss.hybrid_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, pos_weight, **kw):
+        calls["n"] += logits.requires_grad  # training steps only, not the validation loss
+        loss = real(logits, targets, pos_weight, **kw)
+        return loss * float("nan") if calls["n"] == 7 and logits.requires_grad else loss
+
+    monkeypatch.setattr(model.loss, "hybrid_loss", poisoned)
+    with pytest.raises(SystemExit, match=r"epoch 2, update 7"):
+        run(tmp_path, tiny_odir)
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1  # the good one is kept
+
+
+KILLER = """
+import sys, torch, train
+path = sys.argv[1]
+big = {"w": torch.randn(4_000_000)}
+while True:
+    train.save_atomic(big, path)
+"""
+
+
+def test_kill_during_checkpointing_leaves_a_loadable_file(tmp_path):
+    path = tmp_path / "best.pt"
+    train.save_atomic({"w": torch.zeros(3)}, path)
+    for delay in (0.3, 0.7, 1.1, 1.6):
+        p = subprocess.Popen([sys.executable, "-c", KILLER, str(path)], cwd=ROOT)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["w"].numel() in (3, 4_000_000)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path, tiny_odir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           str(ROOT / "train.py"), "--data", str(tiny_odir), "--out", str(tmp_path), "--name", "ddp",
+           "--cache-dir", str(tmp_path / "cache"), *TINY, "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "× 2 rank(s)" in out.stdout
+    assert "replicas identical across 2 ranks: yes" in out.stdout
+    assert (tmp_path / "ddp" / "best.pt").is_file()
+    # 41 training patients / 2 ranks / batch 4 = 5 steps per rank per epoch, 8 pairs per update
+    assert "5 updates/epoch of 8 pairs" in out.stdout
+
+
+@pytest.mark.slow
+def test_compiled_training_step_on_cpu(tmp_path, tiny_odir):
+    run(tmp_path, tiny_odir, "--compile", "--stop-after-steps", "2", "--epochs", "1")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["step"] == 2 and last["config"]["compile"]
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_dry_run_on_real_data_reports_the_24_one_eyed_patients(odir256, tmp_path, capsys):
+    train.main(["--data", str(odir256), "--dry-run", "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert "left out 24 patient(s): 24 missing file" in out
+    assert "usable patients: 2215" in out
+    assert "split (seed 42): train 1883 · validation 332" in out
