@@ -551,6 +551,8 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
     stop = StopRequest()
     y_val = label_matrix(val_tab)
     thresholds = np.full(len(CLASSES), 0.5)
+    # The baseline every number is read against: always predict the training prevalence.
+    trivial = evaluate(y_val, np.broadcast_to(y_train.mean(0), y_val.shape).copy())
     start_epoch = step // updates_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         t0, data_s = time.perf_counter(), 0.0
@@ -626,7 +628,8 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
                 thresholds = tune_thresholds(y_val, probs)
                 save_atomic(checkpoint_payload(model, cfg, thresholds=thresholds, mean=mean, std=std,
                                                epoch=epoch + 1, step=step, best=best,
-                                               extra={"val_metrics": _plain(evaluate(y_val, probs, thresholds))}),
+                                               extra={"val_metrics": _plain(evaluate(y_val, probs, thresholds)),
+                                                      "trivial_metrics": _plain(trivial)}),
                             run_dir / "best.pt")
         if is_main:
             save_atomic(checkpoint_payload(model, cfg, thresholds=thresholds, mean=mean, std=std, epoch=epoch,
@@ -661,9 +664,12 @@ def report_best(run_dir: Path, val_tab, y_val, device):
         r = m[key]
         print(f"  {label}          {r['f1_micro']:.3f}     {r['f1_macro']:.3f}     {r['auc_macro']:.3f}      "
               + "  ".join(f"{r['f1'][c]:.3f}" for c in CLASSES))
-    o = m["odir"]
-    print(f"  official ODIR score (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · AUC {o['auc']:.3f}"
-          f" · final {o['final']:.3f}")
+    t = ckpt["trivial_metrics"]["at_0.5"]
+    print(f"  trivial predictor           {t['f1_micro']:.3f}     {t['f1_macro']:.3f}     {t['auc_macro']:.3f}      "
+          + "  ".join(f"{t['f1'][c]:.3f}" for c in CLASSES) + "   (always the training prevalence)")
+    for label, o in (("model", m["odir"]), ("trivial", ckpt["trivial_metrics"]["odir"])):
+        print(f"  official ODIR score, {label:<7} (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
+              f"AUC {o['auc']:.3f} · final {o['final']:.3f}")
     print(f"  thresholds: " + " ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, ckpt["thresholds"])))
     return ckpt
 

@@ -98,8 +98,10 @@ class DualEyeNet(nn.Module):
     direction), and the four mean-pooled representations are fused by an MLP into one logit per class.
 
     Args:
-        backbone: any timm model name. CNNs give feature maps (B, C, h, w) (or (B, h, w, C) for NHWC
-            models such as Swin), ViT-like models give tokens (B, T, C); both become (B, T, C) tokens.
+        backbone: a timm model name that accepts ``global_pool=""``. CNNs give feature maps (B, C, h, w)
+            (or (B, h, w, C) for NHWC models such as Swin), ViT-like models give tokens (B, T, C); both
+            become (B, T, C) tokens. (A few timm models refuse ``global_pool=""``, e.g. distilled DeiT and
+            EfficientViT-MIT; timm raises at construction.)
         num_classes: number of output logits (8 for ODIR-5K).
         embed_dim: token width D of the branches and the cross-attention.
         heads: attention heads; must divide ``embed_dim``.
@@ -156,7 +158,8 @@ class DualEyeNet(nn.Module):
         fmt = getattr(self.backbone, "output_fmt", "NCHW")
         self._nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
 
-        feat_dim = self.backbone.num_features  # C
+        # forward_head(pre_logits=True) can widen the features (MobileNetV3/V4, GhostNet, HGNetV2 conv_head).
+        feat_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features  # C
         self.left_branch = EyeBranch(feat_dim, embed_dim, dropout)
         self.right_branch = EyeBranch(feat_dim, embed_dim, dropout)
         self.left_to_right = CrossAttention(embed_dim, heads, dropout)  # left queries, right keys/values
@@ -199,6 +202,10 @@ class DualEyeNet(nn.Module):
         """
         batch = left.shape[0]
         feats = self.backbone.forward_features(torch.cat([left, right], dim=0))  # (2B, C, h, w) or (2B, T, C)
+        # With global_pool="" the pre-logits head keeps the spatial/token layout but applies what timm puts
+        # between the features and the classifier (ConvNeXt's final LayerNorm, MobileNet's conv_head, ...),
+        # so every backbone parameter is used (no unused parameters for DDP) and pretrained heads match.
+        feats = self.backbone.forward_head(feats, pre_logits=True)  # same layout as above
         tokens = self._tokens(feats)  # (2B, T, C)
         left_tok = self.left_branch(tokens[:batch])  # (B, T, D)
         right_tok = self.right_branch(tokens[batch:])  # (B, T, D)

@@ -1,12 +1,16 @@
 """Prepare every fundus photograph once: crop the round fundus out of its black border, resize, re-encode.
 
-Training and scoring read the prepared copy, never the originals: a ~5 MP ODIR original costs ~25 ms of CPU to
+Training and scoring read the prepared copy, never the originals: a ~5 MP ODIR original costs 20-35 ms of CPU to
 decode, a 384 px prepared copy a few ms (docs/DALI-NOTES.md, "Speed facts"). This is also the one place where
 every image is fully decoded, so it is where bad images are found and reported (`BadImage`).
 
+Crop: the box of the pixels brighter than a threshold, robust to noise and text labels, then made symmetric about
+the frame centre, because real fundi often have an under-exposed side darker than the threshold (`fundus_box`).
+
 Cache layout: `cache_dir/{short_px}px/{stem}-{hash10}.jpg`, where hash10 is a short hash of the absolute source
 path, so `a/1_left.jpg` and `b/1_left.jpg` never collide. An entry is up to date when it is at least as new as
-its source; up-to-date entries are skipped without decoding.
+its source; up-to-date entries are skipped without decoding. `cache_dir/{short_px}px/SETTINGS` records the
+preparation settings (threshold, quality, filter, ...): when they change, every entry counts as stale.
 
 Speed: JPEG draft mode (DCT scaling in libjpeg) decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a
 full decode; we pick the largest reduction that still leaves the fundus at least `short_px` on its short side, so
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import multiprocessing as mp
 import os
 import stat
@@ -41,16 +44,18 @@ MIN_LINE_FRACTION = 0.1  # a row/column belongs to the fundus if it has >= 10% o
 MIN_FUNDUS_FRACTION = 0.05  # the bright box's short side must be >= 5% of the image's: a text label alone is no fundus
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "4:2:0"  # libjpeg's default at q95; smaller and faster to decode than 4:4:4
-# LANCZOS: at the <2x reduction left after draft decoding it costs ~5 ms per image at 384 px (~12 ms at 512 px) and
-# lands 0.3-1.3 dB PSNR closer to a full-resolution LANCZOS reference than BICUBIC, 1.5-5 dB closer than BILINEAR
-# (measured on synthetic 2592x1944 fundus images; benchmarks/prepare.py prints the cost).
+# LANCZOS: on the <2x reduction left after draft decoding it lands 0.3-1.3 dB PSNR closer to a full-resolution
+# LANCZOS reference than BICUBIC and 1.5-5 dB closer than BILINEAR, for ~10% of throughput at 384 px and ~25% at
+# 512 px versus BILINEAR (2592x1944 synthetic fundi, AMD EPYC; benchmarks/prepare.py). Preparation runs once.
 RESAMPLE = Image.Resampling.LANCZOS
 # Only matters where no draft scaling happened (PNG, or an image already near short_px): box-reduce by an integer
 # factor first while the remaining factor stays >= 2, the same trade as the JPEG draft itself.
 REDUCING_GAP = 2.0
 DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers (besides 1)
+PREPARE_VERSION = 1  # bump when the algorithm changes in a way the settings below do not show
 CHUNK = 4  # images per worker task: amortises inter-process overhead, keeps the progress bar smooth
 IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers busy, memory stays flat
+MIN_POOL_IMAGES = 32  # fewer images to do: prepare in-process (a pool takes ~1 s to start; 32 images take ~1 s)
 
 
 class BadImage(Exception):
@@ -322,7 +327,7 @@ def _mp_context():
 def _run(todo: list[tuple[str, str]], short_px: int, workers: int, bar: tqdm):
     """Yield (src, dst or None, reason or None) for every item of todo, in completion order."""
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    workers = max(1, min(workers, len(chunks)))
+    workers = 1 if len(todo) < MIN_POOL_IMAGES else max(1, min(workers, len(chunks)))
     if workers == 1:  # in-process: no start-up cost, plain tracebacks; also what "images/s per core" measures
         for chunk in chunks:
             results = _prepare_chunk(chunk, short_px)
@@ -353,8 +358,23 @@ def _run(todo: list[tuple[str, str]], short_px: int, workers: int, bar: tqdm):
             raise
 
 
+def _settings() -> str:
+    """Everything that shapes a prepared image besides its source and short_px, one line per setting."""
+    return "".join(f"{k} = {v}\n" for k, v in [
+        ("version", PREPARE_VERSION), ("bright_threshold", BRIGHT_THRESHOLD), ("min_line_fraction", MIN_LINE_FRACTION),
+        ("symmetric_box", True), ("resample", RESAMPLE.name), ("reducing_gap", REDUCING_GAP),
+        ("jpeg_quality", JPEG_QUALITY), ("jpeg_subsampling", JPEG_SUBSAMPLING)])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _is_blank(p) -> bool:
-    return p is None or (isinstance(p, float) and math.isnan(p)) or (isinstance(p, str) and not p.strip())
+    """None, NaN, pd.NA, '' (a table's empty cell): no path to prepare."""
+    return not isinstance(p, (str, os.PathLike)) or not os.fspath(p).strip()
 
 
 def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, workers: int | None = None,
@@ -382,11 +402,14 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
             reasons[i] = "no path given"
         else:
             by_src.setdefault(os.path.abspath(os.fspath(p)), []).append(i)
-    (Path(cache_dir) / f"{short_px}px").mkdir(parents=True, exist_ok=True)
+    folder = Path(cache_dir) / f"{short_px}px"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_file, settings = folder / "SETTINGS", _settings()
+    same_settings = settings_file.is_file() and settings_file.read_text() == settings
     todo, up_to_date = [], 0
     for src, idx in by_src.items():
         dst = str(cache_path(src, cache_dir, short_px))
-        if is_up_to_date(src, dst):
+        if same_settings and is_up_to_date(src, dst):
             up_to_date += 1
             for i in idx:
                 prepared[i] = dst
@@ -402,6 +425,8 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
                 prepared[i], reasons[i] = dst, reason
             if failed and reason is not None:
                 bar.set_postfix(failed=failed, refresh=False)
+    if not same_settings:  # only once the run completed: an interrupted run leaves older entries marked stale
+        _write_atomic(settings_file, settings)
     if stats is not None:
         stats.update(images=len(by_src), up_to_date=up_to_date, prepared=done, failed=failed,
                      seconds=time.perf_counter() - t0)

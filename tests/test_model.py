@@ -86,6 +86,7 @@ def test_channels_last(tiny):
     torch.testing.assert_close(out_cl, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~75 s of Inductor compilation on a 2-core CPU
 def test_torch_compile(tiny):
     left, right = _pair()
     compiled = torch.compile(tiny)

@@ -95,6 +95,16 @@ def test_short_side_is_short_px_for_wide_and_tall_fundi(tmp_path):
     assert Image.open(tmp_path / "t.jpg").size == (h, w)
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    wide = Image.new("RGB", (500, 300))
+    ImageDraw.Draw(wide).ellipse([20, 40, 480, 260], fill=ORANGE)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    prepare_image(save(wide, tmp_path / "rot.jpg", exif=exif), tmp_path / "out.jpg", 100)
+    w, h = Image.open(tmp_path / "out.jpg").size
+    assert w == 100 and h > 200  # displayed upright: tall
+
+
 def test_image_without_dark_border_is_returned_whole():
     img = fundus(w=200, h=150, r=400)  # the disc covers the whole frame
     assert fundus_box(img) == (0, 0, 200, 150)
@@ -238,6 +248,17 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- many images
 
+def test_cache_side_failure_stops_the_run_and_names_the_file(tmp_path, monkeypatch):
+    src = save(fundus(), tmp_path / "eye.jpg")
+
+    def full_disk(self, fp, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(RuntimeError, match=r"preparing .*eye\.jpg .*No space left"):
+        prepare_paths([src], tmp_path / "c", 64, workers=1, progress=False)
+
+
 def test_cache_names_are_stable_and_do_not_collide(tmp_path):
     a = save(fundus(seed=1), tmp_path / "site_a" / "1_left.jpg")
     b = save(fundus(seed=2), tmp_path / "site_b" / "1_left.jpg")
@@ -266,8 +287,21 @@ def test_second_run_skips_and_touching_the_source_redoes(tmp_path):
     assert stats["prepared"] == 1 and os.stat(dst).st_mtime_ns != mtime
 
 
+def test_changed_settings_make_every_entry_stale(tmp_path, monkeypatch):
+    src = save(fundus(), tmp_path / "eye.jpg")
+    stats = {}
+    prepare_paths([src], tmp_path / "c", 64, workers=1, progress=False)
+    assert "jpeg_quality = 95" in (tmp_path / "c" / "64px" / "SETTINGS").read_text()
+    monkeypatch.setattr(P, "JPEG_QUALITY", 80)
+    prepare_paths([src], tmp_path / "c", 64, workers=1, progress=False, stats=stats)
+    assert stats["prepared"] == 1 and "jpeg_quality = 80" in (tmp_path / "c" / "64px" / "SETTINGS").read_text()
+    prepare_paths([src], tmp_path / "c", 64, workers=1, progress=False, stats=stats)
+    assert stats["up_to_date"] == 1
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_every_bad_input_gets_its_reason_and_stops_nothing(tmp_path, workers):
+def test_every_bad_input_gets_its_reason_and_stops_nothing(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(P, "MIN_POOL_IMAGES", 0)  # workers=2: really use the process pool for these few images
     cases = bad_and_good_inputs(tmp_path / "in")
     paths = [str(p) for p, _ in cases.values()] + [None]
     out, reasons = prepare_paths(paths, tmp_path / "c", 64, workers=workers, progress=False)

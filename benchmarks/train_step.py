@@ -1,0 +1,260 @@
+"""Training step throughput of the dual-eye network: precision, memory format, compilation, seed vs fast preset.
+
+Rows (each a fresh model, the step exactly as train.py's loop does it: autocast forward, hybrid loss, scaled
+backward, gradient clipping, fused AdamW on a GPU):
+  ablation at `batch_size` pairs, synthetic in-memory inputs (pure compute):
+    eager fp32 (the baseline) · bf16 autocast (GPU only) · channels_last · torch.compile · all together
+  presets, synthetic inputs:
+    seed: 6 pairs x 2 accumulation steps, fp16 autocast + GradScaler (fp32 on a CPU), NCHW, eager
+    fast: 96 pairs, bf16 (fp32 on a CPU), channels_last, compiled
+  presets fed by their data path from prepared JPEGs (data wait = time blocked fetching the next batch):
+    seed + the seed's PIL + torchvision DataLoader · fast + the DALI training pipeline
+Warm-up steps (and compilation) are excluded; the timed region has a CUDA synchronize at both ends and no
+host sync inside (except the seed's GradScaler, which syncs every update, as it did). Prints one table and
+writes benchmarks/results/train_step.json after every row (a stage killed by a timeout keeps its rows).
+
+    .venv/bin/python benchmarks/train_step.py                      # CPU: tiny backbone, 128 px, seconds
+    python benchmarks/train_step.py --device cuda                   # GPU: ConvNeXt-Small, 384 px
+    python benchmarks/train_step.py --rows eager_fp32,fast,fast_dali
+"""
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (Stopwatch, add_ratios, header, peak_memory_mib, prepared_table,  # noqa: E402
+                               print_header, print_table, real_odir, reset_peak_memory, sync, synthetic_odir,
+                               usable_cores, write_results)
+
+import torch  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class Settings:  # CPU defaults: a tiny backbone so a 2-core machine finishes in about a minute
+    backbone: str = "test_convnext"  # timm name; the GPU runs the real one, convnext_small
+    img_px: int = 128  # image side, px
+    batch_size: int = 4  # pairs per step in the ablation rows
+    seed_batch: int = 6  # the seed preset's pairs per step (x seed_accum steps per update)
+    seed_accum: int = 2
+    fast_batch: int = 8  # the fast preset's pairs per step (96 on a GPU)
+    steps: int = 3  # timed steps per row
+    warmup: int = 2  # steps before timing (compilation happens here); at least seed_accum
+    data_steps: int = 4  # timed steps of the rows fed by a data pipeline
+    data_patients: int = 64  # patients read by the data rows (synthetic full-size set, shared with loader.py)
+    data_src_px: int = 2592  # width of those synthetic originals (their prepared copy is what is read)
+    workers: int = 2  # reference DataLoader workers (seed + PIL row)
+    dali_threads: int = 0  # 0: train.py's default, min(cores, 8)
+    rows: str = "all"  # comma list of row keys (see ROWS), or all
+    seed: int = 0
+
+
+GPU = dict(backbone="convnext_small", img_px=384, batch_size=48, fast_batch=96, steps=15, warmup=3, data_steps=25,
+           data_patients=128, workers=usable_cores())
+# ablation batch 48 on the GPU: eager fp32 ConvNeXt-S at 384 px needs ~0.5 GB of activations per image, so
+# 96 pairs (192 images) would not fit in 80 GB; the fast preset row runs its own 96.
+
+# key: (label, preset, amp, channels_last, compile, data path). Run in this order: the rows the GPU summary needs
+# come first, so a stage cut short by its timeout still has them.
+ROWS = {
+    "eager_fp32": ("eager fp32 (baseline)", "ablation", "fp32", False, False, None),
+    "fast": ("fast preset: bf16 + channels_last + compile", "fast", "bf16", True, True, None),
+    "fast_dali": ("fast preset fed by DALI (prepared JPEGs)", "fast", "bf16", True, True, "dali"),
+    "seed": ("seed preset: fp16 + GradScaler, eager, accum 2", "seed", "fp16", False, False, None),
+    "seed_pil": ("seed preset fed by PIL DataLoader (prepared JPEGs)", "seed", "fp16", False, False, "reference"),
+    "bf16": ("eager bf16 autocast", "ablation", "bf16", False, False, None),
+    "channels_last": ("eager fp32 channels_last", "ablation", "fp32", True, False, None),
+    "compile": ("compiled fp32", "ablation", "fp32", False, True, None),
+    "all": ("bf16 + channels_last + compile", "ablation", "bf16", True, True, None),
+}
+
+
+# ----------------------------------------------------------------------------------------------- one row
+class Trainer:
+    """A fresh model, optimizer and scaler, and the training step of train.py's loop."""
+
+    def __init__(self, s: Settings, device, amp: str, channels_last: bool, compile_: bool, accum: int):
+        import train
+
+        self.device, self.accum = device, accum
+        if device.type != "cuda" and amp != "fp32":
+            amp = "fp32"  # autocast on a CPU is not what anyone trains with here: the CPU rows run fp32
+        self.amp_dtype = train.autocast_dtype(amp, device)
+        self.cfg = train.Config(backbone=s.backbone, pretrained=False, img_px=s.img_px, channels_last=channels_last,
+                                compile=compile_, precision=amp)
+        model = train.build_model(self.cfg, pretrained=False).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.opt = train.make_optimizer(model, self.cfg, lr=1e-4)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.pos_weight = torch.full((8,), 3.0, device=device)  # BCE positive weights, as from ~25% positives
+        self.train_model = torch.compile(model) if compile_ else model
+        # what train.py feeds: float16 images under any autocast, float32 otherwise
+        self.in_dtype = torch.float16 if self.amp_dtype is not None else torch.float32
+        self.channels_last = channels_last
+        self.micro = 0
+        self.losses = []
+
+    def step(self, left, right, labels):
+        from model import hybrid_loss
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.train_model(left, right)
+        loss = hybrid_loss(logits.float(), labels, self.pos_weight)
+        self.scaler.scale(loss / self.accum).backward()
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        self.losses.append(loss.detach())
+
+    def synthetic_batch(self, batch: int):
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        imgs = [torch.randn(batch, 3, self.cfg.img_px, self.cfg.img_px, generator=g)
+                .to(self.device, self.in_dtype).contiguous(memory_format=fmt) for _ in range(2)]
+        labels = (torch.rand(batch, 8, generator=g) < 0.3).float().to(self.device)
+        return imgs[0], imgs[1], labels
+
+    def check_finite(self):
+        loss = torch.stack(self.losses).float()
+        if not torch.isfinite(loss).all():
+            raise RuntimeError(f"non-finite loss in the benchmark: {loss.tolist()}")
+        return float(loss[-1])
+
+
+def run_row(key: str, s: Settings, device, data_table) -> dict:
+    label, preset, amp, cl, comp, data = ROWS[key]
+    batch = {"ablation": s.batch_size, "seed": s.seed_batch, "fast": s.fast_batch}[preset]
+    accum = s.seed_accum if preset == "seed" else 1
+    torch._dynamo.reset()  # each compiled row compiles its own graph: no recompilation or dynamic-shape carry-over
+    reset_peak_memory(device)
+    t = Trainer(s, device, amp, cl, comp, accum)
+    warmup = max(s.warmup, accum)
+    steps = s.data_steps if data else s.steps
+    steps = math.ceil(steps / accum) * accum  # whole updates only
+    fetch, close = _batches(t, data, batch, data_table, s, device, warmup + steps)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        t.step(*fetch())
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    data_s = 0.0
+    with Stopwatch(device) as sw:
+        for _ in range(steps):
+            d0 = time.perf_counter()
+            batch_ = fetch()
+            data_s += time.perf_counter() - d0
+            t.step(*batch_)
+    last_loss = t.check_finite()
+    pairs = batch * steps
+    row = {"key": key, "setting": label, "preset": preset, "batch": batch, "accum": accum,
+           "precision": str(t.amp_dtype or "fp32").replace("torch.", ""), "channels_last": cl, "compile": comp,
+           "data": data or "synthetic", "steps": steps, "seconds": round(sw.seconds, 3),
+           "pairs_per_s": round(pairs / sw.seconds, 2), "images_per_s": round(2 * pairs / sw.seconds, 2),
+           "ms_per_step": round(1000 * sw.seconds / steps, 1),
+           "data_wait_pct": round(100 * data_s / sw.seconds, 2) if data else None,
+           "peak_mem_mib": peak_memory_mib(device), "warmup_s": round(warmup_s, 1), "last_loss": round(last_loss, 4)}
+    close()
+    del t
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _batches(t: Trainer, data, batch, table, s: Settings, device, n_steps):
+    """(fetch, close): fetch() returns the next (left, right, labels) on the device."""
+    if data is None:
+        fixed = t.synthetic_batch(batch)
+        return (lambda: fixed), (lambda: None)
+    if data == "dali":
+        from pipeline.dali import Augment, train_loader
+
+        loader = train_loader(table, batch, s.img_px, device, augment=Augment(), seed=s.seed, dtype=t.in_dtype,
+                              num_threads=s.dali_threads or None)
+        return (lambda: loader.next_batch()[:3]), (lambda: None)
+    from pipeline.odir import label_matrix
+    from pipeline.reference import reference_loader
+
+    need = batch * n_steps
+    reps = -(-need // len(table))
+    left, right = (list(table[c]) * reps for c in ("left", "right"))
+    labels = label_matrix(table).astype("float32").repeat(reps, axis=0)
+    loader = reference_loader(left[:need], right[:need], labels[:need], batch, s.img_px, train=True,
+                              workers=s.workers, seed=s.seed)
+    it = iter(loader)
+
+    def fetch():
+        left, right, labels, _ = next(it)
+        return left.to(device), right.to(device), labels.to(device)  # the seed's .to(device), NCHW fp32
+
+    def close():
+        nonlocal it
+        it = None
+    return fetch, close
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    from benchmarks.common import settings_from_cli
+
+    s, device = settings_from_cli(Settings, GPU, argv, __doc__)
+    keys = list(ROWS) if s.rows == "all" else [k.strip() for k in s.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    if device.type != "cuda":
+        keys = [k for k in keys if k not in ("bf16",)]  # AMP rows are GPU-only; "all" runs channels_last+compile
+    info = header(device)
+    print_header(info, "benchmarks/train_step.py: dual-eye training step")
+    print(f"settings: {s} · device {device}")
+    if device.type != "cuda":
+        print(f"CPU run: backbone {s.backbone} at {s.img_px} px, every row fp32 (autocast rows are GPU-only); "
+              "the GPU numbers come from --device cuda (convnext_small, 384 px)")
+    data_table = None
+    if any(ROWS[k][5] for k in keys):
+        real = real_odir()
+        folder = real if real is not None else synthetic_odir(s.data_patients, s.data_src_px, s.data_src_px)
+        data_table, _ = prepared_table(folder, s.img_px, n_patients=s.data_patients)
+        print(f"data rows read {len(data_table)} patients prepared at {s.img_px} px from "
+              f"{'the real ODIR-5K subset' if real is not None else 'synthetic originals'} ({folder})")
+    rows = []
+    for key in keys:
+        print(f"  {key} ...", end=" ", flush=True)
+        try:
+            row = run_row(key, s, device, data_table)
+        except torch.OutOfMemoryError as e:
+            gc.collect()
+            torch.cuda.empty_cache()
+            row = {"key": key, "setting": ROWS[key][0] + " (out of memory)", "error": str(e).splitlines()[0]}
+        rows.append(row)
+        print(f"{row.get('pairs_per_s', '-')} pairs/s, {row.get('ms_per_step', '-')} ms/step "
+              f"(warm-up incl. compile {row.get('warmup_s', '-')} s)", flush=True)
+        add_ratios(rows, next((r for r in rows if r["key"] == "eager_fp32"), None))
+        write_results("train_step", info, s, rows, device=str(device))
+    print()
+    print_table(rows, [("setting", "setting", "{}"), ("batch", "pairs/step", "{}"),
+                       ("images_per_s", "images/s", "{:.1f}"), ("pairs_per_s", "pairs/s", "{:.2f}"),
+                       ("ms_per_step", "ms/step", "{:.1f}"), ("data_wait_pct", "data wait %", "{:.1f}"),
+                       ("peak_mem_mib", "peak mem MiB", "{:.0f}"), ("x_baseline", "x eager fp32", "{:.2f}")])
+    seed, fast = (next((r for r in rows if r["key"] == k and "pairs_per_s" in r), None) for k in ("seed_pil",
+                                                                                                  "fast_dali"))
+    if seed and fast:
+        print(f"fast + DALI vs seed + PIL (the seed's way): {fast['pairs_per_s'] / seed['pairs_per_s']:.2f}x pairs/s")
+    print("ms/step: per step of `pairs/step` pairs (the seed preset updates every 2 steps). data wait: time blocked "
+          "fetching the next batch, % of the timed wall clock. peak mem: torch.cuda.max_memory_allocated, '-' on CPU.")
+    print(f"wrote {write_results('train_step', info, s, rows, device=str(device))}")
+
+
+if __name__ == "__main__":
+    main()

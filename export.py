@@ -1,0 +1,445 @@
+"""Export a trained checkpoint to ONNX, checked against PyTorch on every export.
+
+    python export.py RUN/best.pt            # or the run folder RUN (→ RUN/best.pt); writes RUN/best.onnx
+    python export.py RUN -o model.onnx [--fp16] [--opset 20] [--check-images FOLDER]
+
+The network is rebuilt from the config saved in the checkpoint (`train.build_model(cfg, pretrained=False)` +
+`load_state_dict`, strict), so no training code state is needed. The ONNX graph:
+
+    left  (N, 3, H, W) float32 (float16 with --fp16) ─┐
+                                                      ├─ DualEyeNet ─ logits (N, 8) float32 ─ sigmoid ─ probs (N, 8)
+    right (N, 3, H, W) ───────────────────────────────┘
+
+N is dynamic; H = W = img_px; inputs are normalised with the model's mean/std (stored in the metadata). Outputs are
+float32 also in the fp16 model (the cast sits inside the graph). metadata_props carry everything `score.py` needs:
+format "odir-dual-onnx/1", classes, thresholds, img_px, prepare_px, mean, std, backbone, commit, config (JSON), ...
+
+Checks on every export (the file is only written when they pass):
+- `onnx.checker.check_model(full_check=True)`;
+- onnxruntime (CPU) vs PyTorch fp32 on fresh random inputs and on real fundus images (from --check-images, else
+  the checkpoint's own run's validation patients when the run folder and its data are found, else skipped with a
+  note): the maximum absolute difference of probabilities is printed; fp32 must be <= 1e-4, fp16 <= 1e-2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of our ONNX files (score.py checks it)
+CHECKPOINT_FORMAT = "odir-dual/1"  # train.checkpoint_payload's "format"
+DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime 1.31 runs up to 23
+FP32_TOL = 1e-4  # max |Δ probability|, onnxruntime fp32 vs PyTorch fp32
+FP16_TOL = 1e-2  # max |Δ probability|, onnxruntime fp16 vs PyTorch fp32 (measured ~1e-3 on real images)
+CHECK_PAIRS = 16  # real image pairs compared per export
+EXAMPLE_BATCH = 2  # batch of the tracing inputs; the checks run other batch sizes to prove the batch is dynamic
+REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint of ours; the message names it."""
+
+
+class ExportCheckError(RuntimeError):
+    """The exported model disagrees with PyTorch (or fails the ONNX checker)."""
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_file(path) -> Path:
+    """A checkpoint path, or a run folder → its best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint written by train.py (plain data, `weights_only=True`) and check that it is one of ours.
+
+    Raises:
+        CheckpointError: not a torch file, refused by the weights-only loader, or not an odir-dual checkpoint.
+    """
+    from train import load_checkpoint
+
+    path = checkpoint_file(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - torch.load raises KeyError, RuntimeError, UnpicklingError, ...
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            detail = next((line.strip() for line in msg.splitlines() if "Unsupported global" in line), "")
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it holds Python objects, "
+                                  f"not plain data, so it is not a checkpoint written by train.py"
+                                  + (f" ({detail})" if detail else "")) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({type(e).__name__}: "
+                              f"{msg.splitlines()[0][:120] if msg else 'unreadable'})") from None
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        what = f"format {fmt!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}, not a dict"
+        raise CheckpointError(f"{path}: not an odir-dual checkpoint ({what}; expected format "
+                              f"{CHECKPOINT_FORMAT!r}, as train.py writes in best.pt/last.pt)")
+    absent = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if absent:
+        raise CheckpointError(f"{path}: odir-dual checkpoint without {', '.join(absent)}")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict):
+    """train.Config from the saved dict (fields added or dropped since are tolerated), for rebuilding the model."""
+    from train import Config
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in names})
+    # No download and no local weights file: the state dict brings every weight.
+    return dataclasses.replace(cfg, pretrained=False, weights_file="")
+
+
+def build_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
+    """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
+    from train import build_model
+
+    model = build_model(checkpoint_config(ckpt), pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the saved config "
+                              f"({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+class ProbsAndLogits(nn.Module):
+    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor):
+        logits = self.net(left, right).float()  # (N, 8)
+        return torch.sigmoid(logits), logits
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _example_inputs(img_px: int, dtype, batch: int = EXAMPLE_BATCH, seed: int = 0):
+    # Two DIFFERENT tensors: torch.export treats one tensor passed twice as aliased inputs, and the ONNX graph then
+    # silently feeds `left` into both eyes (found the hard way: max |Δ| 0.1 instead of 1e-7).
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, 3, img_px, img_px, generator=g).to(dtype) for _ in range(2))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress prints, warnings and optimizer log lines (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    buf = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                  exporter: str = "auto"):
+    """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch.
+
+    Args:
+        exporter: "dynamo" (torch.export based), "torchscript" (the legacy tracer), or "auto": dynamo, falling back
+            to torchscript if it raises.
+
+    Returns:
+        (model_proto, exporter actually used, message of the dynamo failure or "").
+    """
+    import onnx
+
+    dtype = torch.float16 if fp16 else torch.float32
+    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype)).eval()
+    args = _example_inputs(img_px, dtype)
+    names = dict(input_names=["left", "right"], output_names=["probs", "logits"], opset_version=opset)
+    failure = ""
+    if exporter in ("auto", "dynamo"):
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        try:
+            with _quiet(), torch.no_grad():
+                program = torch.onnx.export(wrapped, args, dynamo=True, verbose=False,
+                                            dynamic_shapes={"left": {0: batch}, "right": {0: batch}}, **names)
+            return program.model_proto, "dynamo", ""
+        except Exception as e:  # noqa: BLE001 - any exporter failure: report it, then try the other exporter
+            if exporter == "dynamo":
+                raise
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(wrapped, args, str(out), dynamo=False, verbose=False,
+                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", "probs", "logits")}, **names)
+        return onnx.load(str(out)), "torchscript", failure
+
+
+def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path) -> dict[str, str]:
+    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts."""
+    cfg = ckpt["config"]
+    return {
+        "format": ONNX_FORMAT,
+        "classes": json.dumps(list(ckpt["classes"])),
+        "thresholds": json.dumps([float(t) for t in ckpt["thresholds"]]),
+        "img_px": str(int(ckpt["img_px"])),
+        "prepare_px": str(int(cfg.get("prepare_px") or ckpt["img_px"])),  # short side of the prepared copies
+        "mean": json.dumps([float(m) for m in ckpt["mean"]]),
+        "std": json.dumps([float(s) for s in ckpt["std"]]),
+        "backbone": str(cfg.get("backbone", "")),
+        "commit": str(ckpt.get("commit", "unknown")),
+        "config": json.dumps(cfg, sort_keys=True, default=str),
+        "precision": precision,
+        "input_dtype": "float16" if precision == "fp16" else "float32",
+        "exporter": exporter,
+        "opset": str(opset),
+        "checkpoint": source.name,
+        "epoch": str(ckpt.get("epoch", "")),
+        "best": json.dumps(ckpt.get("best", {}), default=float),
+        "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
+    }
+
+
+def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
+    """Set metadata and write one self-contained .onnx file atomically (external data only past protobuf's 2 GB)."""
+    import onnx
+
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = "odir-dual: (left, right) fundus photographs -> probs, logits (N, 8); see metadata_props"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    large = proto.ByteSize() > 1_900_000_000
+    try:
+        onnx.save(proto, str(tmp), save_as_external_data=large, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def cpu_session(path):
+    """An onnxruntime CPU session with warnings off (errors only)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool) -> float:
+    """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model)."""
+    np_dtype = np.float16 if fp16 else np.float32
+    feeds = {"left": left.numpy().astype(np_dtype), "right": right.numpy().astype(np_dtype)}
+    probs_ort = session.run(["probs"], feeds)[0]
+    with torch.no_grad():
+        probs_pt = torch.sigmoid(net(left, right)).numpy()
+    return float(np.abs(probs_ort.astype(np.float64) - probs_pt).max())
+
+
+def load_pair_tensors(pairs, img_px: int, mean, std) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Real images as model inputs: fundus crop (pipeline.prepare), squash to img_px (bilinear), normalise.
+
+    A light PIL path, enough to give the comparison realistic pixel statistics (score.py uses the DALI pipeline).
+    Unreadable images are skipped. Returns (left, right, pairs used).
+    """
+    from PIL import Image
+
+    from pipeline.prepare import BadImage, crop_fundus
+
+    m = np.asarray(mean, np.float32)[:, None, None] * 255
+    s = np.asarray(std, np.float32)[:, None, None] * 255
+
+    def one(path):
+        with Image.open(path) as im:
+            img = crop_fundus(im.convert("RGB")).resize((img_px, img_px), Image.Resampling.BILINEAR)
+        return (np.asarray(img, np.float32).transpose(2, 0, 1) - m) / s  # (3, H, W)
+
+    lefts, rights = [], []
+    for left, right in pairs:
+        try:
+            a, b = one(left), one(right)
+        except (OSError, BadImage, ValueError):
+            continue
+        lefts.append(a), rights.append(b)
+    if not lefts:
+        return torch.empty(0), torch.empty(0), 0
+    return torch.from_numpy(np.stack(lefts)), torch.from_numpy(np.stack(rights)), len(lefts)
+
+
+def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) -> tuple[list, str]:
+    """Real (left, right) image paths to compare on, and where they come from (or why there are none).
+
+    From `folder` (anything score.find_pairs reads) when given; else the validation patients of the checkpoint's
+    run (RUN/split.csv + the run's --data folder, or the synthetic demo set for a demo run).
+    """
+    if folder is not None:
+        from score import find_pairs
+
+        table, _ = find_pairs(folder)
+        ok = table[table["status"] == "ok"].head(n)
+        return list(zip(ok["left"], ok["right"])), f"{len(ok)} pairs from {folder}"
+    run_dir = ckpt_path.parent
+    split = run_dir / "split.csv"
+    data = ckpt["config"].get("data") or ""
+    if not split.is_file():
+        return [], f"no {split.name} beside {ckpt_path.name}: cannot tell the run's validation images"
+    if not data:
+        from pipeline.data import cache_root
+
+        synthetic = cache_root() / "synthetic"
+        if not synthetic.is_dir():
+            return [], f"the run trained on the synthetic demo set, not found in {synthetic}"
+        data = synthetic
+    try:
+        from pipeline.odir import read_patients
+        from pipeline.split import load_split
+
+        patients, _ = read_patients(data)
+        _, ids_val = load_split(split)
+    except (OSError, ValueError) as e:
+        return [], f"the run's validation images are not readable ({type(e).__name__}: {e})"
+    val = patients[patients["id"].isin(ids_val)].head(n)
+    return list(zip(val["left"], val["right"])), f"{len(val)} validation pairs of the run ({data})"
+
+
+def run_checks(path: Path, net: nn.Module, img_px: int, mean, std, pairs, pairs_note: str, fp16: bool,
+               log=print) -> dict:
+    """check_model(full_check) + onnxruntime vs PyTorch on random and real inputs. Raises ExportCheckError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...
+        raise ExportCheckError(f"onnx.checker.check_model({path}, full_check=True) failed: {e}") from e
+    log("onnx.checker.check_model(full_check=True): ok")
+    session = cpu_session(path)
+    tol = FP16_TOL if fp16 else FP32_TOL
+    g = torch.Generator().manual_seed(1234)  # fresh inputs, not the tracing ones, at another batch size
+    left, right = (torch.randn(3, 3, img_px, img_px, generator=g) for _ in range(2))
+    result = {"random": max_prob_diff(session, net, left, right, fp16), "real": None, "tolerance": tol}
+    log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: random inputs (3 pairs) {result['random']:.2e}")
+    if pairs:
+        left, right, used = load_pair_tensors(pairs, img_px, mean, std)
+        if used:
+            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16) for i in range(0, used, 8)]
+            result["real"] = max(diffs)
+            log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: real images ({pairs_note}, {used} read) "
+                f"{result['real']:.2e}")
+        else:
+            log(f"real-image check skipped: none of the {len(pairs)} pairs could be read ({pairs_note})")
+    else:
+        log(f"real-image check skipped: {pairs_note} (pass --check-images FOLDER)")
+    worst = max(v for v in (result["random"], result["real"]) if v is not None)
+    if not np.isfinite(worst) or worst > tol:
+        raise ExportCheckError(f"{path}: onnxruntime and PyTorch disagree: max |Δ prob| {worst:.2e} > {tol:g} "
+                               f"({'fp16' if fp16 else 'fp32'})")
+    log(f"agreement within {tol:g} ({'fp16 vs fp32' if fp16 else 'fp32'}): ok")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPSET, check_images=None,
+           exporter: str = "auto", log=print) -> dict:
+    """Export a checkpoint to ONNX and check it; the file appears at `out` only if every check passed.
+
+    Args:
+        checkpoint: RUN/best.pt or a run folder.
+        out: output path; default beside the checkpoint: best.onnx (best.fp16.onnx with fp16).
+        fp16: half-precision weights and inputs (outputs stay float32).
+        opset: ONNX opset (18+).
+        check_images: folder of real images to compare on (see `check_pairs`); default: the run's validation set.
+        exporter: "auto" (dynamo, falling back to torchscript), "dynamo" or "torchscript".
+
+    Returns:
+        dict: path, exporter, opset, precision, diffs {random, real, tolerance}, seconds.
+    """
+    t0 = time.perf_counter()
+    ckpt_path = checkpoint_file(checkpoint)
+    ckpt = read_checkpoint(ckpt_path)
+    net = build_from_checkpoint(ckpt, ckpt_path)
+    img_px = int(ckpt["img_px"])
+    precision = "fp16" if fp16 else "fp32"
+    out = Path(out) if out else ckpt_path.with_suffix(".fp16.onnx" if fp16 else ".onnx")
+    log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · epoch {ckpt.get('epoch')} · "
+        f"commit {ckpt.get('commit', 'unknown')}")
+    proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter)
+    if failure:
+        log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
+    tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
+    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
+    try:
+        pairs, note = check_pairs(ckpt_path, ckpt, check_images)
+        diffs = run_checks(tmp, net, img_px, ckpt["mean"], ckpt["std"], pairs, note, fp16, log=log)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    size_mb = out.stat().st_size / 1e6
+    log(f"wrote {out} ({precision}, opset {opset}, {used} exporter, {size_mb:.1f} MB) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return dict(path=out, exporter=used, opset=opset, precision=precision, diffs=diffs,
+                seconds=time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python export.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt)")
+    ap.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
+    ap.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
+    ap.add_argument("--check-images", metavar="FOLDER",
+                    help="real images to check on: {ID}_left/_right images or an ODIR folder "
+                         "(default: the run's validation images)")
+    ap.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                    help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    args = ap.parse_args(argv)
+    if args.opset < 18:
+        ap.error(f"--opset {args.opset}: use 18 or newer")
+    try:
+        export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset, check_images=args.check_images,
+               exporter=args.exporter)
+    except (CheckpointError, ExportCheckError, FileNotFoundError) as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
