@@ -69,17 +69,19 @@ def find_pairs(folder) -> tuple["pd.DataFrame", list[tuple[str, str]]]:
         FileNotFoundError: the folder does not exist.
         pipeline.odir.SheetError: the folder has an ODIR sheet with a bad row (the message names it).
     """
-    import pandas as pd
-
-    from pipeline.odir import find_layout
+    from pipeline.odir import SheetError, find_layout
 
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"no such folder: {folder}")
     try:
         find_layout(folder)
-    except FileNotFoundError:
+    except FileNotFoundError:  # no sheet: pair the images by file name
         return _pairs_from_names(folder)
+    except SheetError:
+        raise
+    except ValueError as e:  # e.g. several ODIR sheets in one folder: a user-facing message, same path as a bad sheet
+        raise SheetError(str(e)) from None
     return _pairs_from_sheet(folder), []
 
 
@@ -174,8 +176,8 @@ def prepare_pairs(table, cache_dir, short_px: int, *, workers=None, progress=Tru
 
 def cuda_usable() -> bool:
     """torch sees a CUDA GPU and this onnxruntime build has the CUDA provider."""
-    import onnxruntime as ort
     import torch
+    import onnxruntime as ort
 
     return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -235,13 +237,8 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     ort.set_default_logger_severity(3)  # errors only, also for messages emitted before the session exists
     provider = resolve_provider(provider)
     if provider == "cuda":
-        import torch
+        import torch  # loaded before the CUDA provider: onnxruntime then uses the CUDA/cuDNN libraries torch loaded
 
-        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the same pip wheels torch uses
-            try:
-                ort.preload_dlls(directory="")
-            except Exception:  # noqa: BLE001 - torch has loaded them already in the usual case
-                pass
         providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
@@ -249,7 +246,8 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
         session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as e:  # noqa: BLE001 - InvalidProtobuf, Fail, InvalidGraph, ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: not a loadable ONNX model ({first})") from None
+        hint = "; a training checkpoint? export it first: python export.py RUN/best.pt" if path.suffix == ".pt" else ""
+        raise ModelFileError(f"{path}: not a loadable ONNX model ({first}){hint}") from None
     raw = dict(session.get_modelmeta().custom_metadata_map)
     if raw.get("format") != ONNX_FORMAT:
         raise ModelFileError(f"{path}: not an odir-dual ONNX model (metadata format {raw.get('format')!r}, expected "

@@ -83,8 +83,8 @@ PRESETS = {
                  backbone_lr_mult=0.1, weight_decay=2e-5, warmup_epochs=3.0, clip_grad=1.0, patience=0,
                  precision="auto", compile=True),
     # CPU-sized: a small backbone from scratch at 128 px on the synthetic set, a few minutes on 2 cores.
-    "demo": dict(backbone="resnet10t", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=8,
-                 lr=1e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
+    "demo": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=15,
+                 lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
 }
 

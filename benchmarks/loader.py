@@ -138,6 +138,7 @@ def main(argv=None) -> None:
         add_ratios([dali, ref], ref, key="images_per_s", out="x_reference")
         rows += [dali, ref]
         print(f"  {key}: DALI {dali['images_per_s']:.1f} img/s, reference {ref['images_per_s']:.1f} img/s", flush=True)
+        path = write_results("loader", info, s, rows, device=str(device))  # after every pair: a timeout keeps them
     print()
     print_table(rows, [("setting", "setting", "{}"), ("images_per_s", "images/s", "{:.1f}"),
                        ("pairs_per_s", "pairs/s", "{:.1f}"), ("ms_per_step", "ms/batch", "{:.1f}"),
@@ -145,7 +146,6 @@ def main(argv=None) -> None:
     print(f"{s.batches} timed batches ({s.full_batches} full-size) of {s.batch_size} pairs per row after warm-up; "
           "images/s counts both eyes. "
           "GPU mem: whole device (DALI + torch) after the row, '-' on CPU. x reference: DALI / reference, same files.")
-    path = write_results("loader", info, s, rows, device=str(device))
     print(f"wrote {path}")
 
 

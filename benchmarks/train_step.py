@@ -1,14 +1,16 @@
 """Training step throughput of the dual-eye network: precision, memory format, compilation, seed vs fast preset.
 
-Rows (each a fresh model, the step exactly as train.py's loop does it: autocast forward, hybrid loss, scaled
-backward, gradient clipping, fused AdamW on a GPU):
+Rows (each a fresh model unless the row before had the same set-up; the step as train.py's loop does it: autocast
+forward, hybrid loss, scaled backward, gradient clipping, fused AdamW on a GPU):
   ablation at `batch_size` pairs, synthetic in-memory inputs (pure compute):
     eager fp32 (the baseline) · bf16 autocast (GPU only) · channels_last · torch.compile · all together
   presets, synthetic inputs:
-    seed: 6 pairs x 2 accumulation steps, fp16 autocast + GradScaler (fp32 on a CPU), NCHW, eager
-    fast: 96 pairs, bf16 (fp32 on a CPU), channels_last, compiled
+    seed: 6 pairs x 2 accumulation steps, fp16 autocast + GradScaler, NCHW, eager
+    fast: `fast_batch` pairs (96 on a GPU), bf16, channels_last, compiled
   presets fed by their data path from prepared JPEGs (data wait = time blocked fetching the next batch):
     seed + the seed's PIL + torchvision DataLoader · fast + the DALI training pipeline
+On a CPU every row runs fp32 and compilation is off unless --compile (minutes of C++ compilation per row).
+Images reach a bf16 model as DALI's fp16, cast to bf16 before the forward (see Trainer.step).
 Warm-up steps (and compilation) are excluded; the timed region has a CUDA synchronize at both ends and no
 host sync inside (except the seed's GradScaler, which syncs every update, as it did). Prints one table and
 writes benchmarks/results/train_step.json after every row (a stage killed by a timeout keeps its rows).
@@ -43,47 +45,66 @@ class Settings:  # CPU defaults: a tiny backbone so a 2-core machine finishes in
     seed_batch: int = 6  # the seed preset's pairs per step (x seed_accum steps per update)
     seed_accum: int = 2
     fast_batch: int = 8  # the fast preset's pairs per step (96 on a GPU)
-    steps: int = 3  # timed steps per row
-    warmup: int = 2  # steps before timing (compilation happens here); at least seed_accum
-    data_steps: int = 4  # timed steps of the rows fed by a data pipeline
+    steps: int = 8  # timed steps per row
+    warmup: int = 3  # steps before timing (compilation happens here); rounded up to whole updates
+    data_steps: int = 8  # timed steps of the rows fed by a data pipeline
     data_patients: int = 64  # patients read by the data rows (synthetic full-size set, shared with loader.py)
     data_src_px: int = 2592  # width of those synthetic originals (their prepared copy is what is read)
     workers: int = 2  # reference DataLoader workers (seed + PIL row)
     dali_threads: int = 0  # 0: train.py's default, min(cores, 8)
+    threads: int = 0  # torch intra-op CPU threads; 0: torch's default (on a busy shared CPU try 1)
+    compile: bool = False  # torch.compile the rows that use it (off on a CPU: minutes of C++ compilation each)
     rows: str = "all"  # comma list of row keys (see ROWS), or all
     seed: int = 0
 
 
 GPU = dict(backbone="convnext_small", img_px=384, batch_size=48, fast_batch=96, steps=15, warmup=3, data_steps=25,
-           data_patients=128, workers=usable_cores())
+           data_patients=128, workers=usable_cores(), compile=True)
 # ablation batch 48 on the GPU: eager fp32 ConvNeXt-S at 384 px needs ~0.5 GB of activations per image, so
 # 96 pairs (192 images) would not fit in 80 GB; the fast preset row runs its own 96.
 
-# key: (label, preset, amp, channels_last, compile, data path). Run in this order: the rows the GPU summary needs
-# come first, so a stage cut short by its timeout still has them.
+# key: (preset, amp, channels_last, compile, data path). Run in this order: the rows the GPU summary needs come
+# first (cheap eager ones before the compiled fast preset), so a stage cut short by its timeout still has them.
+# Labels are built from what actually ran (`_label`).
 ROWS = {
-    "eager_fp32": ("eager fp32 (baseline)", "ablation", "fp32", False, False, None),
-    "fast": ("fast preset: bf16 + channels_last + compile", "fast", "bf16", True, True, None),
-    "fast_dali": ("fast preset fed by DALI (prepared JPEGs)", "fast", "bf16", True, True, "dali"),
-    "seed": ("seed preset: fp16 + GradScaler, eager, accum 2", "seed", "fp16", False, False, None),
-    "seed_pil": ("seed preset fed by PIL DataLoader (prepared JPEGs)", "seed", "fp16", False, False, "reference"),
-    "bf16": ("eager bf16 autocast", "ablation", "bf16", False, False, None),
-    "channels_last": ("eager fp32 channels_last", "ablation", "fp32", True, False, None),
-    "compile": ("compiled fp32", "ablation", "fp32", False, True, None),
-    "all": ("bf16 + channels_last + compile", "ablation", "bf16", True, True, None),
+    "eager_fp32": ("ablation", "fp32", False, False, None),  # the baseline
+    "seed": ("seed", "fp16", False, False, None),
+    "seed_pil": ("seed", "fp16", False, False, "reference"),
+    "fast": ("fast", "bf16", True, True, None),
+    "fast_dali": ("fast", "bf16", True, True, "dali"),
+    "bf16": ("ablation", "bf16", False, False, None),
+    "channels_last": ("ablation", "fp32", True, False, None),
+    "compile": ("ablation", "fp32", False, True, None),
+    "all": ("ablation", "bf16", True, True, None),
 }
+DATA_NAMES = {None: "synthetic tensors", "dali": "DALI", "reference": "PIL DataLoader"}
+
+
+def _row_config(key: str, s: Settings, device) -> tuple:
+    """(preset, precision, channels_last, compile, data) as they will run on this device with these settings."""
+    preset, amp, cl, comp, data = ROWS[key]
+    if device.type != "cuda":
+        amp = "fp32"  # autocast on a CPU is not what anyone trains with: the CPU rows run fp32
+    return preset, amp, cl, comp and s.compile, data
+
+
+def _label(key: str, cfg: tuple, accum: int) -> str:
+    preset, amp, cl, comp, data = cfg
+    what = [amp + (" + GradScaler" if amp == "fp16" else "")] + ["channels_last"] * cl + ["compile"] * comp
+    name = {"ablation": "eager fp32 (baseline)" if key == "eager_fp32" else " + ".join(what)}.get(preset)
+    name = name or f"{preset} preset ({', '.join(what)}{f', accum {accum}' if accum > 1 else ''})"
+    return f"{name}, {DATA_NAMES[data]}"
 
 
 # ----------------------------------------------------------------------------------------------- one row
 class Trainer:
     """A fresh model, optimizer and scaler, and the training step of train.py's loop."""
 
-    def __init__(self, s: Settings, device, amp: str, channels_last: bool, compile_: bool, accum: int):
+    def __init__(self, s: Settings, device, preset: str, amp: str, channels_last: bool, compile_: bool, accum: int):
         import train
 
         self.device, self.accum = device, accum
-        if device.type != "cuda" and amp != "fp32":
-            amp = "fp32"  # autocast on a CPU is not what anyone trains with here: the CPU rows run fp32
+        self.setup = (preset, amp, channels_last, compile_)  # rows with the same set-up may share this trainer
         self.amp_dtype = train.autocast_dtype(amp, device)
         self.cfg = train.Config(backbone=s.backbone, pretrained=False, img_px=s.img_px, channels_last=channels_last,
                                 compile=compile_, precision=amp)
@@ -104,6 +125,10 @@ class Trainer:
     def step(self, left, right, labels):
         from model import hybrid_loss
 
+        if self.amp_dtype == torch.bfloat16 and left.dtype == torch.float16:
+            # DALI has no bf16 output, and under bf16 autocast torch.cat (a "promote" op, in DualEyeNet) rejects
+            # fp16 inputs: "Unexpected floating ScalarType in at::autocast::prioritize". One cheap cast per batch.
+            left, right = left.to(torch.bfloat16), right.to(torch.bfloat16)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.train_model(left, right)
         loss = hybrid_loss(logits.float(), labels, self.pos_weight)
@@ -132,16 +157,20 @@ class Trainer:
         return float(loss[-1])
 
 
-def run_row(key: str, s: Settings, device, data_table) -> dict:
-    label, preset, amp, cl, comp, data = ROWS[key]
+def run_row(key: str, s: Settings, device, data_table, t: Trainer | None) -> tuple[dict, Trainer]:
+    """Time one row; returns (row, trainer). `t`: the previous row's trainer when it has this row's model set-up
+    (the fast preset fed by DALI continues the compiled model of the synthetic fast row: no recompilation)."""
+    cfg = _row_config(key, s, device)
+    preset, amp, cl, comp, data = cfg
     batch = {"ablation": s.batch_size, "seed": s.seed_batch, "fast": s.fast_batch}[preset]
     accum = s.seed_accum if preset == "seed" else 1
-    torch._dynamo.reset()  # each compiled row compiles its own graph: no recompilation or dynamic-shape carry-over
+    if t is None:
+        torch._dynamo.reset()  # each compiled set-up compiles its own graph: no dynamic-shape carry-over
+        t = Trainer(s, device, preset, amp, cl, comp, accum)
     reset_peak_memory(device)
-    t = Trainer(s, device, amp, cl, comp, accum)
-    warmup = max(s.warmup, accum)
-    steps = s.data_steps if data else s.steps
-    steps = math.ceil(steps / accum) * accum  # whole updates only
+    warmup = max(s.warmup, accum, 2 * s.workers + 1 if data == "reference" else 0)  # DataLoader: drain prefetch
+    warmup = math.ceil(warmup / accum) * accum  # whole updates only
+    steps = math.ceil((s.data_steps if data else s.steps) / accum) * accum
     fetch, close = _batches(t, data, batch, data_table, s, device, warmup + steps)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -157,19 +186,20 @@ def run_row(key: str, s: Settings, device, data_table) -> dict:
             t.step(*batch_)
     last_loss = t.check_finite()
     pairs = batch * steps
-    row = {"key": key, "setting": label, "preset": preset, "batch": batch, "accum": accum,
-           "precision": str(t.amp_dtype or "fp32").replace("torch.", ""), "channels_last": cl, "compile": comp,
-           "data": data or "synthetic", "steps": steps, "seconds": round(sw.seconds, 3),
-           "pairs_per_s": round(pairs / sw.seconds, 2), "images_per_s": round(2 * pairs / sw.seconds, 2),
-           "ms_per_step": round(1000 * sw.seconds / steps, 1),
+    row = {"key": key, "setting": _label(key, cfg, accum), "preset": preset, "batch": batch, "accum": accum,
+           "precision": amp, "channels_last": cl, "compile": comp, "data": data or "synthetic", "steps": steps,
+           "seconds": round(sw.seconds, 3), "pairs_per_s": round(pairs / sw.seconds, 2),
+           "images_per_s": round(2 * pairs / sw.seconds, 2), "ms_per_step": round(1000 * sw.seconds / steps, 1),
            "data_wait_pct": round(100 * data_s / sw.seconds, 2) if data else None,
            "peak_mem_mib": peak_memory_mib(device), "warmup_s": round(warmup_s, 1), "last_loss": round(last_loss, 4)}
     close()
-    del t
+    return row, t
+
+
+def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
 
 
 def _batches(t: Trainer, data, batch, table, s: Settings, device, n_steps):
@@ -205,7 +235,7 @@ def _batches(t: Trainer, data, batch, table, s: Settings, device, n_steps):
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from benchmarks.common import settings_from_cli
 
     s, device = settings_from_cli(Settings, GPU, argv, __doc__)
@@ -214,29 +244,40 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     if device.type != "cuda":
-        keys = [k for k in keys if k not in ("bf16",)]  # AMP rows are GPU-only; "all" runs channels_last+compile
+        keys = [k for k in keys if k != "bf16"]  # autocast rows are GPU-only
+    if not s.compile:
+        keys = [k for k in keys if k not in ("compile", "all")]  # they would repeat eager rows
+    if s.threads:
+        torch.set_num_threads(s.threads)
     info = header(device)
     print_header(info, "benchmarks/train_step.py: dual-eye training step")
-    print(f"settings: {s} · device {device}")
+    print(f"settings: {s} · device {device} · torch CPU threads {torch.get_num_threads()}")
     if device.type != "cuda":
-        print(f"CPU run: backbone {s.backbone} at {s.img_px} px, every row fp32 (autocast rows are GPU-only); "
-              "the GPU numbers come from --device cuda (convnext_small, 384 px)")
+        print(f"CPU run: backbone {s.backbone} at {s.img_px} px, every row fp32 (autocast rows are GPU-only), "
+              f"compile {'on' if s.compile else 'off (--compile to time it)'}; the GPU numbers come from "
+              "--device cuda (convnext_small, 384 px)")
     data_table = None
-    if any(ROWS[k][5] for k in keys):
+    if any(ROWS[k][4] for k in keys):
         real = real_odir()
         folder = real if real is not None else synthetic_odir(s.data_patients, s.data_src_px, s.data_src_px)
         data_table, _ = prepared_table(folder, s.img_px, n_patients=s.data_patients)
         print(f"data rows read {len(data_table)} patients prepared at {s.img_px} px from "
               f"{'the real ODIR-5K subset' if real is not None else 'synthetic originals'} ({folder})")
-    rows = []
+    rows, trainer = [], None
     for key in keys:
         print(f"  {key} ...", end=" ", flush=True)
+        if trainer is not None and trainer.setup != _row_config(key, s, device)[:4]:
+            trainer = None  # a different model set-up: free the last one before building the next
+            _free(device)
         try:
-            row = run_row(key, s, device, data_table)
-        except torch.OutOfMemoryError as e:
-            gc.collect()
-            torch.cuda.empty_cache()
-            row = {"key": key, "setting": ROWS[key][0] + " (out of memory)", "error": str(e).splitlines()[0]}
+            row, trainer = run_row(key, s, device, data_table, trainer)
+        except Exception as e:  # noqa: BLE001 - out of memory or a failing set-up: report it, time the other rows
+            trainer = None
+            _free(device)
+            what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"FAILED: {type(e).__name__}"
+            row = {"key": key, "setting": f"{_label(key, _row_config(key, s, device), 1)} ({what})",
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            print(row["error"], end=" ... ")
         rows.append(row)
         print(f"{row.get('pairs_per_s', '-')} pairs/s, {row.get('ms_per_step', '-')} ms/step "
               f"(warm-up incl. compile {row.get('warmup_s', '-')} s)", flush=True)
@@ -254,7 +295,11 @@ def main(argv=None) -> None:
     print("ms/step: per step of `pairs/step` pairs (the seed preset updates every 2 steps). data wait: time blocked "
           "fetching the next batch, % of the timed wall clock. peak mem: torch.cuda.max_memory_allocated, '-' on CPU.")
     print(f"wrote {write_results('train_step', info, s, rows, device=str(device))}")
+    failed = [r["key"] for r in rows if "error" in r]
+    if failed:
+        print(f"rows that failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -365,7 +365,7 @@ def _split_missing(table: pd.DataFrame, images: Path, sheet: Path) -> tuple[pd.D
 
 def label_matrix(patients: pd.DataFrame) -> np.ndarray:
     """(N, 8) int64 0/1 matrix, columns in CLASSES order."""
-    return patients[list(CLASSES)].to_numpy(dtype=np.int64)
+    return patients[list(CLASSES)].to_numpy(dtype=np.int64, copy=True)  # writable: torch warns on views
 
 
 def describe(patients: pd.DataFrame) -> str:

@@ -6,10 +6,10 @@ secondary goal. Per eye the diseases are drawn first, then the patient's labels 
 as in ODIR: a class is 1 if either eye has it, N = 1 iff both eyes are normal.
 
 Signs drawn per class (all in `_render_eye`):
-  D  round blot haemorrhages, microaneurysms, clusters of yellow hard exudates
-  G  cup/disc ratio 0.70-0.88 (normal 0.25-0.40), paler disc
+  D  round blot haemorrhages, microaneurysms, clusters of sharp deep-yellow hard exudates
+  G  cup/disc ratio 0.72-0.90 (normal 0.25-0.40), pale disc, dark nerve-fibre wedges off the disc
   C  strong blur + whitish veil (low contrast everywhere)
-  A  many yellow drusen clustered around the macula (+ a dark haemorrhagic patch when "wet")
+  A  a dense cloud of soft pale-yellow drusen round the macula (+ a dark haemorrhagic patch when "wet")
   H  thin, pale, tortuous copper-wire arteries, flame haemorrhages near the disc, cotton-wool spots
   M  tigroid tessellation over the fundus + a pale peripapillary atrophy crescent on the temporal side
   O  one of: laser spots, a large pale chorioretinal scar, a dark pigmented patch
@@ -29,6 +29,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
@@ -57,7 +58,7 @@ KEYWORDS = {
     "M": ("pathological myopia",),
     "O": ("laser spot", "chorioretinal atrophy", "retinal pigmentation"),
 }
-GENERATOR_VERSION = 1  # bump when the drawing changes, so cached sets are regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so cached sets are regenerated
 
 WORK_PX = 512  # largest fundus diameter actually drawn; bigger images are upscaled from it
 JPEG_QUALITY = 90
@@ -283,7 +284,7 @@ def _ellipse_alpha(dx, dy, rx, ry, edge: float) -> np.ndarray:
     return np.clip((1.0 - dn) / edge + 0.5, 0.0, 1.0)
 
 
-def _add_disc(rng, img, eye: _Eye, look: _Look, cup_ratio: float, pale: float) -> None:
+def _add_disc(img, eye: _Eye, look: _Look, cup_ratio: float, pale: float) -> None:
     """Yellow optic disc (slightly taller than wide) with a whitish cup of diameter ratio `cup_ratio`."""
     r = eye.disc_r_px
     box = _box(eye.disc_x, eye.disc_y, 1.4 * r, eye.d_px)
@@ -295,6 +296,22 @@ def _add_disc(rng, img, eye: _Eye, look: _Look, cup_ratio: float, pale: float) -
     cdx = dx - eye.t * 0.12 * r * (1 - cup_ratio)
     cup = np.array([1.0, 0.95, 0.82], np.float32) * b
     _tint(img, 0.95 * _ellipse_alpha(cdx, dy, 0.92 * r * cup_ratio, r * cup_ratio, 0.25), cup, box)
+
+
+def _add_nerve_fibre_defects(rng, img, eye: _Eye) -> None:
+    """Glaucomatous nerve-fibre-layer loss: 1-2 dark wedges fanning out of the disc towards the superior
+    and/or inferior temporal arcade."""
+    d, t = eye.d_px, eye.t
+    dx, dy = _grid(0, 0, d, d, eye.disc_x, eye.disc_y)
+    phi = np.arctan2(dy, dx)
+    rho = np.sqrt(dx * dx + dy * dy)
+    sides = (-1.0, 1.0) if rng.random() < 0.5 else (rng.choice((-1.0, 1.0)),)
+    for side in sides:  # -1: superior (y up), +1: inferior
+        centre = side * (np.pi / 2 - t * 0.55) + rng.normal(0, 0.1)  # heading like the temporal arcades
+        half = rng.uniform(0.18, 0.28)  # half-width of the wedge, rad
+        off = np.abs((phi - centre + np.pi) % (2 * np.pi) - np.pi)  # angle to the wedge's axis, rad
+        along = np.clip((rho - eye.disc_r_px) / (0.1 * eye.r_px), 0, 1) * np.clip(1.6 - rho / (0.5 * eye.r_px), 0, 1)
+        _shade(img, np.clip((half - off) / 0.05, 0, 1) * along, (0.58, 0.48, 0.58))
 
 
 def _add_ppa(rng, img, eye: _Eye, look: _Look) -> None:
@@ -320,7 +337,7 @@ def _add_tessellation(rng, img, eye: _Eye) -> None:
 
 # ------------------------------------------------------------------------------------------- vessels
 def _walk(rng, x0, y0, heading, curv_per_r, length_px, w0_px, r_px, wiggle) -> tuple[np.ndarray, ...]:
-    """A smoothly curving path: points (n, 2), headings (n,), widths (n,) tapering to 40%."""
+    """A smoothly curving path: points (n, 2), headings (n,) in rad, widths (n,) in px tapering to 40%."""
     step_px = max(1.5, 0.02 * r_px)
     n = max(4, int(length_px / step_px))
     noise = np.convolve(rng.standard_normal(n + 6), np.full(7, 1 / 7), mode="valid")[:n]
@@ -399,7 +416,7 @@ def _add_vessels(rng, img, eye: _Eye, hypertensive: bool) -> None:
     _draw_paths(layer, veins, (0.42, 0.24, 0.34))
     if hypertensive:
         _draw_paths(layer, arteries, (0.82, 0.64, 0.6))
-        _draw_paths(layer, arteries, (1.15, 1.5, 1.8), 0.6)
+        _draw_paths(layer, arteries, (1.25, 1.8, 1.99), 0.6)
     else:
         _draw_paths(layer, arteries, (0.7, 0.46, 0.5))
     gain = np.asarray(layer, np.float32)
@@ -423,18 +440,20 @@ def _add_diabetic(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
         n = int(rng.integers(8, 20))
         x, y = _scatter(rng, n, ccx[0], ccy[0], 0.06 * r, 0.15 * r)
         xs.append(x), ys.append(y), rs.append(rng.uniform(0.012, 0.03, n) * r)
-    color = np.array([1.0, 0.92, 0.45], np.float32) * min(1.0, look.bright * 1.2)
+    # Deep yellow and sharp-edged, unlike the paler, soft drusen of AMD.
+    color = np.array([1.0, 0.85, 0.28], np.float32) * min(1.0, look.bright * 1.2)
     _apply_mask(img, _dots(d, np.concatenate(xs), np.concatenate(ys), np.concatenate(rs)), 0, color=color)
 
 
 def _add_drusen(rng, img, eye: _Eye, look: _Look, wet: bool) -> None:
-    """Many small yellow drusen around the macula; wet AMD adds a dark haemorrhagic patch at the fovea."""
+    """A dense cloud of small, soft, pale-yellow drusen centred on the macula; wet AMD adds a dark
+    haemorrhagic patch at the fovea."""
     r, d = eye.r_px, eye.d_px
-    n = int(rng.integers(70, 150))
-    xs, ys = _scatter(rng, n, eye.mac_x, eye.mac_y, rng.uniform(0.12, 0.18) * r, 0.4 * r)
-    color = np.array([1.0, 0.9, 0.55], np.float32) * min(1.0, look.bright * 1.2)
+    n = int(rng.integers(90, 180))
+    xs, ys = _scatter(rng, n, eye.mac_x, eye.mac_y, rng.uniform(0.1, 0.16) * r, 0.38 * r)
+    color = np.array([0.98, 0.9, 0.64], np.float32) * min(1.0, look.bright * 1.2)
     mask = _dots(d, xs, ys, rng.uniform(0.012, 0.03, n) * r, rng.uniform(0.6, 1.0, n))
-    _apply_mask(img, mask, 0.8, color=color)
+    _apply_mask(img, mask, 0.004 * r, color=color)
     if wet:
         xs, ys = _scatter(rng, 6, eye.mac_x, eye.mac_y, 0.04 * r, 0.06 * r)
         mask = _dots(d, xs, ys, rng.uniform(0.04, 0.07, 6) * r)
@@ -456,16 +475,17 @@ def _add_hypertensive(rng, img, eye: _Eye, look: _Look) -> None:
     r, d = eye.r_px, eye.d_px
     mask = Image.new("L", (d, d))
     draw = ImageDraw.Draw(mask)
-    n = int(rng.integers(8, 15))
-    # Flames lie along the nerve fibres, i.e. radially around the disc, mostly above and below it.
-    phi = rng.choice((-np.pi / 2, np.pi / 2), n) + rng.normal(0, 0.6, n)
-    rho = eye.disc_r_px * rng.uniform(1.5, 4.0, n)
+    n = int(rng.integers(12, 20))
+    # Flames lie along the nerve fibres, i.e. radially round the disc (a red starburst), most above and
+    # below it; bright red, unlike the dark round blots of diabetes.
+    phi = rng.choice((-np.pi / 2, np.pi / 2), n) + rng.normal(0, 0.9, n)
+    rho = eye.disc_r_px * rng.uniform(1.6, 3.5, n)
     for p, q in zip(phi, rho):
         draw.polygon(_flame_polygon(eye.disc_x + q * math.cos(p), eye.disc_y + q * math.sin(p), p,
-                                    rng.uniform(0.14, 0.25) * r, rng.uniform(0.035, 0.055) * r), fill=235)
-    _apply_mask(img, mask, 0.8, factor=(0.5, 0.16, 0.2))
-    n = int(rng.integers(3, 7))
-    xs, ys = _annulus(rng, n, eye.disc_x, eye.disc_y, 2.0 * eye.disc_r_px, 0.6 * r)
+                                    rng.uniform(0.12, 0.22) * r, rng.uniform(0.035, 0.055) * r), fill=235)
+    _apply_mask(img, mask, 0.8, factor=(0.68, 0.12, 0.12))
+    n = int(rng.integers(4, 8))
+    xs, ys = _annulus(rng, n, eye.disc_x, eye.disc_y, 2.0 * eye.disc_r_px, 0.5 * r)
     color = np.array([0.98, 0.93, 0.86], np.float32) * min(1.0, look.bright * 1.15)
     _apply_mask(img, _dots(d, xs, ys, rng.uniform(0.03, 0.05, n) * r, rng.uniform(0.7, 0.9, n)),
                 0.012 * r, color=color)
@@ -475,12 +495,12 @@ def _add_other(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
     """The 'other' lesion named by `keyword`: laser spots, a pale scar, or a dark pigmented patch."""
     r, d = eye.r_px, eye.d_px
     pale = np.array([0.97, 0.9, 0.76], np.float32) * min(1.0, look.bright * 1.15)
-    if keyword == "laser spot":  # pan-retinal photocoagulation: rings of pigment round pale burns
+    if keyword == "laser spot":  # old pan-retinal photocoagulation: heavily pigmented rings, pale centres
         n = int(rng.integers(50, 110))
         xs, ys = _annulus(rng, n, eye.c_px, eye.c_px, 0.5 * r, 0.92 * r)
         rs = rng.uniform(0.022, 0.035, n) * r
-        _apply_mask(img, _dots(d, xs, ys, rs * 1.35), 0, factor=(0.35, 0.3, 0.3))
-        _apply_mask(img, _dots(d, xs, ys, rs), 0, color=pale)
+        _apply_mask(img, _dots(d, xs, ys, rs * 1.5), 0, factor=(0.25, 0.2, 0.2))
+        _apply_mask(img, _dots(d, xs, ys, rs * 0.7), 0, color=pale)
         return
     size = rng.uniform(0.12, 0.2) * r
     x0, y0 = _free_spot(rng, eye, size)
@@ -543,9 +563,8 @@ def _finish(rng, img: np.ndarray, eye: _Eye, blur_px: float) -> Image.Image:
     return out.filter(ImageFilter.BoxBlur(blur_px)) if blur_px > 0 else out
 
 
-def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict, defocus: bool) -> Image.Image:
-    """Draw one fundus (d_px x d_px RGB on black) showing the signs of every class in `diseases`;
-    `defocus` adds the slight blur of a real photograph (skip it when upscaling, which blurs anyway)."""
+def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict) -> Image.Image:
+    """Draw one fundus (d_px x d_px RGB on black) showing the signs of every class in `diseases`."""
     eye = _Eye(rng, d_px, is_right)
     img = _background(rng, eye, look)
     if "M" in diseases:
@@ -554,8 +573,10 @@ def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict, def
     if "M" in diseases:
         _add_ppa(rng, img, eye, look)
     glaucoma = "G" in diseases
-    cup_ratio = rng.uniform(0.7, 0.88) if glaucoma else rng.uniform(0.25, 0.4)
-    _add_disc(rng, img, eye, look, cup_ratio, pale=0.6 if glaucoma else 0.0)
+    cup_ratio = rng.uniform(0.72, 0.9) if glaucoma else rng.uniform(0.25, 0.4)
+    if glaucoma:
+        _add_nerve_fibre_defects(rng, img, eye)
+    _add_disc(img, eye, look, cup_ratio, pale=0.9 if glaucoma else 0.0)
     _add_vessels(rng, img, eye, hypertensive="H" in diseases)
     if "H" in diseases:
         _add_hypertensive(rng, img, eye, look)
@@ -567,8 +588,9 @@ def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict, def
         _add_other(rng, img, eye, look, diseases["O"])
     if "C" in diseases:
         return _finish(rng, _add_cataract(rng, img, eye), eye, 0.0)
-    # Real photographs are never perfectly sharp; this also anti-aliases the drawing.
-    return _finish(rng, img, eye, rng.uniform(0.4, 0.8) * d_px / 512 if defocus else 0.0)
+    # Real photographs are never perfectly sharp; this also anti-aliases the drawing (needed before an
+    # upscale too, which would otherwise magnify the jaggies).
+    return _finish(rng, img, eye, rng.uniform(0.4, 0.8) * d_px / 512)
 
 
 # ------------------------------------------------------------------------------------- one patient
@@ -605,8 +627,8 @@ def _make_patient(args: tuple) -> dict:
     work_px = min(diam_px, WORK_PX)
     look = _Look(rng)
     for side, diseases in (("left", left), ("right", right)):
-        tile = _render_eye(rng, work_px, side == "right", look.jitter(rng), diseases, diam_px == work_px)
-        if diam_px != work_px:  # bilinear: 2x cheaper than bicubic, and its softness stands for defocus
+        tile = _render_eye(rng, work_px, side == "right", look.jitter(rng), diseases)
+        if diam_px != work_px:  # bilinear: 2x cheaper than bicubic, and the tile is already smooth
             tile = tile.resize((diam_px, diam_px), Image.BILINEAR)
         frame = Image.new("RGB", (w_px, h_px))
         frame.paste(tile, (x0, y0))
@@ -675,19 +697,19 @@ def ensure_synthetic_odir(root, n_patients=600, seed=0, min_px=400, max_px=900) 
     Completed sets carry a marker file written last, so an interrupted generation is redone, never half-used.
 
     A set is generated in a private temporary folder, marked, then renamed into place, so concurrent callers
-    (e.g. several ranks) never see each other's partial output; a folder whose marker is missing is deleted
-    and regenerated.
+    (e.g. several ranks) never see each other's partial output; a folder whose marker is missing is replaced.
+    Temporary folders left by killed runs on this host are removed.
     """
     params = dict(n_patients=n_patients, seed=seed, min_px=min_px, max_px=max_px, version=GENERATOR_VERSION)
     final = pathlib.Path(root) / f"odir-synth-v{GENERATOR_VERSION}-n{n_patients}-seed{seed}-px{min_px}-{max_px}"
     if (final / MARKER_NAME).is_file():
         return final
-    if final.exists():  # left by an interrupted run, or its marker was removed: never trust it
-        shutil.rmtree(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_dead_tmp_dirs(final)
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     make_synthetic_odir(tmp, n_patients, seed, min_px, max_px)
     (tmp / MARKER_NAME).write_text(json.dumps(params, indent=1) + "\n")
+    if final.exists() and not (final / MARKER_NAME).is_file():  # incomplete: never trust it
+        shutil.rmtree(final)
     try:
         tmp.rename(final)
     except OSError:  # another process finished first: use its copy
@@ -695,3 +717,15 @@ def ensure_synthetic_odir(root, n_patients=600, seed=0, min_px=400, max_px=900) 
         if not (final / MARKER_NAME).is_file():
             raise
     return final
+
+
+def _remove_dead_tmp_dirs(final: pathlib.Path) -> None:
+    """Delete `final`'s temporary folders whose generating process (on this host) no longer runs."""
+    prefix = f"{final.name}.tmp-{socket.gethostname()}-"
+    for tmp in final.parent.glob(prefix + "*"):
+        try:
+            os.kill(int(tmp.name[len(prefix):]), 0)  # signal 0: only checks that the pid exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):  # not our naming, or a live process of another user
+            pass

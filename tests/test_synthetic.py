@@ -1,6 +1,8 @@
-"""Synthetic ODIR generator: layout, label logic, determinism, caching, and that the signs are visible at 128 px."""
+"""Synthetic ODIR generator: layout, label logic, determinism, caching, signs visible at 128 px."""
 
 import pathlib
+import socket
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -115,10 +117,15 @@ def test_ensure_redoes_a_set_without_marker(tmp_path):
     sheet = (first / SHEET_NAME).read_bytes()
     (first / MARKER_NAME).unlink()  # as if generation had been interrupted before the end
     (first / "stale.txt").write_text("left by an interrupted run")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no process
+    orphan = first.with_name(f"{first.name}.tmp-{socket.gethostname()}-{dead.pid}")
+    orphan.mkdir()  # the temporary folder of a killed run
     again = ensure_synthetic_odir(tmp_path, **args)
     assert again == first and (again / MARKER_NAME).is_file()
     assert not (again / "stale.txt").exists()  # regenerated from scratch, not patched
     assert (again / SHEET_NAME).read_bytes() == sheet
+    assert not orphan.exists()
 
 
 # --- learnability: each sign moves a simple statistic of the 128 px crop that a CNN would see ---------
