@@ -318,7 +318,7 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
     """Real (left, right) image paths to compare on, and where they come from (or why there are none).
 
     From `folder` (anything score.find_pairs reads) when given; else the validation patients of the checkpoint's
-    run (RUN/split.csv + the run's --data folder, or the synthetic demo set for a demo run).
+    run (RUN/split.csv + the data folder the run recorded: --data, or the synthetic demo set).
     """
     if folder is not None:
         from score import find_pairs
@@ -331,17 +331,8 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
     data = ckpt["config"].get("data") or ""
     if not split.is_file():
         return [], f"no {split.name} beside {ckpt_path.name}: cannot tell the run's validation images"
-    if not data:  # the demo set train.py generated (pipeline.synthetic.ensure_synthetic_odir), if still cached
-        from pipeline.data import cache_root
-        from pipeline.synthetic import GENERATOR_VERSION, MARKER_NAME
-
-        n = ckpt["config"].get("synthetic_patients", 600)
-        root = cache_root() / "synthetic"
-        found = sorted(p for p in root.glob(f"odir-synth-v{GENERATOR_VERSION}-n{n}-seed0-*")
-                       if (p / MARKER_NAME).is_file()) if root.is_dir() else []
-        if not found:
-            return [], f"the run trained on the synthetic demo set ({n} patients), no longer in {root}"
-        data = found[0]
+    if not data:
+        return [], "the checkpoint does not name its data folder"
     try:
         from pipeline.odir import read_patients
         from pipeline.split import load_split

@@ -219,16 +219,15 @@ def data_folder(cfg: Config, is_main: bool) -> Path:
     root = cache_root() / "synthetic"
     if is_main:
         print(f"no --data given: using the synthetic ODIR demo set ({cfg.synthetic_patients} patients) in {root}")
-        folder = ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
+        ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
     barrier()
     return ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
 
 
-def load_data(cfg: Config, is_main: bool):
+def load_data(cfg: Config, folder: Path, is_main: bool):
     """(patients, left_out): rank 0 prepares the images, the others then find them up to date."""
     from pipeline.data import load_prepared
 
-    folder = data_folder(cfg, is_main)
     kwargs = dict(cache_dir=cfg.cache_dir or None, strict=cfg.strict)
     if is_main:
         result = load_prepared(folder, cfg.prepare_px or cfg.img_px, progress=True, **kwargs)
@@ -464,7 +463,10 @@ def main(argv=None):
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} rank(s)")
         print(format_config(cfg))
 
-    patients, left_out = load_data(cfg, is_main)
+    # The folder actually used (the synthetic set's cache folder for the demo) is recorded in the config, so
+    # --resume and export.py find the same images.
+    cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main)))
+    patients, left_out = load_data(cfg, Path(cfg.data), is_main)
     train_tab, val_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
     if is_main:
         from pipeline.data import left_out_summary
@@ -697,8 +699,13 @@ def _progress(total, epoch, epochs, is_main):
 
 
 if __name__ == "__main__":
+    from pipeline.data import DataError
+    from pipeline.odir import SheetError
+
     try:
         main()
+    except (DataError, SheetError, FileNotFoundError) as e:  # bad input: the message names the file, row, column
+        sys.exit(f"error: {e}")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

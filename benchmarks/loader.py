@@ -16,6 +16,7 @@ table and writes benchmarks/results/loader.json.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,8 +103,6 @@ def _row(s: Settings, seconds: float, mem, **extra) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 def data_sets(s: Settings):
     """[(key, description, table)] in the order they are timed."""
-    import os
-
     out = []
     folder = synthetic_odir(s.n_patients, s.full_px, s.full_px, seed=s.seed)
     prepared, originals = prepared_table(folder, s.img_px)
@@ -124,15 +123,15 @@ def main(argv=None) -> None:
     s, device = settings_from_cli(Settings, GPU, argv, __doc__)
     info = header(device)
     print_header(info, "benchmarks/loader.py: DALI training pipeline vs PIL + torchvision DataLoader")
-    decode = "nvJPEG (mixed)" if device.type == "cuda" else "CPU"
+    decode = "nvJPEG (mixed)" if device.type == "cuda" else "CPU"  # how DALI decodes on this device
     print(f"settings: {s} · device {device} · DALI decoding on {decode}")
     sets = data_sets(s)
     if real_odir() is None and s.real:
-        print(f"(real ODIR subset not found: row (c) skipped)")
+        print("(real ODIR subset not found: row (c) skipped)")
     rows = []
     for key, desc, table in sets:
         s_row = replace(s, batches=s.full_batches) if key == "full" else s
-        dali = {"setting": f"{desc}: DALI, {s.dali_threads} threads", "data": key, **time_dali(table, s_row, device)}
+        dali = {"setting": f"{desc}: DALI {decode}, {s.dali_threads} threads", "data": key, **time_dali(table, s_row, device)}
         ref = {"setting": f"{desc}: reference PIL, {s.workers} workers", "data": key,
                **time_reference(table, s_row, device)}
         add_ratios([dali, ref], ref, key="images_per_s", out="x_reference")

@@ -52,14 +52,16 @@ class Settings:  # CPU defaults: a tiny backbone so a 2-core machine finishes in
     data_src_px: int = 2592  # width of those synthetic originals (their prepared copy is what is read)
     workers: int = 2  # reference DataLoader workers (seed + PIL row)
     dali_threads: int = 0  # 0: train.py's default, min(cores, 8)
-    threads: int = 0  # torch intra-op CPU threads; 0: torch's default (on a busy shared CPU try 1)
+    # torch intra-op CPU threads; 0: torch's default. 1 on a CPU: with any other load on 2 cores, 2 OpenMP threads
+    # ran the same step 40x slower (3.7 s vs 86 ms, test_convnext, 128 px, batch 4, load average ~3.5)
+    threads: int = 1
     compile: bool = False  # torch.compile the rows that use it (off on a CPU: minutes of C++ compilation each)
     rows: str = "all"  # comma list of row keys (see ROWS), or all
     seed: int = 0
 
 
 GPU = dict(backbone="convnext_small", img_px=384, batch_size=48, fast_batch=96, steps=15, warmup=3, data_steps=25,
-           data_patients=128, workers=usable_cores(), compile=True)
+           data_patients=128, workers=usable_cores(), compile=True, threads=0)
 # ablation batch 48 on the GPU: eager fp32 ConvNeXt-S at 384 px needs ~0.5 GB of activations per image, so
 # 96 pairs (192 images) would not fit in 80 GB; the fast preset row runs its own 96.
 

@@ -10,9 +10,10 @@ Signs drawn per class (all in `_render_eye`):
   G  cup/disc ratio 0.72-0.90 (normal 0.25-0.40), pale disc, dark nerve-fibre wedges off the disc
   C  strong blur + whitish veil (low contrast everywhere)
   A  a dense cloud of soft pale-yellow drusen round the macula (+ a dark haemorrhagic patch when "wet")
-  H  thin, pale, tortuous copper-wire arteries, flame haemorrhages near the disc, cotton-wool spots
+  H  thin, pale, tortuous copper-wire arteries, bright-red flame haemorrhages radiating round the disc,
+     cotton-wool spots
   M  tigroid tessellation over the fundus + a pale peripapillary atrophy crescent on the temporal side
-  O  one of: laser spots, a large pale chorioretinal scar, a dark pigmented patch
+  O  one of: laser spots (pigmented rings), a large pale chorioretinal scar, a dark pigmented patch
 
 Images are drawn at a working size of at most `WORK_PX` and upscaled, so multi-megapixel sets stay fast.
 Each patient has its own RNG, `np.random.default_rng([seed, patient_index])`, so the bytes written do not
