@@ -18,7 +18,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # whole script, seconds; end_to_end gets wh
 LOGS=benchmarks/results/gpu_check
 mkdir -p "$LOGS"
 T0=$(date +%s)
-MARK="$LOGS/.started"; touch "$MARK"  # results older than this are from another run: the summary ignores them
+MARK=$(mktemp); trap 'rm -f "$MARK"' EXIT  # results older than this file are from another run: ignored
 failed=()
 elapsed() { echo $(( $(date +%s) - T0 )); }
 

@@ -25,6 +25,7 @@ import gc
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.pos_weight = torch.full((8,), 3.0, device=device)  # BCE positive weights, as from ~25% positives
         self.train_model = torch.compile(model) if compile_ else model
-        # what train.py feeds: float16 images under any autocast, float32 otherwise
-        self.in_dtype = torch.float16 if self.amp_dtype is not None else torch.float32
+        # what train.py feeds: images in the autocast dtype (the DALI loader casts its fp16 to bf16), else fp32
+        self.in_dtype = self.amp_dtype or torch.float32
         self.channels_last = channels_last
         self.micro = 0
         self.losses = []
@@ -127,10 +128,6 @@ class Trainer:
     def step(self, left, right, labels):
         from model import hybrid_loss
 
-        if self.amp_dtype == torch.bfloat16 and left.dtype == torch.float16:
-            # DALI has no bf16 output, and under bf16 autocast torch.cat (a "promote" op, in DualEyeNet) rejects
-            # fp16 inputs: "Unexpected floating ScalarType in at::autocast::prioritize". One cheap cast per batch.
-            left, right = left.to(torch.bfloat16), right.to(torch.bfloat16)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.train_model(left, right)
         loss = hybrid_loss(logits.float(), labels, self.pos_weight)
@@ -278,8 +275,8 @@ def main(argv=None) -> int:
             _free(device)
             what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"FAILED: {type(e).__name__}"
             row = {"key": key, "setting": f"{_label(key, _row_config(key, s, device), 1)} ({what})",
-                   "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            print(row["error"], end=" ... ")
+                   "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+            traceback.print_exc()
         rows.append(row)
         print(f"{row.get('pairs_per_s', '-')} pairs/s, {row.get('ms_per_step', '-')} ms/step "
               f"(warm-up incl. compile {row.get('warmup_s', '-')} s)", flush=True)

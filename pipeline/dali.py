@@ -125,7 +125,8 @@ def _eye_graph(path, params, *, img_px, decode_device, mean, std, dtype):
 def _build_pipeline(source: PairSource, *, img_px, device_id, mean, std, dtype, num_threads, seed):
     from nvidia.dali import fn, pipeline_def, types
 
-    dali_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}[dtype]
+    # DALI has no bfloat16: half-precision pipelines emit float16 and PairLoader casts on the device.
+    dali_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
     n_out = 6 if source.augment is not None else 4
 
     @pipeline_def(batch_size=source.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
@@ -154,7 +155,7 @@ class PairLoader:
                  std=IMAGENET_STD, num_threads=None, seed=0):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.source = source
         self.pipe = _build_pipeline(source, img_px=img_px, device_id=device_id, mean=mean, std=std, dtype=dtype,
@@ -172,8 +173,8 @@ class PairLoader:
         self.consumed += 1
         to = dict(device=self.device, non_blocking=True)
         # HWC batches permuted to NCHW are already channels_last-contiguous: no copy on the GPU path.
-        left = b["left"].permute(0, 3, 1, 2).to(**to)
-        right = b["right"].permute(0, 3, 1, 2).to(**to)
+        left = b["left"].permute(0, 3, 1, 2).to(**to).to(self.dtype)
+        right = b["right"].permute(0, 3, 1, 2).to(**to).to(self.dtype)
         return left, right, b["labels"].to(**to), b["index"].to(**to)
 
     def __iter__(self):

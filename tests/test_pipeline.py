@@ -80,10 +80,13 @@ def test_train_loader_batches(table):
     assert torch.equal(labels, torch.as_tensor(table[list(CLASSES)].to_numpy()[index.numpy()], dtype=torch.float32))
 
 
-def test_float16_output(table):
-    left, *_ = next(iter(eval_loader(table.left, table.right, 4, IMG_PX, "cpu", dtype=torch.float16,
-                                     num_threads=1)))
-    assert left.dtype == torch.float16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_output(table, dtype):
+    loader = eval_loader(table.left, table.right, 4, IMG_PX, "cpu", dtype=dtype, num_threads=1)
+    half, *_ = next(iter(loader))
+    full, *_ = next(iter(eval_loader(table.left, table.right, 4, IMG_PX, "cpu", num_threads=1)))
+    assert half.dtype == dtype and half.is_contiguous(memory_format=torch.channels_last)
+    assert (half.float() - full).abs().max() < 0.05  # rounding only
 
 
 def test_validation_sees_each_patient_once(table):

@@ -158,3 +158,11 @@ def test_dry_run_on_real_data_reports_the_24_one_eyed_patients(odir256, tmp_path
     assert "left out 24 patient(s): 24 missing file" in out
     assert "usable patients: 2215" in out
     assert "split (seed 42): train 1883 · validation 332" in out
+
+
+def test_bf16_autocast_run(tmp_path, tiny_odir):
+    """The fast preset's precision: images arrive as bf16 (DALI emits fp16; the loader casts) under bf16 autocast."""
+    run(tmp_path, tiny_odir, "--precision", "bf16", "--stop-after-steps", "2", "--epochs", "1")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
