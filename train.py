@@ -202,8 +202,8 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this update, writing last.pt "
-              "(again to stop at once)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this update (with torchrun: at the end of this "
+              "epoch), writing last.pt; again to stop at once", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -411,9 +411,10 @@ class RunLog:
 
 def print_epoch(row: dict, header: bool):
     cols = ["epoch", "train_loss", "val_loss", "train_f1_macro", "val_f1_micro", "val_f1_macro", "val_odir"]
-    cols += [f"f1_{c}" for c in CLASSES] + ["pairs_per_s", "epoch_s"]
+    cols += [f"f1_{c}" for c in CLASSES] + ["pairs_per_s", "data_pct", "epoch_s"]
     names = {"train_f1_macro": "trF1ma", "val_f1_micro": "F1mi", "val_f1_macro": "F1ma", "val_odir": "ODIR",
-             "train_loss": "trLoss", "val_loss": "vaLoss", "pairs_per_s": "pairs/s", "epoch_s": "sec"}
+             "train_loss": "trLoss", "val_loss": "vaLoss", "pairs_per_s": "pairs/s", "epoch_s": "sec",
+             "data_pct": "data%"}
     if header:
         print(" ".join(f"{names.get(c, c):>7}" for c in cols))
     print(" ".join(f"{row[c]:>7.3f}" if isinstance(row[c], float) else f"{row[c]:>7}" for c in cols), flush=True)
@@ -595,7 +596,9 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum.item() / micro_done:.4f}",
                                     pairs_s=f"{micro_done * cfg.batch_size * world / elapsed:.1f}")
-                stop_now = stop.requested or (cfg.stop_after_steps and step >= cfg.stop_after_steps)
+                # A signal stops a single process at once; DDP ranks may see it at different updates, so they
+                # stop together at the end of the epoch (the flag is broadcast from rank 0 below).
+                stop_now = (stop.requested and world == 1) or (cfg.stop_after_steps and step >= cfg.stop_after_steps)
                 if stop_now:
                     break
             if bar is not None:
@@ -623,6 +626,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
                    "val_odir": metrics["odir"]["final"], "val_auc_macro": metrics["at_0.5"]["auc_macro"],
                    **{f"f1_{c}": metrics["at_0.5"]["f1"][c] for c in CLASSES},
                    "pairs_per_s": micro_done * cfg.batch_size * world / epoch_s, "data_s": data_s,
+                   "data_pct": 100 * data_s / epoch_s,  # time blocked waiting for the pipeline
                    "epoch_s": epoch_s, "lr": lr * lr_factor(step - 1, total_updates, warmup_updates)}
             log.append(row, keep_epochs_below=epoch + 1)
             print_epoch(row, header=epoch == start_epoch)

@@ -23,6 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipeline.prepare as P  # noqa: E402
+from benchmarks.common import cpu_model  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- settings
 N_IMAGES = 40
@@ -101,16 +102,6 @@ def psnr(a: Image.Image, b: Image.Image) -> float | None:
         return None
     mse = np.mean((np.asarray(a, np.float32) - np.asarray(b, np.float32)) ** 2)
     return float(10 * np.log10(255 ** 2 / mse)) if mse > 0 else float("inf")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -108,6 +108,23 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1  # the good one is kept
 
 
+def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny_odir), "--out", str(tmp_path), "--name", "int",
+           "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "200"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "int" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert "SIGINT: stopping after this update" in out
+    stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 1000
+    train.main(["--resume", str(tmp_path / "int"), "--stop-after-steps", str(stopped + 3)])
+    assert torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"] == stopped + 3
+
+
 KILLER = """
 import sys, torch, train
 path = sys.argv[1]
