@@ -550,7 +550,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                                 if device.type == "cuda" else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, dynamic=False)  # batch shapes are fixed by design
 
     stop = StopRequest()
     y_val = label_matrix(val_tab)

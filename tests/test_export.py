@@ -195,28 +195,26 @@ def test_not_our_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_real_image_check_finds_the_synthetic_demo_set(tmp_path, monkeypatch):
-    """A demo run (no --data) trained on pipeline.synthetic's cached set: its validation images are found there."""
+def test_real_image_check_uses_the_runs_recorded_data_folder(tmp_path):
+    """train.py records the folder it trained on (for a demo run: the synthetic set's cache folder); export.py
+    compares on that run's validation images."""
     import pandas as pd
     from PIL import Image
 
-    from pipeline.synthetic import GENERATOR_VERSION, MARKER_NAME
-
-    monkeypatch.setenv("ODIR_CACHE", str(tmp_path / "cache"))
-    demo = tmp_path / "cache" / "synthetic" / f"odir-synth-v{GENERATOR_VERSION}-n40-seed0-px400-900"
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
     rows = []
     for pid in (1, 2, 3):
         for eye in ("left", "right"):
-            (demo / "images").mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (32, 32), (200, 90, 40)).save(demo / "images" / f"{pid}_{eye}.jpg")
+            Image.new("RGB", (32, 32), (200, 90, 40)).save(data / "images" / f"{pid}_{eye}.jpg")
         rows.append({"ID": pid, "Left-Fundus": f"{pid}_left.jpg", "Right-Fundus": f"{pid}_right.jpg",
                      **dict.fromkeys(CLASSES, 0), "N": 1})
-    pd.DataFrame(rows).to_csv(demo / "sheet.csv", index=False)
-    ckpt_path = make_checkpoint(tmp_path / "run" / "best.pt", synthetic_patients=40)
+    pd.DataFrame(rows).to_csv(data / "sheet.csv", index=False)
+    ckpt_path = make_checkpoint(tmp_path / "run" / "best.pt", data=str(data))
     (tmp_path / "run" / "split.csv").write_text("id,split\n1,train\n2,val\n3,val\n")
-    ckpt = export.read_checkpoint(ckpt_path)
-    pairs, note = export.check_pairs(ckpt_path, ckpt)
-    assert pairs == [] and "no longer in" in note  # no marker yet: an unfinished set is never used
-    (demo / MARKER_NAME).write_text("{}")
-    pairs, note = export.check_pairs(ckpt_path, ckpt)
+    pairs, note = export.check_pairs(ckpt_path, export.read_checkpoint(ckpt_path))
     assert [Path(left).name for left, _ in pairs] == ["2_left.jpg", "3_left.jpg"], note
+    nameless = make_checkpoint(tmp_path / "run2" / "best.pt")
+    (tmp_path / "run2" / "split.csv").write_text("id,split\n1,train\n2,val\n")
+    pairs, note = export.check_pairs(nameless, export.read_checkpoint(nameless))
+    assert pairs == [] and "does not name its data folder" in note
