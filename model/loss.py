@@ -17,7 +17,10 @@ def pos_weights_from_labels(labels) -> torch.Tensor:
         float32 tensor (K,); the divisor ``pos`` is clamped to >= 1, so a class without positives
         gets weight N (its negative count).
     """
-    y = torch.tensor(np.array(labels, dtype=np.float32))  # a copy: labels may be a read-only view
+    if torch.is_tensor(labels):
+        y = labels.detach().float().cpu()
+    else:
+        y = torch.tensor(np.array(labels, dtype=np.float32))  # a copy: labels may be a read-only view
     if y.ndim != 2:
         raise ValueError(f"labels must be (N, K), got shape {tuple(y.shape)}")
     pos = y.sum(dim=0)  # (K,)
