@@ -90,7 +90,7 @@ def mod(name):
 check("CUDA device (torch)", cuda)
 check("nvidia.dali", dali)
 check("onnxruntime CUDA provider", ort_cuda)
-for name in ("openpyxl", "timm", "pytest", "pandas", "torchvision", "sklearn", "matplotlib"):
+for name in ("openpyxl", "timm", "pytest", "pandas", "torchvision", "sklearn", "matplotlib", "tqdm", "onnx", "onnxscript", "PIL"):
     check(name, mod(name))
 if missing:
     print(f"\npreflight FAILED, missing: {', '.join(missing)}. DALI, onnxruntime-gpu and openpyxl come from the offline "
