@@ -492,7 +492,7 @@ def main(argv=None):
 
 
 def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
-    from model import count_parameters, hybrid_loss, pos_weights_from_labels, tune_thresholds
+    from model import backbone_norm, count_parameters, hybrid_loss, pos_weights_from_labels, tune_thresholds
     from pipeline.dali import Augment, eval_loader, train_loader
     from pipeline.odir import label_matrix
 
@@ -501,7 +501,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     in_dtype = amp_dtype or torch.float32  # images arrive in the autocast dtype: half the bytes of fp32
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = backbone_norm(cfg.backbone)  # what the pretrained weights expect (ImageNet's for ConvNeXt)
 
     model = build_model(cfg, pretrained=cfg.pretrained and resume_dir is None).to(device)
     if cfg.channels_last:
@@ -532,15 +532,15 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
     augment = Augment(same_for_both_eyes=cfg.same_eye_aug)
     loader = train_loader(train_tab, cfg.batch_size, cfg.img_px, device, augment=augment,
                           weighted=cfg.weighted_sampling, seed=cfg.seed, rank=rank, world=world,
-                          start_step=micro_start, step_multiple=cfg.accum_steps, dtype=in_dtype,
-                          num_threads=cfg.loader_threads or None)
+                          start_step=micro_start, step_multiple=cfg.accum_steps, dtype=in_dtype, mean=mean,
+                          std=std, num_threads=cfg.loader_threads or None)
     updates_per_epoch = loader.source.steps // cfg.accum_steps
     total_updates = updates_per_epoch * cfg.epochs
     warmup_updates = max(1, round(cfg.warmup_epochs * updates_per_epoch))
     val_loader = None
     if is_main:
         val_loader = eval_loader(val_tab["left"], val_tab["right"], cfg.batch_size, cfg.img_px, device,
-                                 dtype=in_dtype, num_threads=cfg.loader_threads or None)
+                                 dtype=in_dtype, mean=mean, std=std, num_threads=cfg.loader_threads or None)
         print(f"{updates_per_epoch} updates/epoch of {pairs_per_update} pairs · head lr {lr:.2e} · "
               f"backbone lr {lr * cfg.backbone_lr_mult:.2e} · precision {amp_dtype or 'fp32'} · "
               f"compile {cfg.compile} · channels_last {cfg.channels_last}")
