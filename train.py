@@ -563,7 +563,8 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         train_probs, train_rows = [], []
-        bar = _progress(len(loader), epoch, cfg.epochs, is_main)
+        n_batches = len(loader)  # the first pass after a resume is shorter
+        bar = _progress(n_batches, epoch, cfg.epochs, is_main)
         optimizer.zero_grad(set_to_none=True)
         micro_done, micro0 = 0, step * cfg.accum_steps  # micro-steps are numbered across the run
         t_data = time.perf_counter()
@@ -591,7 +592,7 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if bar is not None and (step % 10 == 0 or micro + 1 == len(loader)):
+                if bar is not None and (step % 10 == 0 or micro + 1 == n_batches):
                     _check_finite(first_bad, epoch, cfg.accum_steps)
                     elapsed = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum.item() / micro_done:.4f}",
