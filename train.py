@@ -195,8 +195,12 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Give the caller its own handlers back (train.main may run inside a larger program or a test)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C stops at once
@@ -221,7 +225,7 @@ def data_folder(cfg: Config, is_main: bool) -> Path:
         print(f"no --data given: using the synthetic ODIR demo set ({cfg.synthetic_patients} patients) in {root}")
         ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
     barrier()
-    return ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
+    return ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)  # rank 0: a cache hit by now
 
 
 def load_data(cfg: Config, folder: Path, is_main: bool):
@@ -488,10 +492,14 @@ def main(argv=None):
             for r in left_out.itertuples():
                 print(f"  left out {r.id}: {r.eye} eye {r.path}: {r.reason}")
         return None
-    return fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir)
+    stop = StopRequest()
+    try:
+        return fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir, stop)
+    finally:
+        stop.restore()
 
 
-def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
+def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir, stop: StopRequest):
     from model import backbone_norm, count_parameters, hybrid_loss, pos_weights_from_labels, tune_thresholds
     from pipeline.dali import Augment, eval_loader, train_loader
     from pipeline.odir import label_matrix
@@ -552,7 +560,6 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
     if cfg.compile:
         train_model = torch.compile(train_model, dynamic=False)  # batch shapes are fixed by design
 
-    stop = StopRequest()
     y_val = label_matrix(val_tab)
     thresholds = np.full(len(CLASSES), 0.5)
     # The baseline every number is read against: always predict the training prevalence.
@@ -634,9 +641,10 @@ def fit(cfg, train_tab, val_tab, run_dir, rank, world, device, resume_dir):
             if row["val_f1_macro"] > best["f1_macro"]:
                 best = {"f1_macro": float(row["val_f1_macro"]), "epoch": epoch + 1}
                 thresholds = tune_thresholds(y_val, probs)
+                metrics["tuned"] = multilabel_metrics(y_val, probs, thresholds)
                 save_atomic(checkpoint_payload(model, cfg, thresholds=thresholds, mean=mean, std=std,
                                                epoch=epoch + 1, step=step, best=best,
-                                               extra={"val_metrics": _plain(evaluate(y_val, probs, thresholds)),
+                                               extra={"val_metrics": _plain(metrics),
                                                       "trivial_metrics": _plain(trivial)}),
                             run_dir / "best.pt")
         if is_main:

@@ -183,3 +183,9 @@ def test_bf16_autocast_run(tmp_path, tiny_odir):
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["step"] == 2
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_main_gives_back_the_callers_signal_handlers(tmp_path, tiny_odir):
+    before = signal.getsignal(signal.SIGINT)
+    run(tmp_path, tiny_odir, "--stop-after-steps", "1", "--epochs", "1")
+    assert signal.getsignal(signal.SIGINT) is before
