@@ -3,7 +3,7 @@
     python export.py RUN/best.pt            # or the run folder RUN (→ RUN/best.pt); writes RUN/best.onnx
     python export.py RUN -o model.onnx [--fp16] [--opset 20] [--check-images FOLDER]
 
-The network is rebuilt from the config saved in the checkpoint (`train.build_model(cfg, pretrained=False)` +
+The network is rebuilt from the config saved in the checkpoint (`checkpoint.build_model(cfg, pretrained=False)` +
 `load_state_dict`, strict), so no training code state is needed. The ONNX graph:
 
     left  (N, 3, H, W) float32 (float16 with --fp16) ─┐
@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 import warnings
@@ -40,102 +38,21 @@ import numpy as np
 import torch
 from torch import nn
 
-ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of our ONNX files (score.py checks it)
-CHECKPOINT_FORMAT = "odir-dual/1"  # train.checkpoint_payload's "format"
+from checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from pipeline.dali import eval_loader
+from pipeline.pairs import default_cache, find_pairs, prepare_pairs
+from pipeline.split import load_split
+from runtime import ONNX_FORMAT, ort_session
+
 DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime 1.31 runs up to 23
 FP32_TOL = 1e-4  # max |Δ probability|, onnxruntime fp32 vs PyTorch fp32
 FP16_TOL = 1e-2  # max |Δ probability|, onnxruntime fp16 vs PyTorch fp32; measured <= 6e-5 (CPU, random weights)
 CHECK_PAIRS = 16  # real image pairs compared per export
 EXAMPLE_BATCH = 2  # batch of the tracing inputs; the checks run other batch sizes to prove the batch is dynamic
-REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
-
-
-class CheckpointError(ValueError):
-    """The file is not a checkpoint of ours; the message names it."""
 
 
 class ExportCheckError(RuntimeError):
     """The exported model disagrees with PyTorch (or fails the ONNX checker)."""
-
-
-# ----------------------------------------------------------------------------------------------- checkpoint
-
-
-def checkpoint_file(path) -> Path:
-    """A checkpoint path, or a run folder → its best.pt."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    return path
-
-
-def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save's zip archive, or a legacy pickle (protocol 2+ starts with 0x80)."""
-    import zipfile
-
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
-def read_checkpoint(path) -> dict:
-    """Load a checkpoint written by train.py (plain data, `weights_only=True`) and check that it is one of ours.
-
-    Raises:
-        CheckpointError: not a torch file, refused by the weights-only loader, or not an odir-dual checkpoint.
-    """
-    from train import load_checkpoint
-
-    path = checkpoint_file(path)
-    if not _looks_like_torch_file(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither a torch.save zip archive nor a "
-                              "pickle)")
-    try:
-        ckpt = load_checkpoint(path)
-    except Exception as e:  # noqa: BLE001 - torch.load raises KeyError, RuntimeError, UnpicklingError, ...
-        msg = str(e)
-        if "Weights only load failed" in msg:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it holds Python objects, "
-                                  f"not plain data, so it is not a checkpoint written by train.py"
-                                  + (f" (object of {found[1]})" if found else "")) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({type(e).__name__}: "
-                              f"{msg.splitlines()[0][:120] if msg else 'unreadable'})") from None
-    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt != CHECKPOINT_FORMAT:
-        what = f"format {fmt!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}, not a dict"
-        raise CheckpointError(f"{path}: not an odir-dual checkpoint ({what}; expected format "
-                              f"{CHECKPOINT_FORMAT!r}, as train.py writes in best.pt/last.pt)")
-    absent = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if absent:
-        raise CheckpointError(f"{path}: odir-dual checkpoint without {', '.join(absent)}")
-    return ckpt
-
-
-def checkpoint_config(ckpt: dict):
-    """train.Config from the saved dict (fields added or dropped since are tolerated), for rebuilding the model."""
-    from train import Config
-
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in names})
-    # No download and no local weights file: the state dict brings every weight.
-    return dataclasses.replace(cfg, pretrained=False, weights_file="")
-
-
-def build_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
-    """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
-    from train import build_model
-
-    model = build_model(checkpoint_config(ckpt), pretrained=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the saved config "
-                              f"({str(e).splitlines()[0]})") from None
-    return model.eval()
 
 
 class ProbsAndLogits(nn.Module):
@@ -263,17 +180,6 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def cpu_session(path):
-    """An onnxruntime CPU session with warnings off (errors only)."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool) -> float:
     """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model)."""
     np_dtype = np.float16 if fp16 else np.float32
@@ -284,45 +190,13 @@ def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tens
     return float(np.abs(probs_ort.astype(np.float64) - probs_pt).max())
 
 
-def load_pair_tensors(pairs, img_px: int, mean, std) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Real images as model inputs: fundus crop (pipeline.prepare), squash to img_px (bilinear), normalise.
-
-    A light PIL path, enough to give the comparison realistic pixel statistics (score.py uses the DALI pipeline).
-    Unreadable images are skipped. Returns (left, right, pairs used).
-    """
-    from PIL import Image
-
-    from pipeline.prepare import BadImage, crop_fundus
-
-    m = np.asarray(mean, np.float32)[:, None, None] * 255
-    s = np.asarray(std, np.float32)[:, None, None] * 255
-
-    def one(path):
-        with Image.open(path) as im:
-            img = crop_fundus(im.convert("RGB")).resize((img_px, img_px), Image.Resampling.BILINEAR)
-        return (np.asarray(img, np.float32).transpose(2, 0, 1) - m) / s  # (3, H, W)
-
-    lefts, rights = [], []
-    for left, right in pairs:
-        try:
-            a, b = one(left), one(right)
-        except (OSError, BadImage, ValueError):
-            continue
-        lefts.append(a), rights.append(b)
-    if not lefts:
-        return torch.empty(0), torch.empty(0), 0
-    return torch.from_numpy(np.stack(lefts)), torch.from_numpy(np.stack(rights)), len(lefts)
-
-
 def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) -> tuple[list, str]:
     """Real (left, right) image paths to compare on, and where they come from (or why there are none).
 
-    From `folder` (anything score.find_pairs reads) when given; else the validation patients of the checkpoint's
-    run (RUN/split.csv + the data folder the run recorded: --data, or the synthetic demo set).
+    From `folder` (anything pipeline.pairs.find_pairs reads) when given; else the validation patients of the
+    checkpoint's run (RUN/split.csv + the data folder the run recorded: --data, or the synthetic demo set).
     """
     if folder is not None:
-        from score import find_pairs
-
         table, _ = find_pairs(folder)
         ok = table[table["status"] == "ok"].head(n)
         return list(zip(ok["left"], ok["right"])), f"{len(ok)} pairs from {folder}"
@@ -334,19 +208,32 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
     if not data:
         return [], "the checkpoint does not name its data folder"
     try:
-        from pipeline.odir import read_patients
-        from pipeline.split import load_split
-
-        patients, _ = read_patients(data)
-        _, ids_val = load_split(split)
+        table, _ = find_pairs(data)
+        _, ids_val, _ = load_split(split)
     except (OSError, ValueError) as e:
         return [], f"the run's validation images are not readable ({type(e).__name__}: {e})"
-    val = patients[patients["id"].isin(ids_val)].head(n)
+    val = table[table["id"].isin(ids_val) & (table["status"] == "ok")].head(n)
     return list(zip(val["left"], val["right"])), f"{len(val)} validation pairs of the run ({data})"
 
 
-def run_checks(path: Path, net: nn.Module, img_px: int, mean, std, pairs, pairs_note: str, fp16: bool,
-               log=print) -> dict:
+def real_inputs(pairs, ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real image pairs as the model sees them at validation: prepared (cached), then the DALI eval pipeline."""
+    import pandas as pd
+
+    table = pd.DataFrame({"id": range(len(pairs)), "left": [l for l, _ in pairs], "right": [r for _, r in pairs],
+                          "status": "ok"})
+    prepare_px = int(ckpt["config"].get("prepare_px") or ckpt["img_px"])
+    table = prepare_pairs(table, default_cache(), prepare_px, workers=1, progress=False)
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        return torch.empty(0), torch.empty(0)
+    loader = eval_loader(list(ok["left_prepared"]), list(ok["right_prepared"]), len(ok), int(ckpt["img_px"]),
+                         "cpu", mean=ckpt["mean"], std=ckpt["std"], num_threads=1)
+    left, right, _, _ = loader.next_batch()
+    return left.contiguous(), right.contiguous()
+
+
+def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, fp16: bool, log=print) -> dict:
     """check_model(full_check) + onnxruntime vs PyTorch on random and real inputs. Raises ExportCheckError."""
     import onnx
 
@@ -355,14 +242,16 @@ def run_checks(path: Path, net: nn.Module, img_px: int, mean, std, pairs, pairs_
     except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...
         raise ExportCheckError(f"onnx.checker.check_model({path}, full_check=True) failed: {e}") from e
     log("onnx.checker.check_model(full_check=True): ok")
-    session = cpu_session(path)
+    session = ort_session(path)
     tol = FP16_TOL if fp16 else FP32_TOL
     g = torch.Generator().manual_seed(1234)  # fresh inputs, not the tracing ones, at another batch size
+    img_px = int(ckpt["img_px"])
     left, right = (torch.randn(3, 3, img_px, img_px, generator=g) for _ in range(2))
     result = {"random": max_prob_diff(session, net, left, right, fp16), "real": None, "tolerance": tol}
     log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: random inputs (3 pairs) {result['random']:.2e}")
     if pairs:
-        left, right, used = load_pair_tensors(pairs, img_px, mean, std)
+        left, right = real_inputs(pairs, ckpt)
+        used = len(left)
         if used:
             diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16) for i in range(0, used, 8)]
             result["real"] = max(diffs)
@@ -401,7 +290,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     t0 = time.perf_counter()
     ckpt_path = checkpoint_file(checkpoint)
     ckpt = read_checkpoint(ckpt_path)
-    net = build_from_checkpoint(ckpt, ckpt_path)
+    net = model_from_checkpoint(ckpt, ckpt_path)
     img_px = int(ckpt["img_px"])
     precision = "fp16" if fp16 else "fp32"
     out = Path(out) if out else ckpt_path.with_suffix(".fp16.onnx" if fp16 else ".onnx")
@@ -414,7 +303,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
     try:
         pairs, note = check_pairs(ckpt_path, ckpt, check_images)
-        diffs = run_checks(tmp, net, img_px, ckpt["mean"], ckpt["std"], pairs, note, fp16, log=log)
+        diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -27,6 +27,8 @@ REAL_ODIR = ROOT.parent / "shared" / "data" / "odir5k-256"
 if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` import the project's packages
     sys.path.insert(0, str(ROOT))
 
+from pipeline.host import atomic_write, cache_root, usable_cores  # noqa: E402  (re-exported for the scripts)
+
 
 # ----------------------------------------------------------------------------------------------- settings
 
@@ -34,30 +36,23 @@ if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` import 
 def settings_from_cli(cls, gpu_overrides: dict, argv=None, description: str = ""):
     """(settings, device): `cls()` defaults, GPU overrides when the device is CUDA, then the explicit flags.
 
-    Every dataclass field becomes a flag (`img_px` → `--img-px`); `--device` picks cpu/cuda (default: cuda when
-    available). Explicit flags always win over the GPU overrides.
+    Every dataclass field becomes a flag (`img_px` → `--img-px`), exactly as train.py's Config fields do
+    (`config.add_dataclass_flags`); `--device` picks cpu/cuda (default: cuda when available). Explicit flags always
+    win over the GPU overrides.
     """
     import torch
 
+    from config import add_dataclass_flags, explicit_values
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"CPU default {default}; GPU {gpu_overrides.get(f.name, default)}")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__,
-                                                              str)
-            p.add_argument(flag, type=typ, default=None,
-                           help=f"CPU default {default!r}; GPU {gpu_overrides.get(f.name, default)!r}")
-    args = vars(p.parse_args(argv))
-    device = args.pop("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    add_dataclass_flags(p, cls, lambda f: f"CPU default {f.default!r}; GPU {gpu_overrides.get(f.name, f.default)!r}")
+    args = explicit_values(p.parse_args(argv))
+    device = args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     values = dict(gpu_overrides) if device.startswith("cuda") else {}
-    values.update({k: v for k, v in args.items() if v is not None})
+    values.update(args)
     return cls(**values), torch.device(device)
 
 
@@ -72,14 +67,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (containers, taskset), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def header(device=None) -> dict:
@@ -108,7 +95,7 @@ def header(device=None) -> dict:
     else:
         info["gpu"] = None
     try:
-        from train import git_commit
+        from checkpoint import git_commit
 
         info["commit"] = git_commit()
     except Exception:  # noqa: BLE001
@@ -221,10 +208,8 @@ def write_results(name: str, info: dict, settings, rows: list[dict], **extra) ->
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"header": info, "settings": settings, "rows": rows, **extra}, indent=1,
-                              default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps({"header": info, "settings": settings, "rows": rows, **extra}, indent=1, default=str) + "\n")
     return path
 
 
@@ -238,7 +223,6 @@ def real_odir() -> Path | None:
 
 def synthetic_odir(n_patients: int, min_px: int, max_px: int, seed: int = 0) -> Path:
     """A synthetic ODIR folder, generated once into the project cache ($ODIR_CACHE/synthetic, as train.py)."""
-    from pipeline.data import cache_root
     from pipeline.synthetic import ensure_synthetic_odir
 
     return ensure_synthetic_odir(cache_root() / "synthetic", n_patients=n_patients, seed=seed, min_px=min_px,
@@ -250,13 +234,13 @@ def prepared_table(folder, short_px: int, n_patients: int | None = None, workers
 
     Returns (table, original_table): left/right point at the prepared copies, resp. at the source files.
     """
-    from pipeline.data import cache_root
-    from pipeline.odir import read_patients
-    from pipeline.prepare import prepare_table
+    from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
-    patients, _ = read_patients(folder)
-    patients = patients.head(n_patients) if n_patients else patients
-    prepared, problems = prepare_table(patients, cache_root() / "prepared", short_px, workers=workers,
-                                       progress=False)
-    originals = patients[patients["id"].isin(prepared["id"])].reset_index(drop=True)
+    table, _ = find_pairs(folder)
+    table = table[table["status"] == "ok"]
+    table = prepare_pairs(table.head(n_patients) if n_patients else table, default_cache(), short_px,
+                          workers=workers, progress=False)
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+    originals = ok.drop(columns=["left_prepared", "right_prepared"])
+    prepared = ok.drop(columns=["left", "right"]).rename(columns={"left_prepared": "left", "right_prepared": "right"})
     return prepared, originals

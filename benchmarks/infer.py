@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (add_ratios, header, print_header, print_table, settings_from_cli,  # noqa: E402
                                sync, usable_cores, write_results)
+from pipeline.constants import NUM_CLASSES  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -57,11 +58,12 @@ COLUMNS = [("setting", "setting", "{}"), ("pairs_per_s", "pairs/s", "{:.1f}"), (
 
 # ---------------------------------------------------------------------------------------------------- runners
 def build_net(s: Settings):
-    import train
+    from checkpoint import build_model
+    from config import resolve_config
 
-    cfg = train.resolve_config({"backbone": s.backbone, "pretrained": False, "img_px": s.img_px,
-                                "embed_dim": s.embed_dim, "heads": s.heads})
-    return train.build_model(cfg, pretrained=False).eval()
+    cfg = resolve_config({"backbone": s.backbone, "pretrained": False, "img_px": s.img_px,
+                          "embed_dim": s.embed_dim, "heads": s.heads})
+    return build_model(cfg, pretrained=False).eval()
 
 
 def torch_runner(net, left, right, compile_: bool):
@@ -80,11 +82,10 @@ def torch_runner(net, left, right, compile_: bool):
 def ort_runner(net, s: Settings, left, right, device, fp16: bool, tmp: Path):
     """Export `net`, open an onnxruntime session (CPU or CUDA) and return (run, export seconds, exporter)."""
     import onnx
-    import onnxruntime as ort
     import torch
 
     import export
-    import score
+    from runtime import ort_session
 
     t0 = time.perf_counter()
     proto, used, _ = export.to_onnx_proto(net.float().to(memory_format=torch.contiguous_format), s.img_px,
@@ -92,14 +93,13 @@ def ort_runner(net, s: Settings, left, right, device, fp16: bool, tmp: Path):
     path = tmp / f"model_{'fp16' if fp16 else 'fp32'}.onnx"
     onnx.save(proto, str(path))
     export_s = time.perf_counter() - t0
-    ort.set_default_logger_severity(3)
-    opts = score.session_options(s.threads or usable_cores())
+    threads = s.threads or usable_cores()
     if device.type == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort_session(path, providers, threads)
         np_dtype = np.float16 if fp16 else np.float32
         ins = {"left": left.contiguous(), "right": right.contiguous()}  # dense NCHW device buffers
-        probs = torch.empty((left.shape[0], 8), device=device)
+        probs = torch.empty((left.shape[0], NUM_CLASSES), device=device)
         binding = session.io_binding()
         for name, t in ins.items():
             binding.bind_input(name, "cuda", device.index or 0, np_dtype, tuple(t.shape), t.data_ptr())
@@ -110,7 +110,7 @@ def ort_runner(net, s: Settings, left, right, device, fp16: bool, tmp: Path):
             session.run_with_iobinding(binding)
 
     else:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads=threads)
         feeds = {"left": left.contiguous().numpy(), "right": right.contiguous().numpy()}
 
         def run():

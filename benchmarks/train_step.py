@@ -36,6 +36,8 @@ from benchmarks.common import (Stopwatch, add_ratios, header, peak_memory_mib, p
 
 import torch  # noqa: E402
 
+from pipeline.constants import NUM_CLASSES  # noqa: E402
+
 
 # ----------------------------------------------------------------------------------------------- settings
 @dataclass
@@ -101,52 +103,40 @@ def _label(key: str, cfg: tuple, accum: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- one row
 class Trainer:
-    """A fresh model, optimizer and scaler, and the training step of train.py's loop."""
+    """A fresh model with train.py's optimizer, scaler and wrappers (`engine.make_stepper`); `step` is train.py's
+    training step itself (`engine.Stepper.step`), so this benchmark times exactly what training runs."""
 
     def __init__(self, s: Settings, device, preset: str, amp: str, channels_last: bool, compile_: bool, accum: int):
-        import train
+        from checkpoint import build_model
+        from config import Config
+        from engine import make_stepper
 
         self.device, self.accum = device, accum
         self.setup = (preset, amp, channels_last, compile_)  # rows with the same set-up may share this trainer
-        self.amp_dtype = train.autocast_dtype(amp, device)
-        self.cfg = train.Config(backbone=s.backbone, pretrained=False, img_px=s.img_px, channels_last=channels_last,
-                                compile=compile_, precision=amp)
-        model = train.build_model(self.cfg, pretrained=False).to(device)
+        self.cfg = Config(backbone=s.backbone, pretrained=False, img_px=s.img_px, channels_last=channels_last,
+                          compile=compile_, precision=amp, accum_steps=accum)
+        model = build_model(self.cfg, pretrained=False).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.opt = train.make_optimizer(model, self.cfg, lr=1e-4)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.pos_weight = torch.full((8,), 3.0, device=device)  # BCE positive weights, as from ~25% positives
-        self.train_model = torch.compile(model) if compile_ else model
+        pos_weight = torch.full((NUM_CLASSES,), 3.0, device=device)  # BCE positive weights, as from ~25% positives
+        self.stepper = make_stepper(model, self.cfg, device, lr=1e-4, pos_weight=pos_weight)
         # what train.py feeds: images in the autocast dtype (the DALI loader casts its fp16 to bf16), else fp32
-        self.in_dtype = self.amp_dtype or torch.float32
+        self.in_dtype = self.stepper.amp_dtype or torch.float32
         self.channels_last = channels_last
         self.micro = 0
         self.losses = []
 
     def step(self, left, right, labels):
-        from model import hybrid_loss
-
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.train_model(left, right)
-        loss = hybrid_loss(logits.float(), labels, self.pos_weight)
-        self.scaler.scale(loss / self.accum).backward()
         self.micro += 1
-        if self.micro % self.accum == 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
-        self.losses.append(loss.detach())
+        loss, _ = self.stepper.step(left, right, labels, update=self.micro % self.accum == 0)
+        self.losses.append(loss)
 
     def synthetic_batch(self, batch: int):
         g = torch.Generator().manual_seed(0)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         imgs = [torch.randn(batch, 3, self.cfg.img_px, self.cfg.img_px, generator=g)
                 .to(self.device, self.in_dtype).contiguous(memory_format=fmt) for _ in range(2)]
-        labels = (torch.rand(batch, 8, generator=g) < 0.3).float().to(self.device)
+        labels = (torch.rand(batch, NUM_CLASSES, generator=g) < 0.3).float().to(self.device)
         return imgs[0], imgs[1], labels
 
     def check_finite(self):

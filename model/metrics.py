@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from . import CLASSES
+from pipeline.constants import CLASSES
 
 DEFAULT_THRESHOLD_GRID = tuple(np.round(np.linspace(0.05, 0.95, 19), 6))  # 0.05 steps, contains 0.5 exactly
 

@@ -16,8 +16,7 @@ from timm.data import resolve_model_data_config
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def backbone_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -214,8 +213,13 @@ class DualEyeNet(nn.Module):
         pooled = [t.mean(dim=1) for t in (left_tok, right_tok, left_att, right_att)]  # 4 × (B, D)
         return torch.cat(pooled, dim=1)  # (B, 4D)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The fusion MLP, timm's contract: (B, 4D) → logits (B, K), or with ``pre_logits`` its hidden (B, D)."""
+        hidden = self.head[:-1](x)  # Linear(4D → D), GELU, Dropout: (B, D)
+        return hidden if pre_logits else self.head[-1](hidden)  # (B, K)
+
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """Logits, one per class.
+        """Logits, one per class: ``forward_head(forward_features(left, right))``.
 
         Args:
             left: left-eye images (B, 3, H, W), normalised with ``data_config`` mean/std.
@@ -224,4 +228,4 @@ class DualEyeNet(nn.Module):
         Returns:
             logits (B, num_classes); apply a sigmoid for probabilities.
         """
-        return self.head(self.forward_features(left, right))  # (B, 4D) → (B, K)
+        return self.forward_head(self.forward_features(left, right))  # (B, 4D) → (B, K)

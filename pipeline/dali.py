@@ -7,7 +7,7 @@ random draws come from the source and not from DALI's generators, a run is repro
 exactly what an uninterrupted one would, and every DDP rank augments its own samples differently.
 
 Outputs are `(left, right, labels, index)`: images (B, 3, H, W) in channels_last memory in the requested
-dtype on the target device, labels (B, 8) float32, index (B,) int64 (row in the table, -1 for padding).
+dtype on the target device, labels (B, NUM_CLASSES) float32, index (B,) int64 (row in the table, -1 for padding).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from pipeline.host import usable_cores
 from pipeline.sampling import epoch_order, rank_positions, rarity_weights, steps_per_epoch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EYES = ("left", "right")
 
 
@@ -159,7 +159,7 @@ class PairLoader:
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.source = source
         self.pipe = _build_pipeline(source, img_px=img_px, device_id=device_id, mean=mean, std=std, dtype=dtype,
-                                    num_threads=num_threads or min(os.cpu_count() or 1, 8), seed=seed)
+                                    num_threads=num_threads or min(usable_cores(), 8), seed=seed)
         self._it = DALIGenericIterator(self.pipe, ["left", "right", "labels", "index"], size=-1)
         self.consumed = 0  # batches handed out since start_step
 
@@ -168,7 +168,7 @@ class PairLoader:
         return first_pass_left if self.consumed == 0 and self.source.train else self.source.steps
 
     def next_batch(self):
-        """The next batch of the stream: left, right (B, 3, H, W) channels_last; labels (B, 8); index (B,)."""
+        """The next batch of the stream: left, right (B, 3, H, W) channels_last; labels (B, NUM_CLASSES); index (B,)."""
         b = next(self._it)[0]
         self.consumed += 1
         to = dict(device=self.device, non_blocking=True)
@@ -202,13 +202,11 @@ def eval_loader(left, right, batch_size, img_px, device, *, labels=None, dtype=t
 
     Used for validation (with labels) and for inference on a folder (labels all zero).
     """
-    labels = np.zeros((len(left), 8), np.float32) if labels is None else labels
+    labels = np.zeros((len(left), NUM_CLASSES), np.float32) if labels is None else labels
     source = PairSource(list(left), list(right), labels, batch_size, train=False)
     return PairLoader(source, img_px=img_px, device=device, dtype=dtype, mean=mean, std=std,
                       num_threads=num_threads)
 
 
 def _labels(table) -> np.ndarray:
-    from model import CLASSES
-
     return table[list(CLASSES)].to_numpy(dtype=np.float32)

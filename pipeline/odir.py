@@ -18,10 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model import CLASSES  # cheap: model/__init__ imports torch only on first use of a model name
-
-CLASS_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract",
-               "A": "AMD", "H": "hypertension", "M": "myopia", "O": "other"}
+from pipeline.constants import CLASS_NAMES, CLASSES
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
 # sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
 OPTIONAL = {"Patient Age": "age", "Patient Sex": "sex",

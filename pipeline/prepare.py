@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.host import usable_cores, write_text_atomic, atomic_write
+
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
     import pandas as pd
 
@@ -284,13 +286,8 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
         img, box = _decode_fundus(src, short_px)
     out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
-        out.save(tmp, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(dst, "wb") as f:
+        out.save(f, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,13 +306,6 @@ def _prepare_chunk(items: list[tuple[str, str]], short_px: int) -> list[tuple[st
         except Exception as e:  # a cache-side failure (disk full, permissions): stop the run, name the file
             raise RuntimeError(f"preparing {src} -> {dst}: {type(e).__name__}: {e}") from e
     return results
-
-
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _mp_context():
@@ -366,12 +356,6 @@ def _settings() -> str:
         ("jpeg_quality", JPEG_QUALITY), ("jpeg_subsampling", JPEG_SUBSAMPLING)])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _is_blank(p) -> bool:
     """None, NaN, pd.NA, '' (a table's empty cell): no path to prepare."""
     return not isinstance(p, (str, os.PathLike)) or not os.fspath(p).strip()
@@ -418,7 +402,7 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
     done = failed = 0
     with tqdm(total=len(todo), desc="prepare", unit="img", disable=not progress or not todo,
               dynamic_ncols=True, mininterval=0.5) as bar:
-        for src, dst, reason in _run(todo, short_px, workers or _default_workers(), bar):
+        for src, dst, reason in _run(todo, short_px, workers or usable_cores(), bar):
             done += reason is None
             failed += reason is not None
             for i in by_src[src]:
@@ -426,7 +410,7 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
             if failed and reason is not None:
                 bar.set_postfix(failed=failed, refresh=False)
     if not same_settings:  # only once the run completed: an interrupted run leaves older entries marked stale
-        _write_atomic(settings_file, settings)
+        write_text_atomic(settings_file, settings)
     if stats is not None:
         stats.update(images=len(by_src), up_to_date=up_to_date, prepared=done, failed=failed,
                      seconds=time.perf_counter() - t0)
@@ -479,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.odir import read_patients
 
     patients, missing = read_patients(args.data)
-    workers = args.workers or _default_workers()
+    workers = args.workers or usable_cores()
     print(f"prepare: {len(patients)} patients from {args.data} -> {Path(args.cache) / f'{args.short_px}px'} "
           f"(short side {args.short_px} px, {workers} workers)")
     stats: dict = {}

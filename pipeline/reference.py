@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms as T
 
-from pipeline.dali import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.sampling import rarity_weights
 
 

@@ -1,10 +1,11 @@
-"""Train/validation split of patients that keeps every label's prevalence in both parts.
+"""Train/validation/test split of patients that keeps every label's prevalence in every part.
 
 Multi-label iterative stratification (Sechidis, Tsoumakas & Vlahavas, "On the stratification of
 multi-label data", ECML PKDD 2011, Algorithm 1) for two folds, in numpy, with an exact validation
 size; then a few train/val swaps repair what that exact size costs the most common label.
 On the real 2,215-patient set a plain random 15 % split moves a class's prevalence by 0.6-2.0
-points on average; this split keeps every class within 0.15 points.
+points on average; this split keeps every class within 0.15 points. A three-way split applies the same
+two-way split twice: test out of all patients, then validation out of the rest.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-SPLIT_NAMES = ("train", "val")
+from pipeline.host import atomic_write
+
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float = 0.15,
@@ -41,6 +44,27 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.15,
     fold = _iterative_stratification(y, np.array([n - n_val, n_val]), rng)
     fold = _rebalance(y, fold, rng)
     return np.flatnonzero(fold == 0), np.flatnonzero(fold == 1)
+
+
+def three_way_split(labels: np.ndarray, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train_idx, val_idx, test_idx): sorted, disjoint, together 0..N-1, each part stratified.
+
+    test_fraction 0 gives exactly ``stratified_split(labels, val_fraction, seed)`` and an empty test part, so a
+    two-way run keeps the split it always had. Validation is ``round(N * val_fraction)`` patients of all N, taken
+    from what the test part leaves.
+    """
+    y = _check_labels(labels)
+    if not 0.0 <= test_fraction < 1.0 or not 0.0 < val_fraction + test_fraction < 1.0:
+        raise ValueError(f"need 0 <= test_fraction and val_fraction + test_fraction < 1, got val_fraction "
+                         f"{val_fraction}, test_fraction {test_fraction}")
+    if test_fraction == 0.0:
+        train, val = stratified_split(y, val_fraction, seed)
+        return train, val, np.zeros(0, np.int64)
+    rest, test = stratified_split(y, test_fraction, seed)
+    n_val = round(len(y) * val_fraction)
+    train, val = stratified_split(y[rest], n_val / len(rest), seed + 1) if n_val else (np.arange(len(rest)), [])
+    return rest[train], np.sort(rest[np.asarray(val, np.int64)]), test
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -122,27 +146,26 @@ def _pick_fold(demand: np.ndarray, capacity: np.ndarray, rng: np.random.Generato
     return int(rng.choice(np.flatnonzero(best)))
 
 
-def save_split(path, ids_train, ids_val) -> None:
-    """Write a split as a CSV with columns id,split (split is 'train' or 'val'), sorted by id."""
-    ids_train, ids_val = np.asarray(ids_train, dtype=np.int64), np.asarray(ids_val, dtype=np.int64)
-    both = np.intersect1d(ids_train, ids_val)
-    if both.size:
-        raise ValueError(f"ids in both train and val, e.g. {both[:5].tolist()}")
-    ids = np.concatenate([ids_train, ids_val])
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("repeated ids within train or val")
-    names = np.array(["train"] * len(ids_train) + ["val"] * len(ids_val))
+def save_split(path, ids_train, ids_val, ids_test=()) -> None:
+    """Write a split as a CSV with columns id,split (split is 'train', 'val' or 'test'), sorted by id."""
+    parts = [np.asarray(ids, dtype=np.int64) for ids in (ids_train, ids_val, ids_test)]
+    ids = np.concatenate(parts)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids in more than one part of the split, e.g. {unique[counts > 1][:5].tolist()}")
+    names = np.repeat(np.array(SPLIT_NAMES), [len(p) for p in parts])
     order = np.argsort(ids, kind="stable")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "split"])
         w.writerows(zip(ids[order].tolist(), names[order].tolist()))
 
 
-def load_split(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split written by :func:`save_split`: (ids_train, ids_val), sorted int64 arrays."""
+def load_split(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a split written by :func:`save_split`: (ids_train, ids_val, ids_test), sorted int64 arrays (the test
+    part is empty for a two-way split)."""
     parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     seen: dict[int, int] = {}
     with open(path, newline="") as f:
@@ -162,7 +185,7 @@ def load_split(path) -> tuple[np.ndarray, np.ndarray]:
 def _split_row(path, row_no: int, row: list[str]) -> int:
     """The id of one split CSV row; ValueError naming the row when it is malformed."""
     if len(row) != 2 or row[1].strip() not in SPLIT_NAMES:
-        raise ValueError(f"{path}: row {row_no}: expected '<id>,train' or '<id>,val', got {row}")
+        raise ValueError(f"{path}: row {row_no}: expected '<id>,train', '<id>,val' or '<id>,test', got {row}")
     try:
         return int(row[0])
     except ValueError:

@@ -39,7 +39,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from model import CLASSES
+from pipeline.constants import CLASSES
+from pipeline.host import atomic_write, usable_cores
 
 COLUMNS = ("ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
            "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *CLASSES)
@@ -612,9 +613,8 @@ def _draw_camera(rng, min_px: int, max_px: int) -> tuple[int, int, int, int, int
 
 def _save_jpeg_atomic(img: Image.Image, path: pathlib.Path) -> None:
     """Write a JPEG under a temporary name, then rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        img.save(f, format="JPEG", quality=JPEG_QUALITY)
 
 
 def _make_patient(args: tuple) -> dict:
@@ -643,9 +643,8 @@ def _write_sheet_atomic(rows: list, path: pathlib.Path) -> None:
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     buf = io.BytesIO()
     frame.to_excel(buf, index=False, engine="openpyxl")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(_pin_xlsx_timestamps(buf.getvalue()))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        f.write(_pin_xlsx_timestamps(buf.getvalue()))
 
 
 def _pin_xlsx_timestamps(xlsx: bytes) -> bytes:
@@ -672,7 +671,7 @@ def make_synthetic_odir(out_dir, n_patients=600, seed=0, min_px=400, max_px=900,
         n_patients: number of patients (rows); IDs are 0 .. n_patients - 1, two JPEGs each.
         seed: base seed; patient i draws from `np.random.default_rng([seed, i])`.
         min_px, max_px: range of image widths in px; heights follow from a 1:1, 4:3 or 3:2 frame.
-        workers: worker processes (default `os.cpu_count()`); 1 draws in this process.
+        workers: worker processes (default: the usable cores); 1 draws in this process.
     """
     if n_patients < 1:
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
@@ -681,7 +680,7 @@ def make_synthetic_odir(out_dir, n_patients=600, seed=0, min_px=400, max_px=900,
     out_dir = pathlib.Path(out_dir)
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     tasks = [(str(out_dir), i, seed, min_px, max_px) for i in range(n_patients)]
-    workers = max(1, min(workers or os.cpu_count() or 1, n_patients))
+    workers = max(1, min(workers or usable_cores(), n_patients))
     bar = dict(total=n_patients, desc="synthetic ODIR", unit="patient")
     if workers == 1:
         rows = [_make_patient(t) for t in tqdm(tasks, **bar)]

@@ -1,9 +1,9 @@
-"""pipeline.data: a folder with bad eye images → patients left out with reasons, or a clear error with --strict."""
+"""pipeline.pairs.load_prepared: a folder with bad eye images → patients left out with reasons, or a clear error with --strict."""
 import shutil
 
 import pytest
 
-from pipeline.data import DataError, left_out_summary, load_prepared
+from pipeline.pairs import DataError, left_out_summary, load_prepared
 
 
 @pytest.fixture()

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import config
 import export
-from model import CLASSES
+import runtime
+from pipeline.constants import CLASSES
 
 THRESHOLDS = np.round(np.linspace(0.3, 0.65, len(CLASSES)), 3)  # distinct per class, so a mix-up shows
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -21,16 +24,15 @@ TINY = {"backbone": "test_convnext", "pretrained": False, "img_px": 64, "embed_d
 _BUILT: dict = {}  # one export per test session, whichever test module asks first
 
 
-def make_checkpoint(path: Path, seed: int = 0, **config) -> Path:
+def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """A best.pt exactly as train.py writes it, for a tiny random-weight model."""
-    import train
-
     torch.manual_seed(seed)
-    cfg = train.resolve_config({**TINY, **config})
-    model = train.build_model(cfg)
+    cfg = config.resolve_config({**TINY, **overrides})
+    model = checkpoint.build_model(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    train.save_atomic(train.checkpoint_payload(model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=1,
-                                               step=1, best={"f1_macro": 0.1, "epoch": 1}), path)
+    payload = checkpoint.checkpoint_payload(model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=1, step=1,
+                                            best={"f1_macro": 0.1, "epoch": 1})
+    checkpoint.save_checkpoint(payload, path)
     return path
 
 
@@ -53,7 +55,7 @@ def tiny_onnx(tiny_checkpoint) -> dict:
 
 def tiny_net(ckpt_path: Path):
     """The PyTorch reference model of a checkpoint (eval, fp32)."""
-    return export.build_from_checkpoint(export.read_checkpoint(ckpt_path))
+    return checkpoint.model_from_checkpoint(checkpoint.read_checkpoint(ckpt_path))
 
 
 # ----------------------------------------------------------------------------------------------- the ONNX file
@@ -71,7 +73,7 @@ def test_export_writes_checked_model_with_metadata(tiny_onnx):
     onnx.checker.check_model(m, full_check=True)
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
     meta = {p.key: p.value for p in m.metadata_props}
-    assert meta["format"] == export.ONNX_FORMAT == "odir-dual-onnx/1"
+    assert meta["format"] == runtime.ONNX_FORMAT == "odir-dual-onnx/1"
     assert json.loads(meta["classes"]) == list(CLASSES)
     np.testing.assert_allclose(json.loads(meta["thresholds"]), THRESHOLDS)
     assert int(meta["img_px"]) == 64 and int(meta["prepare_px"]) == 64
@@ -93,7 +95,7 @@ def test_export_writes_checked_model_with_metadata(tiny_onnx):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_onnx_matches_pytorch_any_batch(tiny_onnx, batch):
-    session = export.cpu_session(tiny_onnx["path"])
+    session = runtime.ort_session(tiny_onnx["path"])
     net = tiny_net(tiny_onnx["checkpoint"])
     g = torch.Generator().manual_seed(batch)
     left, right = (torch.randn(batch, 3, 64, 64, generator=g) for _ in range(2))
@@ -111,9 +113,9 @@ def test_onnx_matches_pytorch_on_real_images(tiny_onnx, odir256):
     pairs, note = export.check_pairs(tiny_onnx["checkpoint"], {}, odir256, n=12)
     assert len(pairs) == 12, note
     net = tiny_net(tiny_onnx["checkpoint"])
-    left, right, used = export.load_pair_tensors(pairs, 64, MEAN, STD)
-    assert used == 12 and left.shape == (12, 3, 64, 64)
-    assert export.max_prob_diff(export.cpu_session(tiny_onnx["path"]), net, left, right, fp16=False) <= 1e-4
+    left, right = export.real_inputs(pairs, checkpoint.read_checkpoint(tiny_onnx["checkpoint"]))
+    assert left.shape == (12, 3, 64, 64)
+    assert export.max_prob_diff(runtime.ort_session(tiny_onnx["path"]), net, left, right, fp16=False) <= 1e-4
 
 
 def test_real_image_check_defaults_to_the_runs_validation_split(tmp_path, odir256):
@@ -121,26 +123,26 @@ def test_real_image_check_defaults_to_the_runs_validation_split(tmp_path, odir25
     ckpt_path = make_checkpoint(run / "best.pt", data=str(odir256))
     # split.csv as train.py writes it (pipeline.split.save_split): id,split
     (run / "split.csv").write_text("id,split\n0,val\n4,val\n5,val\n7,train\n")
-    pairs, note = export.check_pairs(ckpt_path, export.read_checkpoint(ckpt_path))
+    pairs, note = export.check_pairs(ckpt_path, checkpoint.read_checkpoint(ckpt_path))
     assert note.startswith("3 validation pairs") and len(pairs) == 3
     assert all(Path(p).name.startswith(("0_", "4_", "5_")) for pair in pairs for p in pair)
     # no split.csv beside the checkpoint: skipped with a note, not an error
     (run / "split.csv").unlink()
-    pairs, note = export.check_pairs(ckpt_path, export.read_checkpoint(ckpt_path))
+    pairs, note = export.check_pairs(ckpt_path, checkpoint.read_checkpoint(ckpt_path))
     assert pairs == [] and "split.csv" in note
 
 
 def test_disagreement_fails_loudly(tiny_onnx, tmp_path):
-    other = export.build_from_checkpoint(export.read_checkpoint(make_checkpoint(tmp_path / "b.pt", seed=1)))
+    other = checkpoint.model_from_checkpoint(checkpoint.read_checkpoint(make_checkpoint(tmp_path / "b.pt", seed=1)))
     with pytest.raises(export.ExportCheckError, match="disagree"):
-        export.run_checks(tiny_onnx["path"], other, 64, MEAN, STD, [], "none", fp16=False, log=lambda *a: None)
+        export.run_checks(tiny_onnx["path"], other, {"img_px": 64}, [], "none", fp16=False, log=lambda *a: None)
 
 
 def test_fp16_export(tiny_checkpoint, tmp_path):
     out = tmp_path / "m16.onnx"
     result = export.export(tiny_checkpoint, out, fp16=True, log=lambda *a: None)
     assert result["precision"] == "fp16" and out.is_file()
-    session = export.cpu_session(out)
+    session = runtime.ort_session(out)
     assert [i.type for i in session.get_inputs()] == ["tensor(float16)"] * 2
     assert [o.type for o in session.get_outputs()] == ["tensor(float)"] * 2  # outputs stay float32
     meta = session.get_modelmeta().custom_metadata_map
@@ -155,7 +157,7 @@ def test_torchscript_fallback_exporter(tiny_checkpoint, tmp_path):
     out = tmp_path / "ts.onnx"
     result = export.export(tiny_checkpoint, out, exporter="torchscript", log=lambda *a: None)
     assert result["exporter"] == "torchscript" and result["diffs"]["random"] <= export.FP32_TOL
-    session = export.cpu_session(out)
+    session = runtime.ort_session(out)
     assert session.get_modelmeta().custom_metadata_map["exporter"] == "torchscript"
     x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
     assert session.run(["probs"], {"left": x, "right": x[::-1].copy()})[0].shape == (3, len(CLASSES))
@@ -185,8 +187,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 def test_not_our_checkpoint_is_a_clear_error(tmp_path, capsys):
     for case, (path, message) in _bad_files(tmp_path).items():
-        with pytest.raises(export.CheckpointError, match=message) as err:
-            export.read_checkpoint(path)
+        with pytest.raises(checkpoint.CheckpointError, match=message) as err:
+            checkpoint.read_checkpoint(path)
         assert str(path if path.suffix else path / "best.pt") in str(err.value), case
         # the command line: exit status 1, one line on stderr naming the file
         assert export.main([str(path), "-o", str(tmp_path / "x.onnx")]) == 1
@@ -212,9 +214,9 @@ def test_real_image_check_uses_the_runs_recorded_data_folder(tmp_path):
     pd.DataFrame(rows).to_csv(data / "sheet.csv", index=False)
     ckpt_path = make_checkpoint(tmp_path / "run" / "best.pt", data=str(data))
     (tmp_path / "run" / "split.csv").write_text("id,split\n1,train\n2,val\n3,val\n")
-    pairs, note = export.check_pairs(ckpt_path, export.read_checkpoint(ckpt_path))
+    pairs, note = export.check_pairs(ckpt_path, checkpoint.read_checkpoint(ckpt_path))
     assert [Path(left).name for left, _ in pairs] == ["2_left.jpg", "3_left.jpg"], note
     nameless = make_checkpoint(tmp_path / "run2" / "best.pt")
     (tmp_path / "run2" / "split.csv").write_text("id,split\n1,train\n2,val\n")
-    pairs, note = export.check_pairs(nameless, export.read_checkpoint(nameless))
+    pairs, note = export.check_pairs(nameless, checkpoint.read_checkpoint(nameless))
     assert pairs == [] and "does not name its data folder" in note

@@ -65,10 +65,10 @@ def test_gpu_decoding_matches_cpu_decoding(pairs):
 def test_fast_preset_trains_compiled_bf16_on_gpu(tmp_path):
     """train.py itself, fast preset (bf16 autocast, channels_last, torch.compile, DALI GPU decoding), one epoch
     of a tiny backbone: the run finishes, validates, writes best.pt, and its loss is finite."""
-    import train
+    import engine
     from pipeline.synthetic import make_synthetic_odir
 
-    assert train.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16, "this GPU has no bf16"
+    assert engine.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16, "this GPU has no bf16"
     data = make_synthetic_odir(tmp_path / "odir", n_patients=40, seed=5, min_px=96, max_px=192, workers=2)
     ckpt = train.main(["--preset", "fast", "--data", str(data), "--out", str(tmp_path), "--name", "run",
                        "--cache-dir", str(tmp_path / "cache"), "--backbone", "test_convnext", "--no-pretrained",

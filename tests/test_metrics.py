@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from model import CLASSES
+from pipeline.constants import CLASSES
 from model.metrics import multilabel_metrics, odir_score, tune_thresholds
 
 

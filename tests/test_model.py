@@ -34,6 +34,17 @@ def test_output_shape(name):
     assert out.shape == (3, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def test_timm_contract_features_head_forward(tiny):
+    left, right = _pair()
+    with torch.no_grad():
+        feats = tiny.forward_features(left, right)  # (B, 4D)
+        hidden = tiny.forward_head(feats, pre_logits=True)  # (B, D)
+        logits = tiny.forward_head(feats)
+        assert feats.shape == (2, 4 * TINY["embed_dim"]) and hidden.shape == (2, TINY["embed_dim"])
+        torch.testing.assert_close(logits, tiny(left, right))
+        torch.testing.assert_close(logits, tiny.head[-1](hidden))
+
+
 def test_eyes_are_not_interchangeable(tiny):
     left, right = _pair()
     assert tiny.left_branch.proj.weight is not tiny.right_branch.proj.weight

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import CLASSES
+from pipeline.constants import CLASSES
 from pipeline.dali import Augment, PairSource, eval_loader, train_loader
 from pipeline.reference import reference_loader
 from pipeline.sampling import epoch_order, rarity_weights, steps_per_epoch

@@ -234,7 +234,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     real_save = Image.Image.save
 
     def failing_save(self, fp, *a, **kw):
-        Path(fp).write_bytes(b"\xff\xd8 half a JPEG")
+        fp.write(b"\xff\xd8 half a JPEG")  # into the temporary file that prepare_image hands PIL
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", failing_save)

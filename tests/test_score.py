@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import runtime
 import score
-from model import CLASSES
+from pipeline import pairs
+from pipeline.constants import CLASSES
 from test_export import MEAN, STD, THRESHOLDS, tiny_checkpoint, tiny_net, tiny_onnx  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +93,7 @@ def test_round_trip_matches_pytorch_and_is_quiet(tiny_onnx, tmp_path):
     assert list(rows[0]) == ["ID", *CLASSES, *(f"pred_{c}" for c in CLASSES), "labels", "status"]
     assert all(r["status"] == "ok" for r in rows)
     probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
-    table = score.prepare_pairs(score.find_pairs(folder)[0], tmp_path / "cache" / "prepared", 64, workers=1,
+    table = pairs.prepare_pairs(pairs.find_pairs(folder)[0], tmp_path / "cache" / "prepared", 64, workers=1,
                                 progress=False)
     np.testing.assert_allclose(probs, reference_probs(tiny_onnx["checkpoint"], table), atol=1e-4, rtol=0)
     # decisions at the model's tuned thresholds, and the label string built from them
@@ -171,7 +173,7 @@ def _tta_probs(monkeypatch, session, meta, left, right, tta):
 
 
 def test_tta_averages_the_horizontal_flip(tiny_onnx, monkeypatch):
-    session, meta, _ = score.load_session(tiny_onnx["path"], "cpu")
+    session, meta, _ = runtime.load_session(tiny_onnx["path"], "cpu")
     g = torch.Generator().manual_seed(3)
     half = torch.randn(3, 3, 64, 32, generator=g)
     symmetric = torch.cat([half, half.flip(3)], dim=3)  # (3, 3, 64, 64), mirror-symmetric in W
@@ -249,8 +251,8 @@ def test_not_our_model_is_a_clear_error(tmp_path, capsys):
     folder = pair_folder(tmp_path / "images", [1])
     for path, message in ((foreign, "not an odir-dual ONNX model"), (text, "not a loadable ONNX model"),
                           (tmp_path / "absent.onnx", "no such model file")):
-        with pytest.raises(score.ModelFileError, match=message):
-            score.load_session(path, "cpu")
+        with pytest.raises(runtime.ModelFileError, match=message):
+            runtime.load_session(path, "cpu")
         assert score.main([str(path), str(folder), "-o", str(tmp_path / "p.csv")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("score.py: error:") and path.name in err[0]
@@ -259,10 +261,10 @@ def test_not_our_model_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
 def test_cuda_provider_refused_without_a_gpu(tiny_onnx):
-    assert score.resolve_provider("auto") == "cpu"
+    assert runtime.resolve_provider("auto") == "cpu"
     with pytest.raises(SystemExit, match="--provider cuda"):
-        score.load_session(tiny_onnx["path"], "cuda")
-    session, _, provider = score.load_session(tiny_onnx["path"], "auto")
+        runtime.load_session(tiny_onnx["path"], "cuda")
+    session, _, provider = runtime.load_session(tiny_onnx["path"], "auto")
     assert provider == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
 
 

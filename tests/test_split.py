@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.split import load_split, save_split, stratified_split
+from pipeline.split import load_split, save_split, stratified_split, three_way_split
 
 TOLERANCE = 0.03  # |validation prevalence - overall prevalence| allowed for a class with >= 50 positives
 
@@ -111,17 +111,20 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "runs" / "split.csv"
     save_split(path, [30, 4, 17], np.array([9, 2]))
     assert path.read_text().splitlines()[:3] == ["id,split", "2,val", "4,train"]
-    train, val = load_split(path)
-    assert train.tolist() == [4, 17, 30] and val.tolist() == [2, 9]
+    train, val, test = load_split(path)
+    assert train.tolist() == [4, 17, 30] and val.tolist() == [2, 9] and test.tolist() == []
+    save_split(path, [30, 4], [9], [2, 17])
+    assert [a.tolist() for a in load_split(path)] == [[4, 30], [9], [2, 17]]
 
 
-def test_save_rejects_overlap(tmp_path):
-    with pytest.raises(ValueError, match="both"):
-        save_split(tmp_path / "s.csv", [1, 2], [2, 3])
+@pytest.mark.parametrize("parts", [([1, 2], [2, 3], []), ([1], [2], [1]), ([1], [], [3, 3])])
+def test_save_rejects_a_patient_in_two_parts(tmp_path, parts):
+    with pytest.raises(ValueError, match="more than one part"):
+        save_split(tmp_path / "s.csv", *parts)
 
 
 @pytest.mark.parametrize("text, message", [("pid,fold\n1,train\n", "row 1"),
-                                           ("id,split\n1,train\n2,test\n", "row 3"),
+                                           ("id,split\n1,train\n2,tset\n", "row 3"),
                                            ("id,split\nx,val\n", "row 2"),
                                            ("id,split\n1,train\n1,val\n", "rows 2 and 3")])
 def test_load_names_the_bad_row(tmp_path, text, message):
@@ -129,3 +132,31 @@ def test_load_names_the_bad_row(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_split(path)
+
+
+# ----------------------------------------------------------------------------- three-way split
+
+
+@pytest.mark.parametrize("n, val_fraction, test_fraction", [(2239, 0.15, 0.15), (100, 0.15, 0.15), (7, 0.2, 0.2),
+                                                           (1001, 0.1, 0.3)])
+def test_three_way_split_never_leaks_a_patient(n, val_fraction, test_fraction):
+    y = synthetic_labels(n)
+    train, val, test = three_way_split(y, val_fraction, test_fraction, seed=3)
+    assert len(val) == round(n * val_fraction) and len(test) == round(n * test_fraction)
+    assert np.intersect1d(train, val).size == np.intersect1d(train, test).size == np.intersect1d(val, test).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
+
+
+def test_three_way_split_is_stratified_and_seeded():
+    y = synthetic_labels()
+    a = three_way_split(y, 0.15, 0.15, seed=0)
+    assert all(np.array_equal(u, v) for u, v in zip(a, three_way_split(y, 0.15, 0.15, seed=0)))
+    assert not np.array_equal(a[2], three_way_split(y, 0.15, 0.15, seed=1)[2])
+    assert max(max_deviation(y, a[1]), max_deviation(y, a[2])) <= TOLERANCE
+
+
+def test_no_test_fraction_is_the_two_way_split():
+    y = synthetic_labels(500)
+    train, val, test = three_way_split(y, 0.15, 0.0, seed=4)
+    two = stratified_split(y, 0.15, 4)
+    assert np.array_equal(train, two[0]) and np.array_equal(val, two[1]) and test.size == 0

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from model import CLASSES
+from pipeline.constants import CLASSES
 from pipeline.synthetic import (COLUMNS, IMAGE_DIR, KEYWORD_SEP, KEYWORDS, MARKER_NAME, NORMAL_KEYWORD,
                                 SHEET_NAME, ensure_synthetic_odir, make_synthetic_odir)
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import config
+import engine
 import train
-from model import CLASSES
+from pipeline.constants import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32",
@@ -32,7 +35,7 @@ def run(tmp_path, tiny_odir, *extra, name="run"):
 
 
 def test_seed_preset_is_the_seed_recipe():
-    cfg = train.resolve_config({"preset": "seed"})
+    cfg = config.resolve_config({"preset": "seed"})
     assert (cfg.backbone, cfg.img_px, cfg.batch_size, cfg.accum_steps, cfg.epochs) == ("convnext_small", 384, 6, 2, 25)
     assert (cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay, cfg.warmup_epochs) == (5e-5, 0.1, 2e-5, 3.0)
     assert cfg.clip_grad == 1.0 and cfg.weighted_sampling and cfg.pretrained and cfg.patience > 0
@@ -40,21 +43,21 @@ def test_seed_preset_is_the_seed_recipe():
 
 
 def test_flags_come_from_config_fields_and_override_presets():
-    cfg = train.parse_config(["--preset", "fast", "--no-compile", "--batch-size", "7", "--precision", "fp32"])
+    cfg = config.parse_config(["--preset", "fast", "--no-compile", "--batch-size", "7", "--precision", "fp32"])
     assert (cfg.preset, cfg.compile, cfg.batch_size, cfg.precision) == ("fast", False, 7, "fp32")
     assert cfg.img_px == 384  # from the preset
     with pytest.raises(SystemExit):
-        train.parse_config(["--preset", "nope"])
+        config.parse_config(["--preset", "nope"])
 
 
 def test_no_arguments_is_the_demo_on_a_cpu():
     if torch.cuda.is_available():
         pytest.skip("the default preset is fast on a GPU")
-    assert train.parse_config([]).preset == "demo"
+    assert config.parse_config([]).preset == "demo"
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    f = [train.lr_factor(s, 100, 10) for s in range(100)]
+    f = [engine.lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] < 0.01
@@ -73,7 +76,7 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
     assert "odir" in best["val_metrics"] and "tuned" in best["val_metrics"]
     rows = (d / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_odir" in rows[0]
-    model = train.build_model(train.Config(**best["config"]), pretrained=False)
+    model = checkpoint.build_model(config.config_from_dict(best["config"]), pretrained=False)
     model.load_state_dict(best["model"])
 
 
@@ -126,17 +129,17 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
 
 
 KILLER = """
-import sys, torch, train
+import sys, torch, checkpoint
 path = sys.argv[1]
 big = {"w": torch.randn(4_000_000)}
 while True:
-    train.save_atomic(big, path)
+    checkpoint.save_checkpoint(big, path)
 """
 
 
 def test_kill_during_checkpointing_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "best.pt"
-    train.save_atomic({"w": torch.zeros(3)}, path)
+    checkpoint.save_checkpoint({"w": torch.zeros(3)}, path)
     for delay in (0.3, 0.7, 1.1, 1.6):
         p = subprocess.Popen([sys.executable, "-c", KILLER, str(path)], cwd=ROOT)
         time.sleep(delay)

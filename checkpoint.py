@@ -1,0 +1,189 @@
+"""The checkpoint format: build the network from a config, what a checkpoint holds, atomic save, safe load.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
+`torch.load(path, weights_only=True)` and can never run code. train.py writes `best.pt` and `last.pt`;
+export.py, the benchmarks and the tests read them through `read_checkpoint` / `model_from_checkpoint`.
+
+    payload = checkpoint_payload(model, cfg, thresholds=..., mean=..., std=..., epoch=3, step=120, best={...})
+    save_checkpoint(payload, run_dir / "best.pt")
+    model = model_from_checkpoint(read_checkpoint(run_dir))   # eval mode, fp32, CPU
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from config import Config, config_from_dict
+from pipeline.constants import CLASSES
+from pipeline.host import atomic_write
+
+FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
+REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
+HERE = Path(__file__).resolve().parent
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint of ours; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> str:
+    """The code's commit (short), "-dirty" when tracked files differ from it; "unknown" outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    import timm
+
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "timm": timm.__version__,
+                "numpy": np.__version__}
+    try:
+        import nvidia.dali
+
+        versions["dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
+    """The network of a config (train.py, export.py and the benchmarks all build it here)."""
+    from model import DualEyeNet
+
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    try:
+        return DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
+                          dropout=cfg.dropout, pretrained=pretrained, weights_file=cfg.weights_file or None)
+    except RuntimeError as e:
+        if pretrained and not cfg.weights_file:
+            raise SystemExit(f"could not load pretrained weights for {cfg.backbone!r} ({e}). On a host with no "
+                             "network pass --weights-file PATH (timm's .safetensors/.pth for this backbone), "
+                             "or --no-pretrained to start from random weights.") from e
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def checkpoint_payload(model: nn.Module, cfg: Config, *, thresholds, mean, std, epoch, step, best,
+                       extra=None) -> dict:
+    """Everything export.py and score.py need, as plain data (loads with weights_only=True)."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": asdict(cfg),
+        "classes": list(CLASSES),
+        "thresholds": [float(t) for t in thresholds],
+        "img_px": cfg.img_px,
+        "mean": list(mean),
+        "std": list(std),
+        "versions": library_versions(),
+        "commit": git_commit(),
+        "epoch": epoch,
+        "step": step,
+        "best": best,
+        "format": FORMAT,
+    }
+    payload.update(extra or {})
+    return payload
+
+
+def save_checkpoint(payload: dict, path) -> None:
+    """torch.save, atomically: a kill at any moment leaves the old file or the new one."""
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint is data, never code: plain tensors, numbers and strings only (no format checks)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_file(path) -> Path:
+    """A checkpoint path, or a run folder → its best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save's zip archive, or a legacy pickle (protocol 2+ starts with 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint written by train.py (a file, or a run folder → best.pt) and check that it is one of ours.
+
+    Raises:
+        CheckpointError: not a torch file, refused by the weights-only loader, or not an odir-dual checkpoint.
+    """
+    path = checkpoint_file(path)
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither a torch.save zip archive nor a "
+                              "pickle)")
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - torch.load raises KeyError, RuntimeError, UnpicklingError, ...
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it holds Python objects, "
+                                  f"not plain data, so it is not a checkpoint written by train.py"
+                                  + (f" (object of {found[1]})" if found else "")) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({type(e).__name__}: "
+                              f"{msg.splitlines()[0][:120] if msg else 'unreadable'})") from None
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != FORMAT:
+        what = f"format {fmt!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}, not a dict"
+        raise CheckpointError(f"{path}: not an odir-dual checkpoint ({what}; expected format "
+                              f"{FORMAT!r}, as train.py writes in best.pt/last.pt)")
+    absent = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if absent:
+        raise CheckpointError(f"{path}: odir-dual checkpoint without {', '.join(absent)}")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict) -> Config:
+    """The Config a checkpoint was trained with, set to rebuild its model offline (no download, no weights file:
+    the state dict brings every weight)."""
+    return dataclasses.replace(config_from_dict(ckpt["config"]), pretrained=False, weights_file="")
+
+
+def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
+    """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
+    model = build_model(checkpoint_config(ckpt), pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the saved config "
+                              f"({str(e).splitlines()[0]})") from None
+    return model.eval()
