@@ -66,6 +66,7 @@ def test_fast_preset_trains_compiled_bf16_on_gpu(tmp_path):
     """train.py itself, fast preset (bf16 autocast, channels_last, torch.compile, DALI GPU decoding), one epoch
     of a tiny backbone: the run finishes, validates, writes best.pt, and its loss is finite."""
     import engine
+    import train
     from pipeline.synthetic import make_synthetic_odir
 
     assert engine.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16, "this GPU has no bf16"
