@@ -169,7 +169,40 @@ def read_checkpoint(path) -> dict:
     absent = [k for k in REQUIRED_KEYS if k not in ckpt]
     if absent:
         raise CheckpointError(f"{path}: odir-dual checkpoint without {', '.join(absent)}")
+    _check_contents(ckpt, path)
     return ckpt
+
+
+def _check_contents(ckpt: dict, path) -> None:
+    """The fields export.py and score.py build on have the right kind and size (a crafted or damaged file is
+    refused here, with its name, not by a traceback deep inside the export)."""
+    def fail(what: str):
+        raise CheckpointError(f"{path}: {what}")
+
+    classes, thresholds = ckpt["classes"], ckpt["thresholds"]
+    if not isinstance(classes, (list, tuple)) or list(classes) != list(CLASSES):
+        fail(f"classes {classes!r}; this code predicts {list(CLASSES)}")
+    try:
+        thr = np.asarray(thresholds, dtype=np.float64)
+    except (TypeError, ValueError):
+        thr = np.full(0, np.nan)
+    if thr.shape != (len(CLASSES),) or not np.all((thr >= 0) & (thr <= 1)):
+        fail(f"thresholds {thresholds!r}; expected {len(CLASSES)} numbers in [0, 1], one per class")
+    if not isinstance(ckpt["img_px"], int) or isinstance(ckpt["img_px"], bool) or ckpt["img_px"] < 1:
+        fail(f"img_px {ckpt['img_px']!r}; expected a positive whole number of pixels")
+    for name in ("mean", "std"):
+        try:
+            values = np.asarray(ckpt[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.full(0, np.nan)
+        if values.shape != (3,) or not np.all(np.isfinite(values)) or (name == "std" and not np.all(values > 0)):
+            fail(f"{name} {ckpt[name]!r}; expected 3 finite numbers" + (" > 0" if name == "std" else ""))
+    if not isinstance(ckpt["config"], dict):
+        fail(f"config is a {type(ckpt['config']).__name__}, not a dict")
+    try:
+        config_from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        fail(f"config: {e}")
 
 
 def checkpoint_config(ckpt: dict) -> Config:
@@ -180,7 +213,11 @@ def checkpoint_config(ckpt: dict) -> Config:
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
     """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
-    model = build_model(checkpoint_config(ckpt), pretrained=False)
+    try:
+        model = build_model(checkpoint_config(ckpt), pretrained=False)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # unknown backbone, impossible sizes, ...
+        raise CheckpointError(f"{path}: cannot build the network its config describes "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

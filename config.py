@@ -6,18 +6,25 @@ command-line flags generated from its fields (shared with the benchmarks' settin
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
+import re
 import textwrap
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 
 
 @dataclass
 class Config:
-    preset: str = "auto"  # seed | fast | demo | auto (fast on a GPU, demo on a CPU)
+    preset: str = "auto"  # seed | fast | cpu | demo | auto (fast on a GPU; on a CPU cpu with --data, else demo)
     data: str = ""  # ODIR folder (data.xlsx or full_df.csv + images); empty: the synthetic demo set
     out: str = "runs"  # run folders are created in here
-    name: str = ""  # run folder name; default: date-time
+    name: str = ""  # run folder name; default: date-time (made unique); an existing folder needs --overwrite
+    overwrite: bool = False  # replace an existing run folder of the same --name (refused while it is training)
     resume: str = ""  # a run folder (or its last.pt) to continue from
     dry_run: bool = False  # read and check the data, print what would be trained on, exit
     strict: bool = False  # a bad or missing eye image is fatal instead of leaving the patient out
@@ -29,30 +36,47 @@ class Config:
     weights_file: str = ""  # local backbone weights for offline hosts (implies --pretrained)
     embed_dim: int = 512  # per-eye token width in the head
     heads: int = 8  # cross-attention heads
-    dropout: float = 0.2
+    dropout: float = 0.2  # dropout probability in the head (eye projections, cross-attention, fusion)
     # data
     img_px: int = 384  # training and inference image side, pixels
     prepare_px: int = 0  # short side of the prepared copies, pixels; 0: same as img_px
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # patients that pick the epoch, tune the thresholds and fit the calibration
+    test_fraction: float = 0.15  # patients scored once, at the end, with the best checkpoint; 0: no test split
     weighted_sampling: bool = True  # draw patients by label rarity
     same_eye_aug: bool = False  # one augmentation draw for both eyes (default: independent per eye)
-    loader_threads: int = 0  # DALI CPU threads; 0: min(cores, 8)
+    loader_threads: int = 0  # DALI CPU threads (decoding, augmenting); 0: min(cores, 8)
     # optimisation
-    epochs: int = 25
+    epochs: int = 25  # passes over the training split (the cosine schedule ends with the last)
     batch_size: int = 6  # pairs per step per rank
     accum_steps: int = 2  # steps per optimizer update
     lr: float = 5e-5  # head learning rate at 12 pairs per update; scaled by sqrt(pairs per update / 12)
     backbone_lr_mult: float = 0.1  # backbone learning rate = lr × this
-    weight_decay: float = 2e-5
+    weight_decay: float = 2e-5  # AdamW decoupled weight decay
     warmup_epochs: float = 3.0  # linear warm-up, then cosine to zero
     clip_grad: float = 1.0  # max gradient norm; 0: off
-    patience: int = 5  # early stopping: epochs without a better validation F1 macro; 0: off
-    seed: int = 42
+    patience: int = 5  # early stopping: epochs without a better validation score (select_metric); 0: off
+    select_metric: str = "f1_macro"  # picks the best epoch on validation: f1_macro (at 0.5) | auc_macro | loss
+    # loss: bce_weight × BCE (positive weights (negatives/positives) per class when bce_pos_weight) + focal
+    bce_pos_weight: bool = True
+    focal_weight: float = 0.5  # share of the focal term; the BCE term gets 1 - focal_weight
+    focal_gamma: float = 2.5  # focusing exponent; 0: alpha-weighted BCE
+    focal_alpha: float = 0.3  # focal weight of the positives (negatives: 1 - alpha)
+    model_ema: bool = False  # validate, save and export an exponential moving average of the weights (timm)
+    model_ema_decay: float = 0.998  # per optimizer update
+    calibration: str = "platt"  # per-class map of validation logits to probabilities: platt | temperature | none
+    seed: int = 42  # the split, the sampling order, the augmentations and the initial weights
     # speed
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the training model
+    channels_last: bool = True  # NHWC memory for the model and the images (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the training model (and the validation pass)
+    # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs)
+    compile_mode: str = "default"
+    # compile each repeated block (backbone stages' blocks, the head's modules) instead of the whole network:
+    # identical blocks share one compiled graph, so compilation takes a fraction of the time (implies --compile)
+    regional_compile: bool = False
+    eval_batch_size: int = 0  # most pairs per validation batch; 0: 2 × batch_size (no gradients to keep)
     stop_after_steps: int = 0  # stop after this many optimizer updates (saving last.pt); 0: run to the end
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard (needs: pip install tensorboard)
 
 
 PRESETS = {
@@ -68,15 +92,28 @@ PRESETS = {
     "demo": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=15,
                  lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
+    # Real photographs on a CPU (the default there for --data): a small backbone from scratch at the 256 px of the
+    # prepared copies, sized so that 2 cores train 1,550 patients in about 20 minutes; no weighted sampling (with it
+    # the official score fell below the trivial predictor's), the best epoch by validation AUC, Platt calibration.
+    "cpu": dict(backbone="test_resnet", pretrained=False, img_px=256, batch_size=32, accum_steps=1, epochs=15,
+                lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0, embed_dim=128,
+                dropout=0.1, weighted_sampling=False, select_metric="auc_macro", compile=False),
 }
 
 
 # ----------------------------------------------------------------------------------------------- config
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_of=lambda f: f"default {f.default!r}") -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_of=lambda f: f"default {f.default!r}",
+                        choices: dict | None = None) -> None:
     """One flag per dataclass field (`img_px` → `--img-px`; bools get `--x/--no-x`), all defaulting to None so
-    that only what the user typed comes back (see `explicit_values`). Also used by the benchmarks' settings."""
+    that only what the user typed comes back (see `explicit_values`). Also used by the benchmarks' settings.
+
+    Args:
+        help_of: field → help text.
+        choices: field name → the values its flag accepts (argparse lists them in --help and refuses others).
+    """
+    choices = choices or {}
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -84,7 +121,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_of=lambda f: 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
-                                help=help_of(f))
+                                help=help_of(f), choices=choices.get(f.name),
+                                metavar=None if f.name in choices else f.name.upper())
 
 
 def explicit_values(args: argparse.Namespace) -> dict:
@@ -93,19 +131,200 @@ def explicit_values(args: argparse.Namespace) -> dict:
 
 
 def parse_config(argv=None, description: str | None = None) -> Config:
-    """Flags generated from Config's fields; a preset fills the fields the user did not set."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, Config)
-    return resolve_config(explicit_values(parser.parse_args(argv)))
+    """Flags generated from Config's fields: defaults ← preset ← `--config FILE` ← explicit flags.
+
+    `--config FILE` reads a run's config.json (or a YAML file with the same keys, when pyyaml is installed);
+    `--print-config` prints the resolved config as JSON (a valid --config file) and exits. With `--resume` the run's
+    saved config is used, and only the fields in `RESUMABLE` may differ from it (see `resume_config`).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_help_epilog())
+    parser.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
+                        "every field it names; flags given here override it")
+    parser.add_argument("--print-config", action="store_true", default=None,
+                        help="print the resolved config as JSON (usable as --config FILE) and exit")
+    add_dataclass_flags(parser, Config, _flag_help, choices=flag_choices())
+    explicit = explicit_values(parser.parse_args(argv))
+    show = explicit.pop("print_config", False)
+    from_file = read_config_file(explicit.pop("config")) if "config" in explicit else {}
+    if explicit.get("resume"):
+        cfg = resume_config(saved_run_config(explicit["resume"]), {**from_file, **explicit})
+    else:
+        cfg = resolve_config({**from_file, **explicit})
+    if show:
+        print(json.dumps(asdict(cfg), indent=1))
+        raise SystemExit(0)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- files, resume
+
+# Fields that name a run rather than describe what is trained: a config file never sets them (a rerun from a
+# finished run's config.json is a new run, in a new folder).
+RUN_IDENTITY = ("name", "resume", "overwrite", "dry_run")
+# What `--resume` may change: a larger --epochs (the cosine is recomputed over the new total), where to stop, and
+# settings that do not change a single number of the result.
+RESUMABLE = ("resume", "epochs", "stop_after_steps", "loader_threads", "tensorboard", "out", "name", "overwrite",
+             "dry_run")
+
+
+def read_config_file(path) -> dict:
+    """The fields a config file sets: a run's config.json, or YAML (.yaml/.yml, needs pyyaml).
+
+    Fields this code no longer has are ignored with one line naming them; run-identity fields (`RUN_IDENTITY`) are
+    dropped; a value of the wrong kind is an error naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SystemExit(f"--config {path}: {e.strerror or e}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of field names to values")
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        print(f"--config {path}: ignoring {len(unknown)} field(s) this version does not have: {', '.join(unknown)}")
+    values = {k: v for k, v in values.items() if k in names and k not in RUN_IDENTITY}
+    try:
+        config_from_dict(values)  # type checks, naming the field
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--config {path}: {e}") from None
+    return values
+
+
+def resume_folder(resume: str) -> Path:
+    """The run folder that `--resume` names (the folder itself, or a checkpoint in it)."""
+    path = Path(resume)
+    return path.parent if path.suffix == ".pt" else path
+
+
+def saved_run_config(resume: str) -> dict:
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt)."""
+    from checkpoint import load_checkpoint
+
+    return load_checkpoint(resume_folder(resume) / "last.pt")["config"]
+
+
+def resume_config(saved: dict, explicit: dict) -> Config:
+    """The saved run's config with what `--resume` may change (`RESUMABLE`); any other changed field is refused.
+
+    A flag equal to the saved value is no change. `--epochs` may only grow: the remaining updates then follow the
+    warm-up + cosine recomputed over the new total (engine.lr_factor), continuing from the last update.
+
+    Raises:
+        SystemExit: naming every changed field with the run's value and the new one.
+    """
+    cfg = config_from_dict(saved)
+    changed = {k: v for k, v in explicit.items() if k != "preset" and getattr(cfg, k, v) != v}
+    if "preset" in explicit and explicit["preset"] not in ("auto", cfg.preset):
+        changed["preset"] = explicit["preset"]
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    if changed.get("epochs", cfg.epochs) < cfg.epochs:
+        refused["epochs"] = changed["epochs"]
+    if refused:
+        listed = "; ".join(f"--{k.replace('_', '-')} {v!r} (the run has {getattr(cfg, k)!r})"
+                           for k, v in refused.items())
+        raise SystemExit(f"--resume {explicit['resume']}: cannot change {listed}. A resumed run keeps its config; "
+                         f"only a larger --epochs and --stop-after-steps may change. To change the others, start a "
+                         f"new run: --config {resume_folder(explicit['resume']) / 'config.json'} plus the flags")
+    kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard")}
+    # a stop point belongs to one invocation: a resumed run goes to the end unless told otherwise
+    return dataclasses.replace(cfg, resume=explicit["resume"], stop_after_steps=explicit.get("stop_after_steps", 0),
+                               **kept)
+
+
+# ----------------------------------------------------------------------------------------------- --help
+
+
+def flag_choices() -> dict:
+    """Field → the values its flag accepts."""
+    return {"preset": ("auto", *PRESETS), "precision": PRECISIONS, "select_metric": SELECT_METRICS,
+            "calibration": CALIBRATIONS, "compile_mode": COMPILE_MODES}
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls=None) -> dict:
+    """Field → its help text: the comment beside the field in the class source, else the comment lines just above
+    it (section titles like `# model` excluded). One source for the code's comments and the flags' help."""
+    import inspect
+
+    cls = cls or Config
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+)\s*:\s*[\w\[\] |.]+=.*?(?:#\s*(.*))?$", stripped)
+        if m:
+            text = m.group(2) or " ".join(a for a in above if len(a.split()) > 1)
+            out[m.group(1)] = text.strip()
+        above = []
+    return out
+
+
+def _flag_help(f) -> str:
+    """Help of one field's flag: what it does, then the value each preset gives it ("*": the preset that
+    `--preset auto` picks on this machine without --data, so the value that runs with no flags)."""
+    here = _auto_here()
+    by_value: dict = {}
+    for preset, values in PRESETS.items():
+        by_value.setdefault(repr(values.get(f.name, f.default)), []).append(preset + "*" * (preset == here))
+    if len(by_value) == 1 or f.name == "preset":
+        values = f"default {f.default!r}"
+    else:
+        values = "; ".join(f"{'/'.join(names)}: {value}" for value, names in by_value.items())
+    text = field_comments().get(f.name, "")
+    return f"{text} [{values}]".strip().replace("%", "%%")
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_here(has_data: bool = False) -> str | None:
+    """`auto_preset` on this machine, or None where torch is not installed (the light scoring install)."""
+    try:
+        return auto_preset(has_data)
+    except ImportError:
+        return None
+
+
+def _help_epilog() -> str:
+    here = f"{_auto_here(False)} (with --data: {_auto_here(True)})" if _auto_here() else "unknown (no torch)"
+    return (f"[...]: the value each preset gives the flag. On this machine --preset auto (the default) is {here};\n"
+            f"* marks the preset it picks without --data, whose values run when no flag is given.\n"
+            f"Precedence: the preset < --config FILE < the flags given here.")
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SELECT_METRICS = ("f1_macro", "auc_macro", "loss")
+CALIBRATIONS = ("platt", "temperature", "none")
+
+
+def auto_preset(has_data: bool) -> str:
+    """What `--preset auto` means here: fast on a GPU; on a CPU, cpu for real data and demo for the synthetic set."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "fast"
+    return "cpu" if has_data else "demo"
 
 
 def resolve_config(explicit: dict) -> Config:
-    """Defaults ← preset ← explicit values. `auto` picks fast on a GPU, demo on a CPU."""
+    """Defaults ← preset ← explicit values (`auto`: see `auto_preset`)."""
     preset = explicit.get("preset", "auto")
     if preset == "auto":
-        import torch
-
-        preset = "fast" if torch.cuda.is_available() else "demo"
+        preset = auto_preset(has_data=bool(explicit.get("data")))
     if preset not in PRESETS:
         raise SystemExit(f"--preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
     values = {**PRESETS[preset], **explicit, "preset": preset}
@@ -113,6 +332,13 @@ def resolve_config(explicit: dict) -> Config:
         values["pretrained"] = True
     if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
         raise SystemExit(f"--precision {values['precision']!r}: choose auto, bf16, fp16 or fp32")
+    if values.get("compile_mode", "default") not in COMPILE_MODES:
+        raise SystemExit(f"--compile-mode {values['compile_mode']!r}: choose {', '.join(COMPILE_MODES)}")
+    for field, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS)):
+        if values.get(field, getattr(Config, field)) not in choices:
+            raise SystemExit(f"--{field.replace('_', '-')} {values[field]!r}: choose {', '.join(choices)}")
+    if values.get("regional_compile"):
+        values["compile"] = True
     return Config(**values)
 
 
@@ -125,6 +351,12 @@ def format_config(cfg: Config) -> str:
 
 
 def config_from_dict(saved: dict) -> Config:
-    """A Config from a saved dict (config.json, a checkpoint): fields added or dropped since are tolerated."""
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in names})
+    """A Config from a saved dict (config.json, a checkpoint): fields added or dropped since are tolerated, a value
+    of the wrong kind (a crafted or damaged file) is a ValueError naming the field."""
+    kinds = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(Config)}
+    values = {k: v for k, v in saved.items() if k in kinds}
+    for name, value in values.items():
+        ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(kinds[name], (object,))
+        if not isinstance(value, ok) or (kinds[name] != "bool" and isinstance(value, bool)):
+            raise ValueError(f"field {name!r} is {value!r}, expected {kinds[name]}")
+    return Config(**values)

@@ -2,13 +2,14 @@
 
     stepper = make_stepper(model, cfg, device, lr, pos_weight)   # wrappers (DDP, compile), AdamW, scaler, loss
     loss, logits = stepper.step(left, right, labels, update=True)
-    logits = predict(model, val_loader, stepper.amp_dtype, device, n_rows)
+    logits = predict(stepper.eval_model, val_loader, stepper.amp_dtype, device, n_rows)
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,7 @@ class Stepper:
     accum_steps: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0: off
     distributed: bool = False  # DDP: skip the gradient all-reduce on steps that do not update
+    eval_model: nn.Module | None = None  # what `predict` runs: the model, compiled like train_model, never DDP
 
     def step(self, left, right, labels, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, hybrid loss, scaled backward; with `update`, clip and take an optimizer step.
@@ -91,33 +93,111 @@ class Stepper:
             g["lr"] = lr * g["lr_mult"]
 
 
-def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int = 1) -> Stepper:
-    """The model wrapped for DDP/compile, with its optimizer, scaler and loss (the seed's hybrid BCE + focal)."""
+def loss_function(cfg: Config, pos_weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(logits, labels) → the configured hybrid loss: (1 - focal_weight) × BCE + focal_weight × focal."""
     from model import loss
 
+    return functools.partial(loss.hybrid_loss, pos_weight=pos_weight if cfg.bce_pos_weight else None,
+                             bce_weight=1.0 - cfg.focal_weight, focal_weight=cfg.focal_weight,
+                             alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+
+
+def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int = 1) -> Stepper:
+    """The model wrapped for DDP/compile, with its optimizer, scaler and loss (the seed's hybrid BCE + focal)."""
     amp_dtype = autocast_dtype(cfg.precision, device)
+    if cfg.compile or cfg.regional_compile:
+        persist_compile_cache()
+    if cfg.regional_compile:
+        compile_regions(model, cfg.compile_mode)  # in place: DDP and predict run the compiled blocks
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
                                                                 if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model, dynamic=False)  # batch shapes are fixed by design
+    eval_model = model
+    if cfg.compile and not cfg.regional_compile:
+        train_model = _compile(train_model, cfg.compile_mode)
+        eval_model = train_model if world == 1 else _compile(model, cfg.compile_mode)
     return Stepper(model=model, train_model=train_model, optimizer=make_optimizer(model, cfg, lr),
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                   amp_dtype=amp_dtype, loss_fn=functools.partial(loss.hybrid_loss, pos_weight=pos_weight),
+                   amp_dtype=amp_dtype, loss_fn=loss_function(cfg, pos_weight),
                    accum_steps=cfg.accum_steps,
-                   clip_grad=cfg.clip_grad, distributed=world > 1)
+                   clip_grad=cfg.clip_grad, distributed=world > 1, eval_model=eval_model)
+
+
+# ----------------------------------------------------------------------------------------------- compilation
+
+
+def persist_compile_cache() -> None:
+    """Keep torch.compile's on-disk caches (Inductor's compiled graphs and kernels, AOTAutograd's graphs) in the
+    project cache folder instead of /tmp, so a second run of the same configuration loads its kernels instead of
+    compiling them. A folder the user chose with TORCHINDUCTOR_CACHE_DIR is left alone."""
+    from pipeline.host import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torch-compile"))
+
+
+def _compile(module: nn.Module, mode: str) -> nn.Module:
+    return torch.compile(module, dynamic=False, mode=mode)  # batch shapes are fixed by design
+
+
+def compile_regions(model: nn.Module, mode: str = "default") -> list[nn.Module]:
+    """Regional compilation, in place: every repeated backbone block and each of the head's modules is compiled
+    on its own (`nn.Module.compile`, so parameter names and checkpoints are unchanged). Blocks of one class share
+    their compiled code, so ConvNeXt-S's 36 blocks cost 4 compilations (one per stage's shapes), not a whole-network
+    graph; what runs between the regions (stem, downsampling, the token glue) stays eager.
+
+    Returns the compiled modules.
+    """
+    regions = repeated_blocks(model.backbone) + [m for name, m in model.named_children() if name != "backbone"]
+    # Each distinct (block, shape, train/eval) is one compilation of the same forward: ConvNeXt's 4 stages x
+    # train/eval x the training and validation batch exceed dynamo's default limit of 8, after which it would
+    # silently run those blocks eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for m in regions:
+        m.compile(dynamic=False, mode=mode)
+    return regions
+
+
+def repeated_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The innermost runs of same-class model blocks: the children of every container whose children are all one
+    class defined by the model's library (timm's ConvNeXtBlock, BasicBlock, ...; not torch.nn layers), and which
+    holds no such run further down (so ConvNeXt's blocks, not its stages)."""
+    def is_run(container: nn.Module) -> bool:
+        kids = list(container.children())
+        return (bool(kids) and len({type(k) for k in kids}) == 1
+                and not type(kids[0]).__module__.startswith("torch.nn"))
+
+    runs = [m for m in backbone.modules() if is_run(m)]
+    innermost = [m for m in runs if not any(r is not m and _contains(m, r) for r in runs)]
+    return [block for run in innermost for block in run.children()]
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def eval_batch_pairs(n_rows: int, cfg: Config) -> int:
+    """Pairs per validation batch: at most `eval_batch_size` (0: 2 x batch_size, as a pass without gradients
+    needs far less memory), evened out over the batches that takes so the last one is not mostly padding
+    (525 pairs at most 192 a batch: 3 batches of 175, not 192 + 192 + 141 and 51 padded)."""
+    most = cfg.eval_batch_size or 2 * cfg.batch_size
+    batches = max(1, -(-n_rows // most))
+    return max(1, -(-n_rows // batches))
 
 
 @torch.no_grad()
 def predict(model, loader, amp_dtype, device, n_rows: int) -> torch.Tensor:
-    """Logits (n_rows, 8), float32 on the CPU, in table order (padding dropped)."""
+    """Logits (n_rows, 8), float32 on the CPU, in table order (padding dropped).
+
+    `model`: the plain model or its compiled wrapper (`Stepper.eval_model`). The logits stay on the device and
+    are copied to the CPU once at the end: no host sync per batch, so the device never waits for Python.
+    """
     model.eval()
-    out = torch.zeros(n_rows, len(CLASSES))
+    out = torch.zeros(n_rows + 1, len(CLASSES), device=device)  # row n_rows collects the padding
     for left, right, _, index in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(left, right)
-        keep = index >= 0
-        out[index[keep].cpu()] = logits[keep].float().cpu()
+        rows = torch.where(index >= 0, index, n_rows).to(device)
+        out[rows] = logits.float()  # index_put: deterministic on CUDA, unlike index_copy_
     model.train()
-    return out
+    return out[:n_rows].cpu()

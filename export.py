@@ -19,6 +19,9 @@ Checks on every export (the file is only written when they pass):
 - onnxruntime (CPU) vs PyTorch fp32 on fresh random inputs and on real fundus images (from --check-images, else
   the checkpoint's own run's validation patients when the run folder and its data are found, else skipped with a
   note): the maximum absolute difference of probabilities is printed; fp32 must be <= 1e-4, fp16 <= 1e-2.
+
+Beside the ONNX file: MODEL_CARD.md (modelcard.py): intended use and not, training data, per-class test figures,
+thresholds, calibration and known limitations, from the checkpoint and the run's report.json when present.
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ import torch
 from torch import nn
 
 from checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from modelcard import write_model_card
 from pipeline.dali import eval_loader
+from pipeline.host import run_cli
 from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from pipeline.split import load_split
 from runtime import ONNX_FORMAT, ort_session
@@ -56,15 +61,23 @@ class ExportCheckError(RuntimeError):
 
 
 class ProbsAndLogits(nn.Module):
-    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype."""
+    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype.
 
-    def __init__(self, net: nn.Module):
+    probs are the calibrated probabilities: sigmoid(a * logits + b) with the per-class (a, b) that training fitted
+    on validation (model.calibration; a = 1, b = 0 when the checkpoint has none), so every consumer of the ONNX
+    file (score.py, an ODIR submission) gets the same probabilities as the run's report."""
+
+    def __init__(self, net: nn.Module, calibration: dict | None = None):
         super().__init__()
         self.net = net
+        k = net.config["num_classes"]
+        cal = calibration if calibration and calibration.get("method", "none") != "none" else None
+        self.register_buffer("scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
+        self.register_buffer("shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
 
     def forward(self, left: torch.Tensor, right: torch.Tensor):
         logits = self.net(left, right).float()  # (N, 8)
-        return torch.sigmoid(logits), logits
+        return torch.sigmoid(logits * self.scale + self.shift), logits
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -95,7 +108,7 @@ def _quiet():
 
 
 def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                  exporter: str = "auto"):
+                  exporter: str = "auto", calibration: dict | None = None):
     """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch.
 
     Args:
@@ -108,7 +121,7 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
     import onnx
 
     dtype = torch.float16 if fp16 else torch.float32
-    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype)).eval()
+    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration).eval()
     args = _example_inputs(img_px, dtype)
     names = dict(input_names=["left", "right"], output_names=["probs", "logits"], opset_version=opset)
     failure = ""
@@ -139,7 +152,8 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
     return {
         "format": ONNX_FORMAT,
         "classes": json.dumps(list(ckpt["classes"])),
-        "thresholds": json.dumps([float(t) for t in ckpt["thresholds"]]),
+        "thresholds": json.dumps([float(t) for t in ckpt["thresholds"]]),  # on the calibrated probabilities
+        "calibration": json.dumps(ckpt.get("calibration") or {"method": "none"}),  # already applied to `probs`
         "img_px": str(int(ckpt["img_px"])),
         "prepare_px": str(int(cfg.get("prepare_px") or ckpt["img_px"])),  # short side of the prepared copies
         "mean": json.dumps([float(m) for m in ckpt["mean"]]),
@@ -180,13 +194,14 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool) -> float:
+def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool,
+                  calibration: dict | None = None) -> float:
     """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model)."""
     np_dtype = np.float16 if fp16 else np.float32
     feeds = {"left": left.numpy().astype(np_dtype), "right": right.numpy().astype(np_dtype)}
     probs_ort = session.run(["probs"], feeds)[0]
     with torch.no_grad():
-        probs_pt = torch.sigmoid(net(left, right)).numpy()
+        probs_pt = ProbsAndLogits(net, calibration)(left, right)[0].numpy()
     return float(np.abs(probs_ort.astype(np.float64) - probs_pt).max())
 
 
@@ -247,13 +262,14 @@ def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, f
     g = torch.Generator().manual_seed(1234)  # fresh inputs, not the tracing ones, at another batch size
     img_px = int(ckpt["img_px"])
     left, right = (torch.randn(3, 3, img_px, img_px, generator=g) for _ in range(2))
-    result = {"random": max_prob_diff(session, net, left, right, fp16), "real": None, "tolerance": tol}
+    cal = ckpt.get("calibration")
+    result = {"random": max_prob_diff(session, net, left, right, fp16, cal), "real": None, "tolerance": tol}
     log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: random inputs (3 pairs) {result['random']:.2e}")
     if pairs:
         left, right = real_inputs(pairs, ckpt)
         used = len(left)
         if used:
-            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16) for i in range(0, used, 8)]
+            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16, cal) for i in range(0, used, 8)]
             result["real"] = max(diffs)
             log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: real images ({pairs_note}, {used} read) "
                 f"{result['real']:.2e}")
@@ -294,9 +310,12 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     img_px = int(ckpt["img_px"])
     precision = "fp16" if fp16 else "fp32"
     out = Path(out) if out else ckpt_path.with_suffix(".fp16.onnx" if fp16 else ".onnx")
+    if out.resolve() == ckpt_path.resolve() or out.suffix.lower() in (".pt", ".pth"):
+        raise ExportCheckError(f"-o {out}: would overwrite a checkpoint with the ONNX file; choose a .onnx path")
     log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · epoch {ckpt.get('epoch')} · "
         f"commit {ckpt.get('commit', 'unknown')}")
-    proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter)
+    proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter,
+                                         calibration=ckpt.get("calibration"))
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
@@ -311,7 +330,8 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     size_mb = out.stat().st_size / 1e6
     log(f"wrote {out} ({precision}, opset {opset}, {used} exporter, {size_mb:.1f} MB) in "
         f"{time.perf_counter() - t0:.1f} s")
-    return dict(path=out, exporter=used, opset=opset, precision=precision, diffs=diffs,
+    card = write_model_card(out, ckpt, ckpt_path, precision=precision, diffs=diffs, log=log)
+    return dict(path=out, card=card, exporter=used, opset=opset, precision=precision, diffs=diffs,
                 seconds=time.perf_counter() - t0)
 
 
@@ -330,13 +350,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")
-    try:
-        export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset, check_images=args.check_images,
-               exporter=args.exporter)
-    except (CheckpointError, ExportCheckError, FileNotFoundError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    from pipeline.odir import SheetError
+
+    return run_cli(lambda: export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset,
+                                  check_images=args.check_images, exporter=args.exporter) and 0,
+                   "export.py", errors=(CheckpointError, ExportCheckError, SheetError),
+                   interrupted="no ONNX file was written")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,39 @@ class ModelFileError(ValueError):
 
 
 def cuda_usable() -> bool:
-    """torch sees a CUDA GPU and this onnxruntime build has the CUDA provider."""
-    import torch
+    """A CUDA GPU is visible (to torch when installed, else to the CUDA driver) and this onnxruntime build has the
+    CUDA provider. The light scoring install (no torch) asks the driver: onnxruntime-gpu lists its CUDA provider
+    whether or not a GPU exists."""
     import onnxruntime as ort
 
-    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if has_torch():
+        import torch
+
+        return torch.cuda.is_available()
+    return _driver_gpu_count() > 0
+
+
+def has_torch() -> bool:
+    """torch is installed (the full install); the light scoring install has no torch."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _driver_gpu_count() -> int:
+    """GPUs the CUDA driver sees (cuInit + cuDeviceGetCount through libcuda); 0 without a driver."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def resolve_provider(provider: str = "auto") -> str:
@@ -73,7 +101,8 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
         std, input_dtype ("float32"/"float16"), backbone, commit, config (dict), raw (every metadata string).
 
     Raises:
-        ModelFileError: missing, not ONNX, or not exported by export.py.
+        ModelFileError: missing, not ONNX, not exported by export.py, or its shapes or metadata do not fit
+            (`check_model_shapes`).
     """
     import onnxruntime as ort
 
@@ -82,10 +111,14 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
         raise ModelFileError(f"{path}: no such model file")
     ort.set_default_logger_severity(3)  # errors only, also for messages emitted before the session exists
     provider = resolve_provider(provider)
-    if provider == "cuda":
+    if provider == "cuda" and has_torch():
         import torch  # loaded before the CUDA provider: onnxruntime then uses the CUDA/cuDNN libraries torch loaded
 
         providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+    elif provider == "cuda":  # light install: the CUDA/cuDNN wheels onnxruntime-gpu[cuda,cudnn] brought, if any
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
     try:
@@ -112,13 +145,51 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     if set(inputs) != {"left", "right"}:
         raise ModelFileError(f"{path}: expected inputs left, right; found {', '.join(inputs)}")
     meta["input_dtype"] = "float16" if inputs["left"] == "tensor(float16)" else "float32"
+    check_model_shapes(session, meta, path)
     return session, meta, provider
 
 
-class OrtRunner:
-    """(left, right) torch batches → probabilities (B, K) as numpy float32, on the session's device.
+def check_model_shapes(session, meta: dict, path) -> None:
+    """What score.py relies on, checked before any image is prepared: inputs left/right (N, 3, img_px, img_px)
+    with a free batch N, outputs exactly probs and logits (N, K), K thresholds in [0, 1], 3 means, 3 stds > 0.
 
-    CPU: plain `session.run` on contiguous numpy copies. CUDA: I/O binding of the torch tensors' device memory (no
+    Raises:
+        ModelFileError: naming the file and the first thing that does not fit.
+    """
+    k, img_px = len(meta["classes"]), meta["img_px"]
+
+    def fail(what: str):
+        raise ModelFileError(f"{path}: {what}; export the checkpoint again with `python export.py RUN/best.pt`")
+
+    if img_px < 1 or meta["prepare_px"] < 1:
+        fail(f"img_px {img_px} / prepare_px {meta['prepare_px']} in the metadata: must be >= 1")
+    for i in session.get_inputs():
+        shape = list(i.shape)
+        if len(shape) != 4:
+            fail(f"input {i.name} has shape {shape}, expected (N, 3, {img_px}, {img_px})")
+        if isinstance(shape[0], int):
+            fail(f"input {i.name} has a fixed batch of {shape[0]} (shape {shape}); score.py needs a free batch N")
+        if shape[1] != 3 or any(isinstance(d, int) and d != img_px for d in shape[2:]):
+            fail(f"input {i.name} has shape {shape}, but its metadata says (N, 3, {img_px}, {img_px})")
+    outputs = {o.name: list(o.shape) for o in session.get_outputs()}
+    if list(outputs) != ["probs", "logits"]:
+        fail(f"outputs {', '.join(outputs)}; expected exactly probs, logits")
+    for name, shape in outputs.items():
+        if len(shape) != 2 or isinstance(shape[0], int) or shape[1] != k:
+            fail(f"output {name} has shape {shape}, expected (N, {k}) for the {k} classes of the metadata")
+    thr = meta["thresholds"]
+    if thr.shape != (k,) or not np.all((thr >= 0) & (thr <= 1)):
+        fail(f"{thr.size} thresholds {thr.tolist()} in the metadata; expected {k} values in [0, 1], one per class")
+    for name in ("mean", "std"):
+        values = np.asarray(meta[name], np.float64)
+        if values.shape != (3,) or not np.all(np.isfinite(values)) or (name == "std" and not np.all(values > 0)):
+            fail(f"{name} {list(meta[name])} in the metadata; expected 3 finite numbers (std > 0)")
+
+
+class OrtRunner:
+    """(left, right) batches (torch tensors or numpy arrays) → probabilities (B, K) as numpy float32.
+
+    CPU, or numpy batches: plain `session.run` on contiguous numpy copies. CUDA with torch tensors: I/O binding of the torch tensors' device memory (no
     host round trip); the device is synchronised before binding, because DALI/torch write the buffers on their own
     streams and onnxruntime reads them on its stream (docs/DALI-NOTES.md: binding DALI buffers raced otherwise).
     """
@@ -129,10 +200,11 @@ class OrtRunner:
         self.k = session.get_outputs()[0].shape[1]
 
     def __call__(self, left, right) -> np.ndarray:
-        if self.provider == "cuda":
+        if self.provider == "cuda" and not isinstance(left, np.ndarray):
             return self._run_cuda(left, right)
-        feeds = {"left": np.ascontiguousarray(left.cpu().numpy(), dtype=self.np_dtype),
-                 "right": np.ascontiguousarray(right.cpu().numpy(), dtype=self.np_dtype)}
+        # numpy batches (the light loader) go through session.run on either provider: onnxruntime copies them
+        feeds = {"left": np.ascontiguousarray(_host(left), dtype=self.np_dtype),
+                 "right": np.ascontiguousarray(_host(right), dtype=self.np_dtype)}
         return self.session.run(["probs"], feeds)[0]
 
     def _run_cuda(self, left, right) -> np.ndarray:
@@ -153,3 +225,8 @@ class OrtRunner:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return probs.cpu().numpy()
+
+
+def _host(batch) -> np.ndarray:
+    """A numpy array of a numpy or torch batch (torch only imported by whoever made the tensor)."""
+    return batch if isinstance(batch, np.ndarray) else batch.cpu().numpy()

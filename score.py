@@ -1,17 +1,22 @@
 """Score a folder of fundus photograph pairs with an exported ONNX model (onnxruntime, DALI).
 
     python score.py model.onnx FOLDER [-o predictions.csv] [--submission] [--tta] [--batch-size 32]
-                    [--cache DIR] [--provider auto|cpu|cuda]
+                    [--cache-dir DIR] [--provider auto|cpu|cuda] [--loader auto|dali|pil]
+                    [--report DIR [--explain RUN]]     (an HTML page per folder, heatmaps from RUN/best.pt)
 
 FOLDER is either a folder of `{ID}_left.{jpg,jpeg,png}` / `{ID}_right.*` files (case-insensitive), or an ODIR
 folder with its sheet (data.xlsx or full_df.csv + images, any layout `pipeline.odir.find_layout` knows): then the
 labels are known, and the multi-label metrics and the official ODIR-2019 score are printed.
 
 Same preprocessing as validation: every image is prepared once (fundus crop, short side resized; cached under
-`--cache`, default $ODIR_CACHE/prepared), then read by `pipeline.dali.eval_loader` (decoded on the GPU when torch
+`--cache-dir`, default $ODIR_CACHE/prepared), then read by `pipeline.dali.eval_loader` (decoded on the GPU when torch
 sees CUDA) and normalised with the model's mean/std at the model's img_px. onnxruntime runs on CUDA (with I/O
 binding of the DALI/torch GPU buffers) when torch sees a GPU and onnxruntime has the CUDA provider; otherwise on
 the CPU provider only.
+
+Light install (`pip install ".[score]"`: onnxruntime, numpy, Pillow, pandas; no torch, DALI, timm or sklearn):
+the images are read by `pipeline.light` (numpy + Pillow, the same preprocessing to about one grey level) and fed
+to onnxruntime with `session.run`; `--loader pil` forces that path in a full install.
 
 Output CSV (`-o`, default predictions.csv): one row per patient, sorted by ID: ID, the 8 probabilities (columns
 N D G C A H M O), pred_N .. pred_O (0/1 at the model's tuned thresholds), labels (the predicted classes, "D,H"),
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import sys
 import time
@@ -32,50 +38,98 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.constants import CLASSES
-from pipeline.host import atomic_write
+from pipeline.host import atomic_write, printable, progress_enabled, run_cli
 from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from runtime import ModelFileError, OrtRunner, load_session
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula (OWASP)
+
+
+class ScoreError(ValueError):
+    """Nothing to score, or nowhere to write the result; the message names the folder or file."""
+
+
+LOADERS = ("auto", "dali", "pil")
+
+
+def resolve_loader(loader: str = "auto") -> str:
+    """auto → "dali" when DALI and torch are installed (the full install), else "pil" (the light scoring install,
+    numpy + Pillow: `pipeline.light`, the same preprocessing to about one grey level)."""
+    import importlib.util
+
+    if loader not in LOADERS:
+        raise ValueError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
+    full = all(importlib.util.find_spec(m) is not None for m in ("torch", "nvidia.dali"))
+    if loader == "dali" and not full:
+        raise SystemExit("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")
+    return loader if loader != "auto" else "dali" if full else "pil"
 
 
 def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batch_size: int = 32,
-                tta: bool = False, device=None, progress: bool = True, num_threads: int | None = None) -> np.ndarray:
+                tta: bool = False, device=None, progress: bool = True, num_threads: int | None = None,
+                loader: str = "auto") -> np.ndarray:
     """Probabilities (N, K) for N prepared (left, right) image paths, in input order; streams in batches.
 
     Args:
         session, meta, provider: from `load_session`.
         left, right: prepared image paths (pipeline.prepare), N each.
-        batch_size: pairs per batch (the last batch is padded, padding dropped).
-        tta: average with the horizontally flipped pair (both eyes flipped, on the device).
-        device: where DALI decodes: default "cuda" when torch sees a GPU, else "cpu".
-        num_threads: DALI CPU threads (default: min(cores, 8)).
+        batch_size: pairs per batch, at most N (the last batch's padding is dropped before onnxruntime runs).
+        tta: average with the horizontally flipped pair (both eyes flipped).
+        device: where DALI decodes: default "cuda" when torch sees a GPU, else "cpu" (ignored by the pil loader).
+        num_threads: decoding threads (default: min(cores, 8)).
+        loader: "dali" (pipeline.dali.eval_loader), "pil" (pipeline.light, numpy + Pillow), or "auto" (dali when
+            installed).
     """
-    import torch
     from tqdm import tqdm
-
-    from pipeline.dali import eval_loader
 
     n = len(left)
     probs = np.zeros((n, len(meta["classes"])), np.float32)
     if n == 0:
         return probs
+    batch_size = min(batch_size, n)  # a batch larger than the folder only pads: --batch-size 4000 on 100 pairs
+    make = _dali_batches if resolve_loader(loader) == "dali" else _pil_batches
+    batches = make(list(left), list(right), meta, batch_size, device=device, num_threads=num_threads)
+    run = OrtRunner(session, provider)
+    with tqdm(total=n, desc="score", unit="pair", disable=not progress or not progress_enabled(), dynamic_ncols=True,
+              mininterval=1, leave=False) as bar:
+        for lb, rb, index in batches:
+            real = int((index >= 0).sum())  # the last batch is padded at its end (index -1): not worth running
+            lb, rb, index = lb[:real], rb[:real], index[:real]
+            p = run(lb, rb)
+            if tta:
+                p = (p + run(_hflip(lb), _hflip(rb))) / 2
+            probs[index] = p
+            bar.update(real)
+    return probs
+
+
+def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
+    """(left, right, index) batches from DALI: torch tensors on `device`, index as numpy."""
+    import torch
+
+    from pipeline.dali import eval_loader
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if meta["input_dtype"] == "float16" else torch.float32
-    loader = eval_loader(list(left), list(right), batch_size, meta["img_px"], device, dtype=dtype,
-                         mean=meta["mean"], std=meta["std"], num_threads=num_threads)
-    run = OrtRunner(session, provider)
-    with tqdm(total=n, desc="score", unit="pair", disable=not progress, dynamic_ncols=True, mininterval=1,
-              leave=False) as bar:
-        for lb, rb, _, index in loader:
-            p = run(lb, rb)
-            if tta:  # (B, 3, H, W): flip W
-                p = (p + run(torch.flip(lb, dims=[3]), torch.flip(rb, dims=[3]))) / 2
-            index = index.cpu().numpy()
-            keep = index >= 0
-            probs[index[keep]] = p[keep]
-            bar.update(int(keep.sum()))
-    return probs
+    loader = eval_loader(left, right, batch_size, meta["img_px"], device, dtype=dtype, mean=meta["mean"],
+                         std=meta["std"], num_threads=num_threads)
+    for lb, rb, _, index in loader:
+        yield lb, rb, index.cpu().numpy()
+
+
+def _pil_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
+    """(left, right, index) numpy batches from numpy + Pillow (`device` is unused: decoding is on the CPU)."""
+    from pipeline.light import pil_batches
+
+    dtype = np.float16 if meta["input_dtype"] == "float16" else np.float32
+    yield from pil_batches(left, right, batch_size, meta["img_px"], mean=meta["mean"], std=meta["std"],
+                           dtype=dtype, num_threads=num_threads)
+
+
+def _hflip(batch):
+    """(B, 3, H, W) flipped along W, numpy or torch."""
+    return batch[..., ::-1] if isinstance(batch, np.ndarray) else batch.flip(3)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -106,20 +160,62 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
 
 
 def write_csv(frame, path, *, submission: bool = False) -> None:
-    """The predictions table, or with submission=True exactly `ID,N,D,G,C,A,H,M,O` for scored patients."""
+    """The predictions table, or with submission=True exactly `ID,N,D,G,C,A,H,M,O` for scored patients.
+
+    Written atomically (no partial file, no temporary file left on any error). Text cells are made safe: a cell
+    that a spreadsheet would run as a formula (`=HYPERLINK(...)` as a patient ID) gets a leading `'`, and a file
+    name's undecodable bytes are written as `\\xNN`, so the file is always valid UTF-8.
+
+    Raises:
+        ScoreError: the file cannot be written (read-only, a folder, disk full); the message names it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        if submission:
-            w.writerow(SUBMISSION_HEADER)
-            for r in frame[frame["status"] == "ok"].itertuples(index=False):
-                w.writerow([r.ID, *(f"{getattr(r, c):.6f}" for c in SUBMISSION_HEADER[1:])])
-        else:
-            w.writerow(frame.columns)
-            for r in frame.itertuples(index=False):
-                w.writerow(["" if v is None or (isinstance(v, float) and np.isnan(v)) else
-                            f"{v:.6f}" if isinstance(v, float) else v for v in r])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            if submission:
+                w.writerow(SUBMISSION_HEADER)
+                for r in frame[frame["status"] == "ok"].itertuples(index=False):
+                    w.writerow([_text_cell(r.ID), *(f"{getattr(r, c):.6f}" for c in SUBMISSION_HEADER[1:])])
+            else:
+                w.writerow(frame.columns)
+                for r in frame.itertuples(index=False):
+                    w.writerow(["" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                                f"{v:.6f}" if isinstance(v, float) else _text_cell(v) for v in r])
+    except OSError as e:
+        raise ScoreError(f"cannot write {printable(path)}: {e.strerror or e}") from None
+
+
+def _text_cell(value):
+    """A CSV cell that a spreadsheet shows as text, never runs; numbers pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = printable(value)
+    if text.startswith(FORMULA_START):
+        try:
+            float(text)  # "-3" or "+1.5" is a number, not a formula
+        except ValueError:
+            return "'" + text
+    return text
+
+
+def check_writable(path) -> None:
+    """Fail before any work when the output CSV could not be written at the end: a folder, a read-only file, or a
+    folder where no file can be created (read-only, not a folder, permissions). Creates missing parent folders."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ScoreError(f"-o {printable(path)}: is a folder; give a file name, e.g. {printable(path / 'predictions.csv')}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ScoreError(f"-o {printable(path)}: the file is read-only")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+            pass
+    except OSError as e:
+        raise ScoreError(f"-o {printable(path)}: cannot write in {printable(path.parent)} ({e.strerror or e})") from None
 
 
 def metrics_report(y_true, probs, thresholds, classes) -> str:
@@ -143,18 +239,18 @@ def metrics_report(y_true, probs, thresholds, classes) -> str:
 
 def status_summary(frame, ignored) -> list[str]:
     """Lines: how many scored, the reasons of the others, the ignored files."""
-    n, ok = len(frame), int((frame["status"] == "ok").sum())
+    n, ok = len(frame), int((frame["status"] == "ok").sum()) if len(frame) else 0
     lines = [f"scored {ok} of {n} patients"]
     if ok < n:
         kinds = Counter(_reason_kind(s) for s in frame.loc[frame["status"] != "ok", "status"])
         lines[0] += f"; not scored {n - ok}: " + ", ".join(f"{v} {k}" for k, v in kinds.most_common())
         for r in frame[frame["status"] != "ok"].head(10).itertuples(index=False):
-            lines.append(f"  ID {r.ID}: {r.status}")
+            lines.append(printable(f"  ID {r.ID}: {r.status}"))
         if n - ok > 10:
             lines.append(f"  ... {n - ok - 10} more (status column of the predictions CSV)")
     if ignored:
-        lines.append(f"ignored {len(ignored)} file(s) that are no patient eye image: "
-                     + ", ".join(f"{name} ({why})" for name, why in ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+        lines.append(printable(f"ignored {len(ignored)} file(s) that are no patient eye image: "
+                     + ", ".join(f"{name} ({why})" for name, why in ignored[:10]) + (" ..." if len(ignored) > 10 else "")))
     return lines
 
 
@@ -169,22 +265,30 @@ def _reason_kind(status: str) -> str:
 
 
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
-                 provider="auto", progress=True, workers=None, log=print) -> dict:
+                 provider="auto", progress=True, workers=None, loader="auto", loader_threads=None,
+                 log=print) -> dict:
     """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path."""
     t0 = time.perf_counter()
     session, meta, provider = load_session(model_path, provider)
     if list(meta["classes"]) != list(CLASSES):
         raise ModelFileError(f"{model_path}: classes {meta['classes']} differ from this code's {list(CLASSES)}")
+    loader = resolve_loader(loader)
     log(f"model {model_path}: {meta['backbone']} · {meta['img_px']} px · {meta['input_dtype']} · commit "
-        f"{meta['commit']} · onnxruntime {provider}{' · TTA hflip' if tta else ''}")
+        f"{meta['commit']} · onnxruntime {provider} · {loader} loader{' · TTA hflip' if tta else ''}")
+    out = Path(out or ("submission.csv" if submission else "predictions.csv"))
+    check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
     table, ignored = find_pairs(folder)
+    if table.empty:
+        found = f"; found only: {', '.join(name for name, _ in ignored[:5])}" if ignored else " (it is empty)"
+        raise ScoreError(printable(f"{folder}: no patient images to score, looked for {{ID}}_left / {{ID}}_right "
+                                   f".jpg/.jpeg/.png files or an ODIR sheet{found}"))
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
     probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
-                        provider=provider, batch_size=batch_size, tta=tta, progress=progress)
+                        provider=provider, batch_size=batch_size, tta=tta, progress=progress, loader=loader,
+                        num_threads=loader_threads)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
-    out = Path(out or ("submission.csv" if submission else "predictions.csv"))
     write_csv(frame, out, submission=submission)
     for line in status_summary(frame, ignored):
         log(line)
@@ -195,7 +299,8 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
         log(report)
     log(f"wrote {out} ({'ODIR submission format' if submission else 'predictions'}) in "
         f"{time.perf_counter() - t0:.1f} s")
-    return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, out=out, provider=provider)
+    return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, out=out, provider=provider,
+                loader=loader, meta=meta)
 
 
 def main(argv=None) -> int:
@@ -207,21 +312,48 @@ def main(argv=None) -> int:
     ap.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
     ap.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
-    ap.add_argument("--cache", help="prepared-image cache (default $ODIR_CACHE/prepared or ~/.cache/odir-dual/prepared)")
+    ap.add_argument("--cache-dir", help="prepared-image cache (default $ODIR_CACHE/prepared or "
+                                        "~/.cache/odir-dual/prepared)")
+    ap.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
     ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="onnxruntime provider (auto: cuda when torch sees a GPU, else cpu)")
+                    help="onnxruntime provider (auto: cuda when a GPU is visible and onnxruntime has CUDA, else cpu)")
+    ap.add_argument("--loader", choices=LOADERS, default="auto",
+                    help="image decoding: dali (GPU when present), pil (numpy + Pillow, the light install), "
+                         "auto: dali when installed (default)")
     ap.add_argument("--workers", type=int, default=None, help="image preparation processes (default: all cores)")
+    ap.add_argument("--loader-threads", type=int, default=None,
+                    help="image decoding threads, as train.py's flag (default: min(cores, 8))")
+    ap.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
+                                                    "probabilities against thresholds, labels, status, metrics)")
+    ap.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes from "
+                                                     "the run folder's best.pt (PyTorch: one backward pass per class)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    if args.explain and not args.report:
+        ap.error("--explain RUN needs --report DIR")
+    if args.explain and not (Path(args.explain).is_file() or (Path(args.explain) / "best.pt").is_file()):
+        ap.error(f"--explain {args.explain}: no best.pt there (a run folder of train.py, or its best.pt)")
     from pipeline.odir import SheetError
+    from pipeline.prepare import CacheError
 
-    try:
-        score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
-                     batch_size=args.batch_size, cache_dir=args.cache, provider=args.provider, workers=args.workers)
-    except (ModelFileError, FileNotFoundError, SheetError) as e:
-        print(f"score.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _score_and_report(args),
+                   "score.py", errors=(ModelFileError, SheetError, ScoreError, CacheError),
+                   interrupted="nothing written; the images prepared so far are cached, so a rerun goes faster")
+
+
+def _score_and_report(args) -> int:
+    """score_folder, then the HTML page of --report (report.py) when asked."""
+    scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
+                          batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
+                          workers=args.workers, loader=args.loader, loader_threads=args.loader_threads)
+    if args.report:
+        from report import write_folder_report
+
+        t0 = time.perf_counter()
+        page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
+                                   title=f"{args.folder} scored with {args.model}")
+        print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,11 +24,12 @@ import torch
 
 from checkpoint import (build_model, checkpoint_payload, git_commit, library_versions, load_checkpoint,
                         save_checkpoint)
-from config import REFERENCE_BATCH, Config, config_from_dict, format_config, parse_config
+from config import REFERENCE_BATCH, Config, format_config, parse_config, resume_folder
 from distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
-from engine import Stepper, autocast_dtype, lr_factor, make_stepper, predict
+from engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
 from pipeline.constants import CLASSES
-from runlog import RunLog, print_epoch, print_final_report
+from pipeline.host import Terminated, progress_enabled
+from runlog import RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
 
 
 class StopRequest:
@@ -35,6 +37,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the signal that asked, if one did
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -45,7 +48,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: stopping after this update (with torchrun: at the end of this "
               "epoch), writing last.pt; again to stop at once", flush=True)
 
@@ -82,23 +85,36 @@ def load_data(cfg: Config, folder: Path, is_main: bool):
 
 
 def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | None):
-    """Seeded multi-label stratified split; reloaded from the run folder when resuming."""
+    """(train, validation, test) tables: a seeded multi-label stratified split (test empty with --test-fraction 0),
+    saved as split.csv; reloaded from the run folder when resuming."""
     from pipeline.odir import label_matrix
-    from pipeline.split import load_split, save_split, stratified_split
+    from pipeline.split import load_split, save_split, three_way_split
 
     if resume_dir is not None:
-        ids_train, ids_val, _ = load_split(resume_dir / "split.csv")
+        ids = load_split(resume_dir / "split.csv")
     else:
-        tr, va = stratified_split(label_matrix(patients), cfg.val_fraction, cfg.seed)
-        ids_train, ids_val = patients["id"].to_numpy()[tr], patients["id"].to_numpy()[va]
+        parts = three_way_split(label_matrix(patients), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        ids = [patients["id"].to_numpy()[p] for p in parts]
         if run_dir is not None:
-            save_split(run_dir / "split.csv", ids_train, ids_val)
+            save_split(run_dir / "split.csv", *ids)
     by_id = patients.set_index("id", drop=False)
-    missing = set(ids_train).union(ids_val) - set(by_id.index)
+    missing = set(np.concatenate(ids).tolist()) - set(by_id.index)
     if missing:
         raise SystemExit(f"split.csv names {len(missing)} patient(s) that are no longer usable, e.g. "
                          f"{sorted(missing)[:5]}: was the data changed since the run started?")
-    return by_id.loc[ids_train].reset_index(drop=True), by_id.loc[ids_val].reset_index(drop=True)
+    return tuple(by_id.loc[part].reset_index(drop=True) for part in ids)
+
+
+def check_one_batch(train_tab, usable: int, cfg: Config, world: int) -> None:
+    """Stop with a message (before any training) when the training split cannot fill one optimizer update."""
+    from pipeline.sampling import steps_per_epoch
+
+    try:
+        steps_per_epoch(len(train_tab), cfg.batch_size, world, cfg.accum_steps)
+    except ValueError:
+        raise SystemExit(f"error: {len(train_tab)} training patients (of {usable} usable) cannot fill one update of "
+                         f"--batch-size {cfg.batch_size} × --accum-steps {cfg.accum_steps} × {world} rank(s): use a "
+                         f"smaller --batch-size or more data") from None
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -118,13 +134,14 @@ def evaluate(y_true, probs, thresholds=None) -> dict:
 
 
 def main(argv=None):
-    cfg = parse_config(argv, description=__doc__)
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = Path(cfg.resume)
-        resume_dir = resume_dir.parent if resume_dir.suffix == ".pt" else resume_dir
-        saved = config_from_dict(load_checkpoint(resume_dir / "last.pt")["config"])
-        cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after_steps=cfg.stop_after_steps)
+    """Train (see the module docstring); everything rank 0 prints also goes to RUN/train.log."""
+    with console_log(enabled=os.environ.get("RANK", "0") == "0"):  # torchrun sets RANK; other ranks print little
+        return _main(argv)
+
+
+def _main(argv=None):
+    cfg = parse_config(argv, description=__doc__)  # with --resume: the run's config (+ a larger --epochs)
+    resume_dir = resume_folder(cfg.resume) if cfg.resume else None
     rank, world, device = setup_distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -132,39 +149,52 @@ def main(argv=None):
     run_dir = None
     if not cfg.dry_run:
         run_dir = resume_dir or Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    if is_main:
-        print(f"odir-dual · commit {git_commit()} · {json.dumps(library_versions())}")
-        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} rank(s)")
-        print(format_config(cfg))
-
-    # The folder actually used (the synthetic set's cache folder for the demo) is recorded in the config, so
-    # --resume and export.py find the same images.
-    cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main)))
-    patients, left_out = load_data(cfg, Path(cfg.data), is_main)
-    train_tab, val_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
-    if is_main:
-        from pipeline.odir import describe
-        from pipeline.pairs import left_out_summary
-
-        print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            left_out.to_csv(run_dir / "left_out.csv", index=False)
-            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-            if len(left_out):
-                print(f"  every left-out eye and why: {run_dir / 'left_out.csv'}")
-        print(describe(patients))
-        print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)}")
-    if cfg.dry_run:
+    # rank 0 claims the folder before any work: exclusive, locked, removed again if no checkpoint gets written
+    with run_folder(run_dir if is_main else None, resume=resume_dir is not None, overwrite=cfg.overwrite,
+                    unique=not cfg.name) as claimed:
+        run_dir = claimed or run_dir
+        if is_main and run_dir is not None:
+            log_console_to(run_dir / "train.log")  # with what was printed so far
         if is_main:
-            for r in left_out.itertuples():
-                print(f"  left out {r.id}: {r.eye} eye {r.path}: {r.reason}")
-        return None
-    stop = StopRequest()
-    try:
-        return fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop), train_tab, val_tab)
-    finally:
-        stop.restore()
+            print(f"odir-dual · commit {git_commit()} · {json.dumps(library_versions())}")
+            print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
+                  f"rank(s)")
+            print(format_config(cfg))
+
+        # The folder actually used (the synthetic set's cache folder for the demo) is recorded in the config, so
+        # --resume and export.py find the same images.
+        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main)))
+        patients, left_out = load_data(cfg, Path(cfg.data), is_main)
+        train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
+        check_one_batch(train_tab, len(patients), cfg, world)
+        if is_main:
+            from pipeline.odir import describe
+            from pipeline.pairs import left_out_summary
+
+            print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
+            if run_dir is not None:
+                left_out.to_csv(run_dir / "left_out.csv", index=False)
+                (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+                if len(left_out):
+                    print(f"  every left-out eye and why: {run_dir / 'left_out.csv'}")
+            print(describe(patients))
+            print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)} · test "
+                  f"{len(test_tab)}")
+        if cfg.dry_run:
+            if is_main:
+                for r in left_out.itertuples():
+                    print(f"  left out {r.id}: {r.eye} eye {r.path}: {r.reason}")
+            return None
+        stop = StopRequest()
+        try:
+            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop), train_tab, val_tab, test_tab)
+        finally:
+            stop.restore()
+        if stop.signum is not None:  # stopped by a signal: say so with the shell's status (130/143), not 0
+            if is_main:
+                print(f"continue with: python train.py --resume {run_dir}")
+            raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated
+        return result
 
 
 @dataclass
@@ -192,12 +222,14 @@ class Progress:
     """What changes as training goes, and what last.pt restores."""
 
     step: int = 0  # optimizer updates done
-    best: dict = dataclasses.field(default_factory=lambda: {"f1_macro": -1.0, "epoch": -1})
+    best: dict = dataclasses.field(default_factory=lambda: {"score": -math.inf, "epoch": -1})
     thresholds: np.ndarray = dataclasses.field(default_factory=lambda: np.full(len(CLASSES), 0.5))
+    ema: object = None  # timm ModelEmaV3 of the model when --model-ema
 
 
-def fit(run: Run, train_tab, val_tab):
-    """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt."""
+def fit(run: Run, train_tab, val_tab, test_tab):
+    """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
+    report of best.pt on validation and test."""
     from model import backbone_norm, count_parameters, pos_weights_from_labels
     from pipeline.dali import Augment, eval_loader, train_loader
     from pipeline.odir import label_matrix
@@ -219,9 +251,15 @@ def fit(run: Run, train_tab, val_tab):
     stepper = make_stepper(model, cfg, device, lr, pos_weights_from_labels(y_train).to(device), run.world)
 
     progress = Progress()
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        progress.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True)  # ramps up: short runs too
     if run.resume_dir is not None:
         state = load_checkpoint(run.resume_dir / "last.pt")
         model.load_state_dict(state["model"])
+        if progress.ema is not None:
+            progress.ema.module.load_state_dict(state["model_ema"])
         stepper.optimizer.load_state_dict(state["optimizer"])
         stepper.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -239,15 +277,15 @@ def fit(run: Run, train_tab, val_tab):
                     warmup_steps=max(1, round(cfg.warmup_epochs * updates_per_epoch)))
     val_loader = None
     if run.is_main:
-        val_loader = eval_loader(val_tab["left"], val_tab["right"], cfg.batch_size, cfg.img_px, device,
-                                 dtype=in_dtype, mean=mean, std=std, num_threads=cfg.loader_threads or None)
+        val_loader = eval_loader(val_tab["left"], val_tab["right"], eval_batch_pairs(len(val_tab), cfg), cfg.img_px,
+                                 device, dtype=in_dtype, mean=mean, std=std, num_threads=cfg.loader_threads or None)
         print(f"{updates_per_epoch} updates/epoch of {pairs_per_update} pairs · head lr {lr:.2e} · "
               f"backbone lr {lr * cfg.backbone_lr_mult:.2e} · precision {amp_dtype or 'fp32'} · "
               f"compile {cfg.compile} · channels_last {cfg.channels_last}")
 
     # The baseline every number is read against: always predict the training prevalence.
     trivial = evaluate(y_val, np.broadcast_to(y_train.mean(0), y_val.shape).copy())
-    log = RunLog(run.run_dir) if run.is_main else None
+    log = RunLog(run.run_dir, tensorboard=cfg.tensorboard) if run.is_main else None
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -257,18 +295,18 @@ def fit(run: Run, train_tab, val_tab):
         if run.is_main and finished_epoch:
             row["lr"] = lr * lr_factor(progress.step - 1, **schedule)
             validate(run, model, val_loader, y_val, stepper.loss_fn, row, progress, log, trivial,
-                     header=epoch == start_epoch, **checkpoint_args)
+                     header=epoch == start_epoch, eval_model=stepper.eval_model, **checkpoint_args)
         if run.is_main:
             save_last(run, stepper, progress, epoch, **checkpoint_args)
         early = broadcast_flag(bool(cfg.patience and finished_epoch
                                     and epoch + 1 - progress.best["epoch"] >= cfg.patience), device)
         if early and run.is_main:
-            print(f"early stopping: no better validation F1 macro for {cfg.patience} epochs")
+            print(f"early stopping: no better validation {cfg.select_metric} for {cfg.patience} epochs")
         if stop_now or early:
             break
     check_replicas(model, device, run.is_main)
     if run.is_main:
-        return report_best(run.run_dir, val_tab)
+        return report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype)
     return None
 
 
@@ -299,6 +337,8 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
         train_rows.append(labels)
         if update:
             progress.step += 1
+            if progress.ema is not None:
+                progress.ema.update(stepper.model, step=progress.step)
             if bar is not None and (progress.step % 10 == 0 or micro + 1 == n_batches):
                 _check_finite(first_bad, epoch, cfg.accum_steps)
                 pairs_s = micro_done * cfg.batch_size * world / (time.perf_counter() - t0)
@@ -324,51 +364,128 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
 
 
 def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: Progress, log: RunLog, trivial,
-             *, header: bool, mean, std) -> None:
-    """Validation metrics into the epoch's row (metrics.csv, console); a better F1 macro writes best.pt."""
-    from model import multilabel_metrics, tune_thresholds
+             *, header: bool, mean, std, eval_model=None) -> None:
+    """Validation metrics into the epoch's row (metrics.csv, console); a better `select_metric` writes best.pt with
+    the calibration fitted and the thresholds tuned on these validation logits.
+    `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
+    the moving average is what is validated and saved."""
+    from model import tune_thresholds
+    from model.calibration import apply_calibration, fit_calibration
 
-    amp_dtype = autocast_dtype(run.cfg.precision, run.device)
-    logits = predict(model, val_loader, amp_dtype, run.device, len(y_val))
+    cfg = run.cfg
+    weights = progress.ema.module if progress.ema is not None else model
+    amp_dtype = autocast_dtype(cfg.precision, run.device)
+    t0 = time.perf_counter()
+    runner = eval_model if eval_model is not None else model  # (a compiled module has no truth value)
+    logits = predict(weights if progress.ema is not None else runner, val_loader, amp_dtype, run.device, len(y_val))
+    val_s = time.perf_counter() - t0  # predict ends with a copy to the CPU: the device's work is included
     val_loss = float(loss_fn(logits, torch.as_tensor(y_val, dtype=torch.float32)))
-    probs = torch.sigmoid(logits).numpy()
-    metrics = evaluate(y_val, probs)
+    metrics = evaluate(y_val, torch.sigmoid(logits).numpy())
     at_half = metrics["at_0.5"]
     row = {**{k: row[k] for k in ("epoch", "step", "train_loss")}, "val_loss": val_loss,
            "train_f1_macro": row["train_f1_macro"], "val_f1_micro": at_half["f1_micro"],
            "val_f1_macro": at_half["f1_macro"], "val_odir": metrics["odir"]["final"],
            "val_auc_macro": at_half["auc_macro"], **{f"f1_{c}": at_half["f1"][c] for c in CLASSES},
-           **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}}
+           **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s}
     log.append(row, keep_epochs_below=row["epoch"])
     print_epoch(row, header=header)
-    if row["val_f1_macro"] > progress.best["f1_macro"]:
-        progress.best = {"f1_macro": float(row["val_f1_macro"]), "epoch": row["epoch"]}
+    score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
+    if np.isfinite(score) and score > progress.best.get("score", -math.inf):
+        progress.best = {"score": float(score), "metric": cfg.select_metric, "epoch": row["epoch"]}
+        calibration = fit_calibration(logits.numpy(), y_val, cfg.calibration)
+        probs = apply_calibration(logits.numpy(), calibration)
         progress.thresholds = tune_thresholds(y_val, probs)
-        metrics["tuned"] = multilabel_metrics(y_val, probs, progress.thresholds)
-        extra = {"val_metrics": _plain(metrics), "trivial_metrics": _plain(trivial)}
-        save_checkpoint(checkpoint_payload(model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
+        metrics = evaluate(y_val, probs, progress.thresholds)
+        extra = {"val_metrics": _plain(metrics), "trivial_metrics": _plain(trivial), "calibration": calibration}
+        save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
                                            epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra),
                         run.run_dir / "best.pt")
 
 
 def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mean, std) -> None:
-    """last.pt: the weights plus everything --resume needs to continue exactly (optimizer, scaler, RNG)."""
+    """last.pt: the weights plus everything --resume needs to continue exactly (optimizer, scaler, RNG, EMA)."""
     extra = {"optimizer": stepper.optimizer.state_dict(), "scaler": stepper.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state()}
+    if progress.ema is not None:
+        extra["model_ema"] = {k: v.detach().cpu() for k, v in progress.ema.module.state_dict().items()}
     save_checkpoint(checkpoint_payload(stepper.model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
                                        epoch=epoch, step=progress.step, best=progress.best, extra=extra),
                     run.run_dir / "last.pt")
 
 
-def report_best(run_dir: Path, val_tab):
-    """Final evaluation of best.pt on the validation split: metrics at 0.5 and at the tuned thresholds."""
-    best_path = run_dir / "best.pt"
+def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
+    """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
+    thresholds tuned on validation), beside the trivial predictor; written to report.json and
+    predictions_{val,test}.csv and printed."""
+    from checkpoint import model_from_checkpoint
+    from pipeline.dali import eval_loader
+
+    best_path = run.run_dir / "best.pt"
     if not best_path.exists():
-        print(f"no completed epoch yet: resume with --resume {run_dir}")
+        print(f"no completed epoch yet: resume with --resume {run.run_dir}")
         return None
     ckpt = load_checkpoint(best_path)
-    print_final_report(ckpt, best_path, len(val_tab))
+    model = model_from_checkpoint(ckpt, best_path).to(run.device)
+    if run.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(run.cfg.precision, run.device)
+    logits = {"validation": predict(model, val_loader, amp_dtype, run.device, len(val_tab)).numpy()}
+    tables = {"validation": val_tab}
+    if len(test_tab):
+        test_loader = eval_loader(test_tab["left"], test_tab["right"], val_loader.source.batch_size,
+                                  run.cfg.img_px, run.device, dtype=in_dtype, mean=ckpt["mean"], std=ckpt["std"],
+                                  num_threads=run.cfg.loader_threads or None)
+        logits["test"] = predict(model, test_loader, amp_dtype, run.device, len(test_tab)).numpy()
+        tables["test"] = test_tab
+    report = final_report(run, ckpt, tables, logits, y_train)
+    print_final_report(report, best_path)
+    write_html_report(run.run_dir)
     return ckpt
+
+
+def write_html_report(run_dir: Path) -> None:
+    """RUN/report.html (report.py); a failure there prints one line and never fails the run."""
+    if not (run_dir / "report.json").is_file():
+        return
+    t0 = time.perf_counter()
+    try:
+        from report import write_run_report
+
+        path = write_run_report(run_dir)
+        print(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
+    except Exception as e:  # noqa: BLE001 - the run's results are saved already; the page is a convenience
+        print(f"report: not written ({type(e).__name__}: {e})")
+
+
+def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> dict:
+    """report.json (every final figure) and one predictions CSV per split (id, true labels, probabilities)."""
+    import pandas as pd
+
+    from model.calibration import apply_calibration, brier_score, expected_calibration_error
+    from pipeline.host import atomic_write, write_text_atomic
+    from pipeline.odir import label_matrix
+
+    thresholds = np.asarray(ckpt["thresholds"])
+    report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
+              "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
+              "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
+              "thresholds": dict(zip(CLASSES, thresholds.tolist())), "calibration": ckpt["calibration"]}
+    for split, table in tables.items():
+        y = label_matrix(table)
+        raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], ckpt["calibration"])
+        trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
+        report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
+                         "trivial": evaluate(y, trivial),
+                         "calibration_error": {"ece_before": expected_calibration_error(raw, y),
+                                               "ece_after": expected_calibration_error(probs, y),
+                                               "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)}}
+        frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
+                              **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
+        with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
+            frame.to_csv(f, index=False, float_format="%.6f")
+    report = _plain(report)
+    write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def _plain(obj):
@@ -388,16 +505,27 @@ def _progress_bar(total, epoch, epochs):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", mininterval=2, leave=False,
-                dynamic_ncols=True)
+                dynamic_ncols=True, disable=not progress_enabled())
+
+
+def cli(argv=None) -> int:
+    """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
+    file, row, column or flag, an interruption says what was kept."""
+    from checkpoint import CheckpointError
+    from pipeline.host import run_cli
+    from pipeline.odir import SheetError
+    from pipeline.pairs import DataError
+    from pipeline.prepare import CacheError
+    from runlog import RunFolderError
+
+    return run_cli(lambda: main(argv) and None, "train.py",
+                   errors=(DataError, SheetError, CheckpointError, RunFolderError, CacheError),
+                   interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")
 
 
 if __name__ == "__main__":
-    from pipeline.odir import SheetError
-    from pipeline.pairs import DataError
-
     try:
-        main()
-    except (DataError, SheetError, FileNotFoundError) as e:  # bad input: the message names the file, row, column
-        sys.exit(f"error: {e}")
+        status = cli()
     finally:
         shutdown()
+    sys.exit(status)

@@ -1,4 +1,7 @@
-"""Metrics for ODIR-5K: the official ODIR-2019 score and the usual multi-label metrics. Pure numpy + sklearn.
+"""Metrics for ODIR-5K: the official ODIR-2019 score and the usual multi-label metrics. Pure numpy.
+
+numpy only, so that the light scoring install (no sklearn) prints the same figures; `tests/test_metrics.py` checks
+F1, Cohen's kappa and ROC AUC against scikit-learn's definitions.
 
 Two definitions, never to be mixed in one table (see docs/ODIR.md):
 - ``odir_score``: the organisers' evaluation, on the patients x 8 matrices FLATTENED into one vector.
@@ -8,7 +11,6 @@ Two definitions, never to be mixed in one table (see docs/ODIR.md):
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
 from pipeline.constants import CLASSES
 
@@ -21,6 +23,43 @@ def _check(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim != 2 or y.shape != p.shape:
         raise ValueError(f"y_true and probs must both be (N, K); got {y.shape} and {p.shape}")
     return y.astype(np.int64), p
+
+
+def _f1(y, pred) -> float:
+    """F1 of the positive class of 0/1 vectors; 0 when there is no positive at all (sklearn's zero_division=0)."""
+    y, pred = np.asarray(y) == 1, np.asarray(pred) == 1
+    tp, fp, fn = (y & pred).sum(), (~y & pred).sum(), (y & ~pred).sum()
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom else 0.0
+
+
+def cohen_kappa(y, pred) -> float:
+    """Cohen's kappa of two 0/1 vectors: (observed − chance agreement) / (1 − chance); nan if chance is 1."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    observed = np.mean(y == pred)
+    chance = y.mean() * pred.mean() + (1 - y.mean()) * (1 - pred.mean())
+    return float((observed - chance) / (1 - chance)) if chance < 1 else float("nan")
+
+
+def roc_auc(y, scores) -> float:
+    """Area under the ROC curve of 0/1 labels: the Mann-Whitney statistic, ties counted one half.
+
+    Raises:
+        ValueError: y holds a single value (the AUC is undefined), as sklearn's roc_auc_score does.
+    """
+    y = np.asarray(y) == 1
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("only one class present in y_true: ROC AUC is not defined")
+    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))  # 1-based
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, tied values sharing their mean rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first occurrence
+    return (first + (counts + 1) / 2)[inverse]
 
 
 def odir_score(y_true, probs, threshold: float = 0.5) -> dict[str, float]:
@@ -43,9 +82,9 @@ def odir_score(y_true, probs, threshold: float = 0.5) -> dict[str, float]:
     gt = y.flatten()  # (N*8,)
     pr = p.flatten()  # (N*8,)
     pred = pr > threshold
-    kappa = float(cohen_kappa_score(gt, pred))
-    f1 = float(f1_score(gt, pred, average="micro"))
-    auc = float(roc_auc_score(gt, pr))
+    kappa = cohen_kappa(gt, pred)
+    f1 = float(np.mean(gt == pred))  # micro F1 over both labels of a flat 0/1 vector = accuracy
+    auc = roc_auc(gt, pr)
     return dict(kappa=kappa, f1=f1, auc=auc, final=(kappa + f1 + auc) / 3.0)
 
 
@@ -69,14 +108,14 @@ def multilabel_metrics(y_true, probs, thresholds=0.5, classes=CLASSES) -> dict:
         raise ValueError(f"{len(classes)} class names for {k} columns")
     thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (k,))
     pred = (p > thr[None, :]).astype(np.int64)  # (N, K)
-    f1_per = f1_score(y, pred, average=None, zero_division=0)  # (K,)
+    f1_per = np.array([_f1(y[:, c], pred[:, c]) for c in range(k)])  # (K,)
     aucs = np.full(k, np.nan)
     for c in range(k):
         if np.unique(y[:, c]).size == 2:
-            aucs[c] = roc_auc_score(y[:, c], p[:, c])
+            aucs[c] = roc_auc(y[:, c], p[:, c])
     return dict(
-        f1_micro=float(f1_score(y, pred, average="micro", zero_division=0)),
-        f1_macro=float(f1_score(y, pred, average="macro", zero_division=0)),
+        f1_micro=_f1(y.ravel(), pred.ravel()),  # pooled TP/FP/FN over all cells
+        f1_macro=float(f1_per.mean()),
         f1={name: float(v) for name, v in zip(classes, f1_per)},
         auc={name: float(v) for name, v in zip(classes, aucs)},
         auc_macro=float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan"),

@@ -1,8 +1,10 @@
-"""What this machine offers the rest of the project: usable cores, the cache folder, atomic file writes."""
+"""What this machine offers the rest of the project: usable cores, the cache folder, atomic file writes, and how the
+command-line tools end (exit statuses, one-line errors, SIGTERM as an exception)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 
@@ -37,12 +39,113 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # a failed write (disk full) names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|checking)(\d+)(?:-[0-9a-f]{6}|\.onnx)?$")  # atomic_write's, export.py's
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Delete the temporary files in `folder` left by a process that is gone (a kill -9 in the middle of
+    `atomic_write`: no `finally` runs then). Only for folders that one process at a time writes (a locked run
+    folder): the owner is told by the pid in the name, which means nothing on another host. Returns their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if m and not _alive(int(m[1])):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def write_text_atomic(path, text: str) -> None:
     """`Path.write_text`, atomically (see `atomic_write`)."""
     with atomic_write(path) as f:
         f.write(text)
+
+
+# ----------------------------------------------------------------------------------------------- exit statuses
+# The command-line tools (train.py, score.py, export.py, python -m pipeline.prepare) end with one of these; README
+# "Bad input" documents them.
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1  # bad data, sheet, model, checkpoint, path, permissions, full disk: one line naming it
+EXIT_USAGE = 2  # a bad command line (argparse's own status)
+EXIT_SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT, the shell's convention); what was finished is kept
+EXIT_SIGTERM = 143  # stopped by SIGTERM (128 + SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that `finally` blocks and `atomic_write` clean up as for Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: `except Exception` must not swallow it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one printable line: its message (OSError: strerror and file name), odd bytes escaped."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return printable(" ".join(text.split()))
+
+
+def printable(text: str) -> str:
+    """`text` safe to print or write as UTF-8: a file name's undecodable bytes (surrogate escapes) as \\xNN."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
+    """Run a tool's `main()` and turn its ending into an exit status and at most one line on stderr.
+
+    Args:
+        main: the tool's main(); returns None or an exit status.
+        prog: the tool's name in messages ("score.py").
+        errors: the exception types that mean bad input (besides OSError, always one): printed as
+            "prog: error: <message>", exit status EXIT_BAD_INPUT.
+        interrupted: what the user should know after a Ctrl-C / SIGTERM (what was kept, how to go on).
+    """
+    import signal
+    import sys
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return main() or EXIT_OK
+    except (OSError, *errors) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "SIGINT (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+        print(f"\n{prog}: stopped by {name}" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+        return EXIT_SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on a terminal: a redirected log gets the result lines, not carriage returns."""
+    import sys
+
+    return sys.stderr.isatty()

@@ -158,19 +158,40 @@ def _not_found_message(root: Path) -> str:
 # ----------------------------------------------------------------------------- sheet parsing
 
 def _read_raw(sheet: Path, nrows: int | None = None) -> pd.DataFrame:
-    """The sheet's first worksheet as read, header names stripped, RangeIndex from 0."""
-    if sheet.suffix.lower() == ".csv":
-        # utf-8-sig: Excel writes a byte-order mark when saving CSV
-        raw = pd.read_csv(sheet, nrows=nrows, encoding="utf-8-sig")
-    else:
-        raw = pd.read_excel(sheet, nrows=nrows, engine="openpyxl")
+    """The sheet's first worksheet as read, header names stripped, fully blank rows dropped.
+
+    The index counts the data rows from 0 as the sheet has them, blank rows included, so `_row(label)` is the row
+    number a user sees in Excel or a text editor also below a blank row.
+
+    Raises:
+        SheetError: not a .xlsx/.csv file, or one that cannot be parsed (a damaged workbook, binary data, ...).
+    """
+    suffix = sheet.suffix.lower()
+    if suffix not in SHEET_SUFFIXES:
+        raise SheetError(f"{sheet}: not an annotation sheet: expected an ODIR .xlsx or .csv file, or a folder "
+                         f"holding one")
+    try:
+        if suffix == ".csv":
+            # utf-8-sig: Excel writes a byte-order mark when saving CSV. Blank lines kept: they count as rows.
+            raw = pd.read_csv(sheet, nrows=nrows, encoding="utf-8-sig", skip_blank_lines=False)
+        else:
+            raw = pd.read_excel(sheet, nrows=nrows, engine="openpyxl")
+    except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as e:  # ValueError: parser and decoding errors
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise SheetError(f"{sheet}: cannot be read as {'a CSV' if suffix == '.csv' else 'an Excel .xlsx'} sheet "
+                         f"({type(e).__name__}: {first})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
-    return raw.reset_index(drop=True)
+    raw = raw.reset_index(drop=True)
+    blank = raw.isna()
+    for column in raw.columns:  # a cell of spaces is blank too
+        if not pd.api.types.is_numeric_dtype(raw[column]):
+            blank[column] |= raw[column].astype(str).str.strip() == ""
+    return raw[~blank.all(axis=1)] if len(raw.columns) else raw
 
 
-def _row(i: int) -> int:
-    """Spreadsheet row number of the i-th data row (0-based)."""
-    return int(i) + FIRST_DATA_ROW
+def _row(label) -> int:
+    """Spreadsheet row number of the data row with index label `label` (see `_read_raw`)."""
+    return int(label) + FIRST_DATA_ROW
 
 
 def _require_columns(raw: pd.DataFrame, sheet: Path) -> None:
@@ -185,7 +206,8 @@ def _bad_cell(sheet: Path, mask: pd.Series, values: pd.Series, column: str, what
     bad = np.flatnonzero(mask.to_numpy())
     more = f" ({len(bad) - 1} more bad cells in this column)" if len(bad) > 1 else ""
     i = bad[0]
-    return SheetError(f"{sheet}: row {_row(i)}, column {column!r}: {what}, got {_show(values.iloc[i])}{more}")
+    return SheetError(f"{sheet}: row {_row(mask.index[i])}, column {column!r}: {what}, got {_show(values.iloc[i])}"
+                      f"{more}")
 
 
 def _show(value) -> str:
@@ -225,30 +247,42 @@ def _parse_labels(raw: pd.DataFrame, sheet: Path) -> pd.DataFrame:
 
 def _parse_ids(raw: pd.DataFrame, sheet: Path) -> pd.Series:
     num = pd.to_numeric(raw["ID"], errors="coerce")
-    bad = num.isna() | (num.round() != num)
+    # beyond int64 an ID would wrap to a negative number (or lose digits as a float)
+    bad = num.isna() | (num.round() != num) | ~(num.abs() < 2**63)
     if bad.any():
-        raise _bad_cell(sheet, bad, raw["ID"], "ID", "a patient ID must be an integer")
+        raise _bad_cell(sheet, bad, raw["ID"], "ID", "a patient ID must be an integer below 2**63")
     return num.astype(np.int64)
 
 
 def _parse_text(raw: pd.DataFrame, column: str) -> pd.Series:
     """A text column with blanks as ""; all "" if the column is absent."""
     if column not in raw.columns:
-        return pd.Series([""] * len(raw), dtype=object)
+        return pd.Series([""] * len(raw), index=raw.index, dtype=object)
     col = raw[column]
     return col.where(col.notna(), "").astype(str).str.strip().astype(object)
 
 
 def _parse_filenames(raw: pd.DataFrame, sheet: Path) -> dict[str, pd.Series]:
-    """Left-/Right-Fundus as stripped strings; SheetError at a blank cell."""
+    """Left-/Right-Fundus as stripped strings; SheetError at a blank cell or a name that leaves the images folder
+    (an absolute path, a `..` component: `sub/x.jpg` is fine, `../x.jpg` is not)."""
     out = {}
     for eye in EYES:
         column = f"{eye.capitalize()}-Fundus"
         names = _parse_text(raw, column)
         if (names == "").any():
             raise _bad_cell(sheet, names == "", raw[column], column, "an image file name is required")
+        outside = names.map(_leaves_folder).astype(bool)
+        if outside.any():
+            raise _bad_cell(sheet, outside, raw[column], column, "an image file name must name a file inside the "
+                            "images folder (no absolute path, no '..')")
         out[eye] = names
     return out
+
+
+def _leaves_folder(name: str) -> bool:
+    """An absolute path, a Windows drive, or a '..' component (with / or \\ as separator)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or (name[:1].isalpha() and name[1:2] == ":") or ".." in parts
 
 
 def _parse_age(raw: pd.DataFrame, sheet: Path) -> pd.Series:
@@ -281,7 +315,7 @@ def _check_unique_ids(table: pd.DataFrame, sheet: Path) -> None:
     dup = table["id"].duplicated(keep=False)
     if dup.any():
         first_id = table.loc[dup, "id"].iloc[0]
-        rows = [_row(i) for i in np.flatnonzero((table["id"] == first_id).to_numpy())]
+        rows = [_row(table.index[i]) for i in np.flatnonzero((table["id"] == first_id).to_numpy())]
         raise SheetError(f"{sheet}: rows {' and '.join(map(str, rows))}, column 'ID': patient ID "
                          f"{first_id} appears more than once (one row per patient expected)")
 
@@ -296,7 +330,8 @@ def _one_row_per_patient(table: pd.DataFrame, sheet: Path) -> pd.DataFrame:
         pid, column = table["id"].iloc[i], differs.columns[differs.iloc[i].to_numpy()][0]
         j = int(np.flatnonzero((table["id"] == pid).to_numpy())[0])  # that ID's first row
         sheet_column = {"left": "Left-Fundus", "right": "Right-Fundus"}.get(column, column)
-        raise SheetError(f"{sheet}: rows {_row(j)} and {_row(i)}, column {sheet_column!r}: the rows "
+        raise SheetError(f"{sheet}: rows {_row(table.index[j])} and {_row(table.index[i])}, column "
+                         f"{sheet_column!r}: the rows "
                          f"of patient ID {pid} disagree ({_show(table[column].iloc[j])} vs "
                          f"{_show(table[column].iloc[i])}); a patient's image rows must carry the same "
                          f"patient columns")
@@ -336,7 +371,7 @@ def read_patients(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _present(names: pd.Series, images: Path) -> np.ndarray:
     """Which file names exist in images: one listdir; a stat only for names with a subfolder."""
     present = set(os.listdir(images))
-    found = names.isin(present).to_numpy()
+    found = names.isin(present).to_numpy().copy()  # writable: pandas 3 hands out read-only views
     nested = names.str.contains("/", regex=False) | names.str.contains("\\", regex=False)
     for i in np.flatnonzero(nested.to_numpy()):
         found[i] = (images / names.iloc[i]).is_file()
@@ -374,3 +409,30 @@ def describe(patients: pd.DataFrame) -> str:
         share = 100 * count / n if n else 0.0
         lines.append(f"  {c} {CLASS_NAMES[c]:<13}{count:>6}  {share:5.1f}%")
     return "\n".join(lines)
+
+
+def subset_folder(data_dir, ids, out_dir) -> Path:
+    """An ODIR folder of some patients of another: their sheet rows (data.xlsx, the original columns) and links to
+    their two images in `Training Images/`. For scoring the held-out patients of a run as a user would score a
+    folder of new patients (`score.py MODEL OUT_DIR`).
+
+    Returns out_dir. Raises FileExistsError if out_dir exists.
+    """
+    sheet, _ = find_layout(data_dir)
+    patients, _ = read_patients(data_dir)
+    keep = patients[patients["id"].isin(set(int(i) for i in ids))]
+    raw = _read_raw(sheet)
+    if KAGGLE_MARK in raw.columns:  # one row per image: back to one row per patient, the original columns
+        raw = raw.drop_duplicates("ID")
+    raw = raw[raw["ID"].astype(int).isin(set(keep["id"]))]
+    out_dir = Path(out_dir)
+    images = out_dir / KNOWN_LAYOUTS[0][1]
+    images.mkdir(parents=True, exist_ok=False)
+    rows = raw[[c for c in raw.columns if c in (*REQUIRED, *OPTIONAL)]].copy()
+    for eye, column in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
+        names = [f"{pid}_{eye}{Path(src).suffix}" for pid, src in zip(keep["id"], keep[eye])]
+        for name, src in zip(names, keep[eye]):
+            (images / name).symlink_to(Path(src).resolve())
+        rows[column] = rows["ID"].astype(int).map(dict(zip(keep["id"], names)))
+    rows.to_excel(out_dir / KNOWN_LAYOUTS[0][0], index=False, engine="openpyxl")
+    return out_dir

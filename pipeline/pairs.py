@@ -48,13 +48,13 @@ def find_pairs(folder) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
 
     Args:
         folder: an ODIR folder with a sheet (labels known), or a folder of `{ID}_left|right.{jpg,jpeg,png}` files
-            (case-insensitive; only the folder itself is read, not its subfolders).
+            (case-insensitive; only the folder itself is read: its subfolders are listed in `ignored`).
 
     Returns:
         (table, ignored). table: columns id, left, right (source paths, None when absent), status ("ok" or why the
         patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1, age,
         sex, keywords) when labelled; `table.attrs["labelled"]` tells which. ignored: (file name, reason) for
-        files that name no patient eye.
+        files that name no patient eye, and for subfolders.
 
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -97,8 +97,14 @@ def _pairs_from_names(folder: Path):
     ignored = []
     with os.scandir(folder) as entries:
         for e in sorted(entries, key=lambda e: e.name):
-            if e.name.startswith(".") or not e.is_file():
-                continue  # hidden files (.DS_Store) and subfolders
+            if e.name.startswith("."):
+                continue  # hidden files (.DS_Store)
+            if e.is_dir():
+                ignored.append((e.name + "/", "a subfolder: not searched, score it on its own"))
+                continue
+            if not e.is_file():
+                ignored.append((e.name, "not a regular file"))
+                continue
             m = PAIR_NAME.match(e.name)
             if m is None:
                 ignored.append((e.name, "not named {ID}_left/{ID}_right." + "/".join(IMAGE_EXTS)))

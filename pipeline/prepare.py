@@ -8,15 +8,20 @@ Crop: the box of the pixels brighter than a threshold, robust to noise and text 
 the frame centre, because real fundi often have an under-exposed side darker than the threshold (`fundus_box`).
 
 Cache layout: `cache_dir/{short_px}px/{stem}-{hash10}.jpg`, where hash10 is a short hash of the absolute source
-path, so `a/1_left.jpg` and `b/1_left.jpg` never collide. An entry is up to date when it is at least as new as
-its source; up-to-date entries are skipped without decoding. `cache_dir/{short_px}px/SETTINGS` records the
-preparation settings (threshold, quality, filter, ...): when they change, every entry counts as stale.
+path, so `a/1_left.jpg` and `b/1_left.jpg` never collide. Beside each entry, `{stem}-{hash10}.src` records what
+its source was when it was read: size, mtime_ns, ctime_ns and inode (`source_identity`). An entry is up to date
+only when its source still has exactly that identity; up-to-date entries are skipped without decoding. Why these
+four and not a content hash: one stat per image instead of reading every original again on each run, and
+together they catch every way of swapping a file seen so far: an edit (size, mtime), a file moved over it
+(inode), `cp -p` or `touch -d` putting an old time back (ctime: the kernel sets it to now on every change and
+no user call can set it back). `cache_dir/{short_px}px/SETTINGS` records the preparation settings (threshold,
+quality, filter, ...): when they change, every entry counts as stale.
 
 Speed: JPEG draft mode (DCT scaling in libjpeg) decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a
 full decode; we pick the largest reduction that still leaves the fundus at least `short_px` on its short side, so
 the final resize never enlarges. `benchmarks/prepare.py` measures it against a plain full decode.
 
-    python -m pipeline.prepare --data DIR --cache DIR [--short-px 384] [--workers N]
+    python -m pipeline.prepare --data DIR [--cache-dir DIR] [--short-px 384] [--workers N]
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ import argparse
 import hashlib
 import multiprocessing as mp
 import os
+import select
+import signal
 import stat
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -36,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.host import usable_cores, write_text_atomic, atomic_write
+from pipeline.host import atomic_write, cache_root, progress_enabled, usable_cores, write_text_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
     import pandas as pd
@@ -68,6 +76,11 @@ class BadImage(Exception):
         self.reason = reason
 
 
+class CacheError(RuntimeError):
+    """The prepared copy cannot be written (disk full, permissions): a problem of the cache, not of the image;
+    the message names the source and the cache file."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One image
 
@@ -77,18 +90,31 @@ def cache_path(src: str | os.PathLike, cache_dir: str | os.PathLike, short_px: i
     src = os.path.abspath(os.fspath(src))
     digest = hashlib.sha1(src.encode("utf-8", "surrogateescape")).hexdigest()[:10]
     stem = Path(src).stem[:100]  # keep the name readable but well under the 255-byte file-name limit
+    # undecodable bytes of a source name (surrogate escapes) as U+FFFD: readers that need UTF-8 (DALI) can open it
+    stem = stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return Path(cache_dir) / f"{short_px}px" / f"{stem}-{digest}.jpg"
 
 
+def source_identity(st: os.stat_result) -> str:
+    """What a source file is, from one stat: size, mtime_ns, ctime_ns, inode (see the module docstring)."""
+    return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ctime_ns={st.st_ctime_ns} inode={st.st_ino}\n"
+
+
+def identity_path(dst: str | os.PathLike) -> Path:
+    """The file beside a prepared copy that records its source's identity: `{stem}-{hash10}.src`."""
+    return Path(dst).with_suffix(".src")
+
+
 def is_up_to_date(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
-    """True if `dst` exists and is at least as new as `src` (make's rule; no decoding)."""
+    """True if `dst` exists and was prepared from `src` as it is now: same size, mtime, ctime and inode (no
+    decoding, no reading of src). An entry without its identity file (older caches) counts as stale."""
     try:
-        s, d = os.stat(src), os.stat(dst)
-    except OSError:
+        if os.stat(dst).st_size == 0:
+            return False
+        recorded = identity_path(dst).read_text()
+        return recorded == source_identity(os.stat(src))
+    except (OSError, UnicodeDecodeError):
         return False
-    # >= rather than >: file times are coarse (one kernel tick), so a copy written right after its source may carry
-    # the same time stamp; it is still up to date.
-    return d.st_size > 0 and d.st_mtime_ns >= s.st_mtime_ns
 
 
 def fundus_box(img: Image.Image, threshold: int = BRIGHT_THRESHOLD, min_fraction: float = MIN_LINE_FRACTION,
@@ -153,7 +179,7 @@ def crop_fundus(img: Image.Image) -> Image.Image:
     return img if box == (0, 0, img.width, img.height) else img.crop(box)
 
 
-def _check_file(src: Path) -> None:
+def _check_file(src: Path) -> os.stat_result:
     try:
         st = os.stat(src)
     except FileNotFoundError:
@@ -164,6 +190,7 @@ def _check_file(src: Path) -> None:
         raise BadImage("not a regular file")
     if st.st_size == 0:
         raise BadImage("empty file")
+    return st
 
 
 def _draft_scale(width: int, height: int, short_px: int) -> int:
@@ -263,17 +290,19 @@ class _StrictTruncation:
         return False
 
 
-def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int) -> None:
+def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int) -> str:
     """Crop the fundus out of `src`, resize its short side to `short_px`, write RGB baseline JPEG q95 to `dst`.
 
     The write is atomic (temporary file in dst's folder, then os.replace): a crash never leaves a half-written
-    `dst`. No up-to-date check here; `prepare_paths` does that.
+    `dst`. No up-to-date check here; `prepare_paths` does that, with the source identity this returns.
 
     Args:
         src: any image PIL reads, decoded by content (a PNG named .jpg is fine); grayscale, CMYK, 16-bit and
             alpha images are converted to RGB.
         dst: output path; its folder is created if needed.
         short_px: short side of the output in pixels (the training image size).
+    Returns:
+        `source_identity` of src, taken before it was read.
     Raises:
         BadImage: missing, empty, unreadable, not an image, truncated, corrupt, black or fundus-less input.
         OSError: dst cannot be written (a problem of the cache, not of the image).
@@ -281,13 +310,14 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
     if short_px < 1:
         raise ValueError(f"short_px must be >= 1, got {short_px}")
     src, dst = Path(src), Path(dst)
-    _check_file(src)
+    identity = source_identity(_check_file(src))  # stat before reading: a file swapped meanwhile looks stale later
     with _StrictTruncation():
         img, box = _decode_fundus(src, short_px)
     out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst, "wb") as f:
         out.save(f, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
+    return identity
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,13 +329,47 @@ def _prepare_chunk(items: list[tuple[str, str]], short_px: int) -> list[tuple[st
     results = []
     for src, dst in items:
         try:
-            prepare_image(src, dst, short_px)
+            identity = prepare_image(src, dst, short_px)
+            # Written after the image and without a temporary file: a crash in between leaves an old or partial
+            # identity, which only makes the entry stale (prepared again), never a wrong image taken as current.
+            identity_path(dst).write_text(identity)
             results.append((src, dst, None))
         except BadImage as e:
             results.append((src, None, e.reason))
         except Exception as e:  # a cache-side failure (disk full, permissions): stop the run, name the file
-            raise RuntimeError(f"preparing {src} -> {dst}: {type(e).__name__}: {e}") from e
+            raise CacheError(f"preparing {src} -> {dst}: {type(e).__name__}: {e}") from e
     return results
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker set-up: leave Ctrl-C to the parent (it stops the pool), and exit as soon as the parent is gone.
+
+    The pool's workers are children of the forkserver, not of the parent, and each holds the write ends of its own
+    task pipe, of the forkserver's and of the resource tracker's, so after a kill -9 of the parent nothing would
+    ever end them (measured: ~1.4 GB left running). A watcher thread ends the worker instead; the forkserver and
+    the resource tracker then see their pipes close and exit too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once pid has exited (zombie included)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:  # other systems, or pid already gone
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _mp_context():
@@ -326,7 +390,8 @@ def _run(todo: list[tuple[str, str]], short_px: int, workers: int, bar: tqdm):
         return
     max_in_flight = workers * IN_FLIGHT_PER_WORKER
     next_chunk = iter(chunks)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as ex:
         pending = set()
         try:
             while True:
@@ -400,7 +465,8 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
         else:
             todo.append((src, dst))
     done = failed = 0
-    with tqdm(total=len(todo), desc="prepare", unit="img", disable=not progress or not todo,
+    with tqdm(total=len(todo), desc="prepare", unit="img",
+              disable=not progress or not todo or not progress_enabled(),
               dynamic_ncols=True, mininterval=0.5) as bar:
         for src, dst, reason in _run(todo, short_px, workers or usable_cores(), bar):
             done += reason is None
@@ -452,11 +518,15 @@ def prepare_table(patients: pd.DataFrame, cache_dir: str | os.PathLike, short_px
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="ODIR folder: data.xlsx or full_df.csv + images")
-    ap.add_argument("--cache", required=True, help="cache root; images go to CACHE/{short_px}px/")
+    ap.add_argument("--cache-dir", help="prepared-image cache, the same as train.py's and score.py's; images go to "
+                                        "CACHE_DIR/{short_px}px/ (default $ODIR_CACHE/prepared or "
+                                        "~/.cache/odir-dual/prepared)")
+    ap.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
     ap.add_argument("--short-px", type=int, default=384, help="short side of the prepared images, px (default 384)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    args.cache = args.cache_dir or str(cache_root() / "prepared")
 
     import pandas as pd
 
@@ -490,4 +560,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.host import run_cli
+    from pipeline.odir import SheetError
+
+    sys.exit(run_cli(main, "python -m pipeline.prepare", errors=(SheetError, CacheError),
+                     interrupted="the images prepared so far are kept; run again to go on"))

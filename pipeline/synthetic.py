@@ -18,6 +18,15 @@ Signs drawn per class (all in `_render_eye`):
 Images are drawn at a working size of at most `WORK_PX` and upscaled, so multi-megapixel sets stay fast.
 Each patient has its own RNG, `np.random.default_rng([seed, patient_index])`, so the bytes written do not
 depend on the number of worker processes.
+
+Where each localised sign is drawn (D blots and exudate clusters, A drusen at the macula, G the cupped disc,
+O laser spots / scar / pigmented patch) is written beside the sheet as `regions.csv` (`read_regions`): circles in
+pixels of the written JPEG, the ground truth that the heatmap test scores Grad-CAM against. Recording them
+draws no random numbers, so the images are the same bytes as before.
+
+It stays one module (over 400 lines) because it is one generator read top to bottom: labels → anatomy →
+vessels → lesions → one patient → the set; the drawing helpers have no other user, and splitting them out
+would only add imports between files that always change together.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from pipeline.constants import CLASSES
-from pipeline.host import atomic_write, usable_cores
+from pipeline.host import atomic_write, progress_enabled, usable_cores
 
 COLUMNS = ("ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
            "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *CLASSES)
 IMAGE_DIR = "Training Images"
 SHEET_NAME = "data.xlsx"
+REGIONS_NAME = "regions.csv"  # where the localised signs are drawn: id, eye, class, sign, x_px, y_px, r_px
+REGION_COLUMNS = ("id", "eye", "class", "sign", "x_px", "y_px", "r_px")
 MARKER_NAME = "COMPLETE.json"  # written last by ensure_synthetic_odir: its presence means the set is whole
 KEYWORD_SEP = "，"  # full-width comma, as in the real sheet
 NORMAL_KEYWORD = "normal fundus"
@@ -427,8 +438,9 @@ def _add_vessels(rng, img, eye: _Eye, hypertensive: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ lesions
-def _add_diabetic(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
-    """Microaneurysms and blot haemorrhages (dark red dots) + clusters of yellow hard exudates."""
+def _add_diabetic(rng, img, eye: _Eye, look: _Look, keyword: str) -> list[tuple]:
+    """Microaneurysms and blot haemorrhages (dark red dots) + clusters of yellow hard exudates.
+    Returns the regions (sign, x, y, r) in tile px: each blot, and a circle round each exudate cluster."""
     r, d = eye.r_px, eye.d_px
     severity = {"mild": 0.7, "moderate": 1.0, "severe": 1.3, "proliferative": 1.4}[keyword.split()[0]]
     cx, cy = (eye.disc_x + 2 * eye.mac_x) / 3, eye.mac_y
@@ -436,30 +448,41 @@ def _add_diabetic(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
     xs, ys = _scatter(rng, n_ma + n_blot, cx, cy, 0.4 * r, 0.8 * r)
     rs = np.r_[rng.uniform(0.008, 0.014, n_ma), rng.uniform(0.02, 0.045, n_blot)] * r
     _apply_mask(img, _dots(d, xs, ys, rs), 0, factor=(0.5, 0.2, 0.25))
+    regions = [("blot", x, y, q) for x, y, q in zip(xs[n_ma:], ys[n_ma:], rs[n_ma:])]  # microaneurysms: too small
     xs, ys, rs = [], [], []
     for _ in range(int(rng.integers(2, 5) * severity + 0.5)):  # exudates come in clusters / rings
         ccx, ccy = _scatter(rng, 1, eye.mac_x, eye.mac_y, 0.25 * r, 0.45 * r)
         n = int(rng.integers(8, 20))
         x, y = _scatter(rng, n, ccx[0], ccy[0], 0.06 * r, 0.15 * r)
         xs.append(x), ys.append(y), rs.append(rng.uniform(0.012, 0.03, n) * r)
+        regions.append(("exudates", *_enclosing(ccx[0], ccy[0], x, y, rs[-1])))
     # Deep yellow and sharp-edged, unlike the paler, soft drusen of AMD.
     color = np.array([1.0, 0.85, 0.28], np.float32) * min(1.0, look.bright * 1.2)
     _apply_mask(img, _dots(d, np.concatenate(xs), np.concatenate(ys), np.concatenate(rs)), 0, color=color)
+    return regions
 
 
-def _add_drusen(rng, img, eye: _Eye, look: _Look, wet: bool) -> None:
+def _enclosing(cx: float, cy: float, xs, ys, rs) -> tuple[float, float, float]:
+    """(cx, cy, r): the circle about (cx, cy) that holds every dot (xs, ys, radius rs)."""
+    return cx, cy, float(np.max(np.hypot(np.asarray(xs) - cx, np.asarray(ys) - cy) + rs))
+
+
+def _add_drusen(rng, img, eye: _Eye, look: _Look, wet: bool) -> list[tuple]:
     """A dense cloud of small, soft, pale-yellow drusen centred on the macula; wet AMD adds a dark
-    haemorrhagic patch at the fovea."""
+    haemorrhagic patch at the fovea. Returns the region: the circle round the cloud, in tile px."""
     r, d = eye.r_px, eye.d_px
     n = int(rng.integers(90, 180))
     xs, ys = _scatter(rng, n, eye.mac_x, eye.mac_y, rng.uniform(0.1, 0.16) * r, 0.38 * r)
     color = np.array([0.98, 0.9, 0.64], np.float32) * min(1.0, look.bright * 1.2)
-    mask = _dots(d, xs, ys, rng.uniform(0.012, 0.03, n) * r, rng.uniform(0.6, 1.0, n))
+    rs = rng.uniform(0.012, 0.03, n) * r
+    mask = _dots(d, xs, ys, rs, rng.uniform(0.6, 1.0, n))
     _apply_mask(img, mask, 0.004 * r, color=color)
+    regions = [("drusen", *_enclosing(eye.mac_x, eye.mac_y, xs, ys, rs))]
     if wet:
         xs, ys = _scatter(rng, 6, eye.mac_x, eye.mac_y, 0.04 * r, 0.06 * r)
         mask = _dots(d, xs, ys, rng.uniform(0.04, 0.07, 6) * r)
         _apply_mask(img, mask, 1.5, factor=(0.45, 0.3, 0.35))
+    return regions
 
 
 def _flame_polygon(x, y, angle, length_px, width_px) -> list:
@@ -493,8 +516,9 @@ def _add_hypertensive(rng, img, eye: _Eye, look: _Look) -> None:
                 0.012 * r, color=color)
 
 
-def _add_other(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
-    """The 'other' lesion named by `keyword`: laser spots, a pale scar, or a dark pigmented patch."""
+def _add_other(rng, img, eye: _Eye, look: _Look, keyword: str) -> list[tuple]:
+    """The 'other' lesion named by `keyword`: laser spots, a pale scar, or a dark pigmented patch.
+    Returns the regions (sign, x, y, r) in tile px: each laser spot, or the circle round the scar / patch."""
     r, d = eye.r_px, eye.d_px
     pale = np.array([0.97, 0.9, 0.76], np.float32) * min(1.0, look.bright * 1.15)
     if keyword == "laser spot":  # old pan-retinal photocoagulation: heavily pigmented rings, pale centres
@@ -503,7 +527,7 @@ def _add_other(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
         rs = rng.uniform(0.022, 0.035, n) * r
         _apply_mask(img, _dots(d, xs, ys, rs * 1.5), 0, factor=(0.25, 0.2, 0.2))
         _apply_mask(img, _dots(d, xs, ys, rs * 0.7), 0, color=pale)
-        return
+        return [("laser spot", x, y, q) for x, y, q in zip(xs, ys, rs * 1.5)]
     size = rng.uniform(0.12, 0.2) * r
     x0, y0 = _free_spot(rng, eye, size)
     n = int(rng.integers(6, 11))
@@ -514,10 +538,12 @@ def _add_other(rng, img, eye: _Eye, look: _Look, keyword: str) -> None:
         _apply_mask(img, _dots(d, xs, ys, rs, rng.uniform(0.8, 0.95, n)), 2.5, color=pale)
         px, py = _scatter(rng, 8, x0, y0, 0.6 * size, 1.2 * size)
         _apply_mask(img, _dots(d, px, py, rng.uniform(0.01, 0.02, 8) * r), 0, factor=(0.3, 0.25, 0.28))
-    else:  # retinal pigmentation: a slate-grey patch with scattered clumps
-        _apply_mask(img, _dots(d, xs, ys, rs * 0.8), 2.0, factor=(0.32, 0.3, 0.45))
-        px, py = _scatter(rng, 25, x0, y0, 1.5 * size, 3 * size)
-        _apply_mask(img, _dots(d, px, py, rng.uniform(0.01, 0.02, 25) * r), 0, factor=(0.3, 0.28, 0.35))
+        return [("scar", *_enclosing(x0, y0, xs, ys, rs * 1.12))]
+    # retinal pigmentation: a slate-grey patch with scattered clumps (the region is the patch, not the clumps)
+    _apply_mask(img, _dots(d, xs, ys, rs * 0.8), 2.0, factor=(0.32, 0.3, 0.45))
+    px, py = _scatter(rng, 25, x0, y0, 1.5 * size, 3 * size)
+    _apply_mask(img, _dots(d, px, py, rng.uniform(0.01, 0.02, 25) * r), 0, factor=(0.3, 0.28, 0.35))
+    return [("pigmented patch", *_enclosing(x0, y0, xs, ys, rs * 0.8))]
 
 
 def _free_spot(rng, eye: _Eye, size_px: float) -> tuple[float, float]:
@@ -565,8 +591,11 @@ def _finish(rng, img: np.ndarray, eye: _Eye, blur_px: float) -> Image.Image:
     return out.filter(ImageFilter.BoxBlur(blur_px)) if blur_px > 0 else out
 
 
-def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict) -> Image.Image:
-    """Draw one fundus (d_px x d_px RGB on black) showing the signs of every class in `diseases`."""
+def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict,
+                regions: list | None = None) -> Image.Image:
+    """Draw one fundus (d_px x d_px RGB on black) showing the signs of every class in `diseases`; the
+    localised signs are appended to `regions` as (class, sign, x, y, r) in tile px."""
+    regions = [] if regions is None else regions
     eye = _Eye(rng, d_px, is_right)
     img = _background(rng, eye, look)
     if "M" in diseases:
@@ -578,16 +607,17 @@ def _render_eye(rng, d_px: int, is_right: bool, look: _Look, diseases: dict) -> 
     cup_ratio = rng.uniform(0.72, 0.9) if glaucoma else rng.uniform(0.25, 0.4)
     if glaucoma:
         _add_nerve_fibre_defects(rng, img, eye)
+        regions.append(("G", "cupped disc", eye.disc_x, eye.disc_y, eye.disc_r_px))
     _add_disc(img, eye, look, cup_ratio, pale=0.9 if glaucoma else 0.0)
     _add_vessels(rng, img, eye, hypertensive="H" in diseases)
     if "H" in diseases:
         _add_hypertensive(rng, img, eye, look)
     if "D" in diseases:
-        _add_diabetic(rng, img, eye, look, diseases["D"])
+        regions += [("D", *sign) for sign in _add_diabetic(rng, img, eye, look, diseases["D"])]
     if "A" in diseases:
-        _add_drusen(rng, img, eye, look, wet=diseases["A"].startswith("wet"))
+        regions += [("A", *sign) for sign in _add_drusen(rng, img, eye, look, wet=diseases["A"].startswith("wet"))]
     if "O" in diseases:
-        _add_other(rng, img, eye, look, diseases["O"])
+        regions += [("O", *sign) for sign in _add_other(rng, img, eye, look, diseases["O"])]
     if "C" in diseases:
         return _finish(rng, _add_cataract(rng, img, eye), eye, 0.0)
     # Real photographs are never perfectly sharp; this also anti-aliases the drawing (needed before an
@@ -617,8 +647,8 @@ def _save_jpeg_atomic(img: Image.Image, path: pathlib.Path) -> None:
         img.save(f, format="JPEG", quality=JPEG_QUALITY)
 
 
-def _make_patient(args: tuple) -> dict:
-    """Draw, render and write one patient's two images; return its sheet row."""
+def _make_patient(args: tuple) -> tuple[dict, list[tuple]]:
+    """Draw, render and write one patient's two images; return its sheet row and its regions.csv rows."""
     out_dir, index, seed, min_px, max_px = args
     rng = np.random.default_rng([seed, index])
     left, right = _draw_eye_diseases(rng)
@@ -627,14 +657,19 @@ def _make_patient(args: tuple) -> dict:
     w_px, h_px, diam_px, x0, y0 = _draw_camera(rng, min_px, max_px)
     work_px = min(diam_px, WORK_PX)
     look = _Look(rng)
+    scale = diam_px / work_px  # tile px → frame px
+    region_rows = []
     for side, diseases in (("left", left), ("right", right)):
-        tile = _render_eye(rng, work_px, side == "right", look.jitter(rng), diseases)
+        drawn = []
+        tile = _render_eye(rng, work_px, side == "right", look.jitter(rng), diseases, drawn)
+        region_rows += [(index, side, k, sign, round(x0 + x * scale, 2), round(y0 + y * scale, 2),
+                         round(r * scale, 2)) for k, sign, x, y, r in drawn]
         if diam_px != work_px:  # bilinear: 2x cheaper than bicubic, and the tile is already smooth
             tile = tile.resize((diam_px, diam_px), Image.BILINEAR)
         frame = Image.new("RGB", (w_px, h_px))
         frame.paste(tile, (x0, y0))
         _save_jpeg_atomic(frame, pathlib.Path(out_dir) / IMAGE_DIR / f"{index}_{side}.jpg")
-    return _sheet_row(index, age, sex, left, right)
+    return _sheet_row(index, age, sex, left, right), region_rows
 
 
 # ------------------------------------------------------------------------------------------- sheet
@@ -681,15 +716,34 @@ def make_synthetic_odir(out_dir, n_patients=600, seed=0, min_px=400, max_px=900,
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     tasks = [(str(out_dir), i, seed, min_px, max_px) for i in range(n_patients)]
     workers = max(1, min(workers or usable_cores(), n_patients))
-    bar = dict(total=n_patients, desc="synthetic ODIR", unit="patient")
+    bar = dict(total=n_patients, desc="synthetic ODIR", unit="patient", disable=not progress_enabled())
     if workers == 1:
-        rows = [_make_patient(t) for t in tqdm(tasks, **bar)]
+        made = [_make_patient(t) for t in tqdm(tasks, **bar)]
     else:
         with ProcessPoolExecutor(workers) as pool:
             chunk = max(1, n_patients // (workers * 16))
-            rows = list(tqdm(pool.map(_make_patient, tasks, chunksize=chunk), **bar))
-    _write_sheet_atomic(rows, out_dir / SHEET_NAME)
+            made = list(tqdm(pool.map(_make_patient, tasks, chunksize=chunk), **bar))
+    regions = pd.DataFrame([r for _, rows in made for r in rows], columns=list(REGION_COLUMNS))
+    with atomic_write(out_dir / REGIONS_NAME, newline="") as f:
+        regions.to_csv(f, index=False)
+    _write_sheet_atomic([row for row, _ in made], out_dir / SHEET_NAME)
     return out_dir
+
+
+def read_regions(root) -> pd.DataFrame:
+    """Where the localised signs of a synthetic set are drawn: one row per sign (a circle) with columns id, eye
+    (left/right), class (D, G, A, O), sign ("blot", "exudates", "drusen", "cupped disc", "laser spot", "scar",
+    "pigmented patch"), x_px, y_px, r_px (centre and radius, in pixels of the written JPEG). An eye's region for a
+    class is the union of its circles.
+
+    Raises:
+        FileNotFoundError: no regions.csv (a set generated before regions were recorded: delete it to regenerate).
+    """
+    path = pathlib.Path(root) / REGIONS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no regions file; this synthetic set predates it, delete {root} and "
+                                "generate it again")
+    return pd.read_csv(path)
 
 
 def ensure_synthetic_odir(root, n_patients=600, seed=0, min_px=400, max_px=900) -> pathlib.Path:

@@ -220,3 +220,21 @@ def test_real_image_check_uses_the_runs_recorded_data_folder(tmp_path):
     (tmp_path / "run2" / "split.csv").write_text("id,split\n1,train\n2,val\n")
     pairs, note = export.check_pairs(nameless, checkpoint.read_checkpoint(nameless))
     assert pairs == [] and "does not name its data folder" in note
+
+
+def test_onnx_probs_are_the_checkpoints_calibrated_probabilities(tmp_path):
+    from model.calibration import apply_calibration
+
+    path = make_checkpoint(tmp_path / "run" / "best.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["calibration"] = {"method": "platt", "a": [0.5 + 0.1 * k for k in range(8)], "b": [-1.0 + 0.25 * k
+                                                                                           for k in range(8)]}
+    torch.save(ckpt, path)
+    out = export.export(path, log=lambda *a: None)["path"]
+    session = runtime.ort_session(out)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["calibration"]) == ckpt["calibration"]
+    g = torch.Generator().manual_seed(3)
+    left, right = (torch.randn(4, 3, 64, 64, generator=g).numpy() for _ in range(2))
+    probs, logits = session.run(["probs", "logits"], {"left": left, "right": right})
+    np.testing.assert_allclose(probs, apply_calibration(logits, ckpt["calibration"]), atol=1e-6)
+    assert np.abs(probs - 1 / (1 + np.exp(-logits))).max() > 0.05  # the calibration really changed them

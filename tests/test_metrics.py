@@ -113,3 +113,23 @@ def test_tune_thresholds_ties_and_empty_class():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         odir_score(np.zeros((3, 8)), np.zeros((3, 7)))
+
+
+def test_numpy_metrics_equal_sklearn_with_ties():
+    # the metrics are numpy-only (the light scoring install has no sklearn); held to sklearn's definitions
+    from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
+
+    from model.metrics import cohen_kappa, roc_auc
+
+    for seed in range(3):
+        y, p = _random_problem(seed, n=300)
+        p = np.round(p, 1)  # many ties
+        flat_y, flat_p = y.flatten(), p.flatten()
+        assert roc_auc(flat_y, flat_p) == pytest.approx(roc_auc_score(flat_y, flat_p), abs=1e-12)
+        assert cohen_kappa(flat_y, flat_p > 0.5) == pytest.approx(cohen_kappa_score(flat_y, flat_p > 0.5), abs=1e-12)
+        m = multilabel_metrics(y, p, 0.45)
+        pred = (p > 0.45).astype(int)
+        assert m["f1_micro"] == pytest.approx(f1_score(y, pred, average="micro", zero_division=0), abs=1e-12)
+        assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+    with pytest.raises(ValueError, match="one class"):
+        roc_auc(np.zeros(5), np.linspace(0, 1, 5))

@@ -1,4 +1,5 @@
 """train.py end to end on a tiny synthetic ODIR set: run folder, checkpoints, resume, NaN stop, DDP, compile."""
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,14 @@ def test_flags_come_from_config_fields_and_override_presets():
         config.parse_config(["--preset", "nope"])
 
 
+def test_real_data_on_a_cpu_gets_the_cpu_preset_and_the_demo_stays_synthetic():
+    assert config.parse_config(["--data", "/some/odir"]).preset == "cpu"
+    cfg = config.parse_config(["--data", "/some/odir"])
+    assert (cfg.backbone, cfg.weighted_sampling, cfg.select_metric, cfg.calibration) == (
+        "test_resnet", False, "auc_macro", "platt")
+    assert (cfg.val_fraction, cfg.test_fraction) == (0.15, 0.15)
+
+
 def test_no_arguments_is_the_demo_on_a_cpu():
     if torch.cuda.is_available():
         pytest.skip("the default preset is fast on a GPU")
@@ -80,17 +89,47 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
     model.load_state_dict(best["model"])
 
 
+def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_path, tiny_odir, capsys):
+    from pipeline.split import load_split
+
+    run(tmp_path, tiny_odir, "--model-ema", "--model-ema-decay", "0.5")
+    out = capsys.readouterr().out
+    d = tmp_path / "run"
+    train_ids, val_ids, test_ids = load_split(d / "split.csv")
+    assert len(test_ids) == round(48 * 0.15) and not set(test_ids) & (set(train_ids) | set(val_ids))
+    report = json.loads((d / "report.json").read_text())
+    assert report["data"] == {"folder": str(tiny_odir), "validation": len(val_ids), "test": len(test_ids)}
+    best = torch.load(d / "best.pt", weights_only=True)
+    assert report["calibration"] == best["calibration"] and report["calibration"]["method"] == "platt"
+    predictions = (d / "predictions_test.csv").read_text().splitlines()
+    assert predictions[0].split(",") == ["id", *CLASSES, *(f"p_{c}" for c in CLASSES)]
+    assert sorted(int(r.split(",")[0]) for r in predictions[1:]) == sorted(test_ids.tolist())
+    for split in ("validation", "test"):  # every figure the console shows is the one report.json holds
+        r = report[split]
+        assert f"{split} ({r['patients']} patients)" in out
+        o, t = r["odir"], r["trivial"]["odir"]
+        assert (f"official ODIR score, model   (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
+                f"AUC {o['auc']:.3f} · final {o['final']:.3f}") in out
+        assert f"trivial (flattened, 0.5): kappa {t['kappa']:.3f} · F1 {t['f1']:.3f}" in out
+        e = r["calibration_error"]
+        assert f"ECE {e['ece_before']:.3f} → {e['ece_after']:.3f}" in out
+        m = r["tuned"]
+        assert (f"model, tuned thresholds       {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}   "
+                + "  ".join(f"{m['f1'][c]:5.3f}" for c in CLASSES)) in out
+
+
 def test_resume_equals_uninterrupted(tmp_path, tiny_odir):
-    run(tmp_path, tiny_odir, name="straight")
-    run(tmp_path, tiny_odir, "--stop-after-steps", "7", name="split")  # 5 updates per epoch: stops mid-epoch 2
+    run(tmp_path, tiny_odir, "--model-ema", name="straight")
+    run(tmp_path, tiny_odir, "--model-ema", "--stop-after-steps", "6", name="split")  # 4 updates/epoch: mid-epoch 2
     part = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert part["step"] == 7
+    assert part["step"] == 6
     train.main(["--resume", str(tmp_path / "split")])
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 10
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["step"] == b["step"] == 8
+    for weights in ("model", "model_ema"):  # the moving average resumes exactly too
+        for k in a[weights]:
+            assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
     assert (tmp_path / "split" / "metrics.csv").read_text().count("\n") == 3
 
 
@@ -120,7 +159,7 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
+    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (README "Bad input")
     assert "SIGINT: stopping after this update" in out
     stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 1000
@@ -160,8 +199,8 @@ def test_ddp_two_processes(tmp_path, tiny_odir):
     assert "× 2 rank(s)" in out.stdout
     assert "replicas identical across 2 ranks: yes" in out.stdout
     assert (tmp_path / "ddp" / "best.pt").is_file()
-    # 41 training patients / 2 ranks / batch 4 = 5 steps per rank per epoch, 8 pairs per update
-    assert "5 updates/epoch of 8 pairs" in out.stdout
+    # 34 training patients (70 % of 48) / 2 ranks / batch 4 = 4 steps per rank per epoch, 8 pairs per update
+    assert "4 updates/epoch of 8 pairs" in out.stdout
 
 
 @pytest.mark.slow
@@ -177,7 +216,7 @@ def test_dry_run_on_real_data_reports_the_24_one_eyed_patients(odir256, tmp_path
     out = capsys.readouterr().out
     assert "left out 24 patient(s): 24 missing file" in out
     assert "usable patients: 2215" in out
-    assert "split (seed 42): train 1883 · validation 332" in out
+    assert "split (seed 42): train 1551 · validation 332 · test 332" in out
 
 
 def test_bf16_autocast_run(tmp_path, tiny_odir):

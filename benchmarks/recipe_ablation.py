@@ -1,0 +1,124 @@
+"""Which training recipe works on real photographs: one factor at a time, several seeds, test figures.
+
+Each row is `python train.py --data FOLDER --preset cpu` plus the row's flags, run once per seed (the seed also
+draws the train/validation/test split). Every figure comes from the run's own report.json: the test patients, scored
+once with the best checkpoint (calibrated, thresholds tuned on validation), beside the trivial predictor on the same
+patients. The table shows the mean and the spread (max - min) over seeds, and each row's difference to the base row.
+
+    .venv/bin/python benchmarks/recipe_ablation.py                      # real ODIR subset, the settings below
+    .venv/bin/python benchmarks/recipe_ablation.py --rows base,ema --seeds 1,2,3 --extra "--epochs 12"
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ROOT, header, print_header, real_odir, write_results  # noqa: E402
+
+
+@dataclass
+class Settings:
+    rows: str = "all"  # comma list of ROWS keys, or all
+    seeds: str = "1,2"  # one run per seed per row
+    # the budget of every run: a screening size (about 2.5 min a run on 2 idle cores) so that all rows × seeds fit in
+    # about half an hour; the preset itself trains 15 epochs at 256 px
+    extra: str = "--img-px 128 --epochs 6"
+    out: str = "/tmp/odir-ablation"  # run folders (one per row and seed)
+    cache_dir: str = ""  # prepared images; default: the project cache
+
+
+ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
+    "base": ("cpu preset: no weighted sampling, BCE pos-weights, focal γ 2.5, no EMA", ""),
+    "weighted": ("+ weighted sampling (the seed's)", "--weighted-sampling"),
+    "no_pos_weight": ("− BCE positive weights", "--no-bce-pos-weight"),
+    "gamma0": ("focal γ 0 (alpha-weighted BCE)", "--focal-gamma 0"),
+    "ema": ("+ EMA of the weights", "--model-ema"),
+    "px192": ("image 192 px", "--img-px 192"),
+}
+FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
+           ("auc_macro", lambda t: t["at_0.5"]["auc_macro"]), ("f1_macro_tuned", lambda t: t["tuned"]["f1_macro"]),
+           ("ece_after", lambda t: t["calibration_error"]["ece_after"]),
+           ("trivial_final", lambda t: t["trivial"]["odir"]["final"]))
+
+
+def run_one(key: str, seed: int, s: Settings, data: Path) -> dict:
+    name = f"{key}-s{seed}"
+    cmd = [sys.executable, "train.py", "--data", str(data), "--preset", "cpu", "--out", s.out, "--name", name,
+           "--seed", str(seed), *shlex.split(s.extra), *shlex.split(ROWS[key][1])]
+    if s.cache_dir:
+        cmd += ["--cache-dir", s.cache_dir]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    report = Path(s.out) / name / "report.json"
+    if done.returncode != 0 or not report.is_file():
+        return {"key": key, "seed": seed, "error": (done.stderr or done.stdout)[-1500:], "seconds": seconds}
+    test = json.loads(report.read_text())["test"]
+    return {"key": key, "seed": seed, "seconds": round(seconds, 1), **{k: f(test) for k, f in FIGURES}}
+
+
+def summarise(runs: list[dict], keys: list[str]) -> list[dict]:
+    rows = []
+    for key in keys:
+        ok = [r for r in runs if r["key"] == key and "error" not in r]
+        row = {"key": key, "setting": ROWS[key][0], "runs": len(ok)}
+        for k, _ in FIGURES:
+            values = [r[k] for r in ok]
+            row[k] = statistics.mean(values) if values else None
+            row[k + "_spread"] = max(values) - min(values) if len(values) > 1 else None
+        rows.append(row)
+    base = next((r for r in rows if r["key"] == "base" and r["final"] is not None), None)
+    for r in rows:
+        r["delta_final"] = r["final"] - base["final"] if base and r["final"] is not None else None
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'setting':<62} runs  test final (±spread)  Δ base   kappa   AUC mac  F1 mac tuned  ECE    trivial")
+    for r in rows:
+        if r["final"] is None:
+            print(f"{r['setting']:<62} {r['runs']:>4}  failed")
+            continue
+        spread = f"±{r['final_spread'] / 2:.3f}" if r["final_spread"] is not None else "     "
+        print(f"{r['setting']:<62} {r['runs']:>4}  {r['final']:.3f} {spread}        {r['delta_final']:+.3f}   "
+              f"{r['kappa']:.3f}   {r['auc_macro']:.3f}    {r['f1_macro_tuned']:.3f}        {r['ece_after']:.3f}  "
+              f"{r['trivial_final']:.3f}")
+
+
+def main(argv=None) -> int:
+    from benchmarks.common import settings_from_cli
+
+    s, _ = settings_from_cli(Settings, {}, argv, __doc__)
+    data = real_odir()
+    if data is None:
+        raise SystemExit("the real ODIR subset (../shared/data/odir5k-256) is not here: nothing to ablate on")
+    keys = list(ROWS) if s.rows == "all" else [k.strip() for k in s.rows.split(",")]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    info = header("cpu")
+    print_header(info, "benchmarks/recipe_ablation.py: training recipe on real photographs (test split)")
+    print(f"settings: {s}")
+    runs = []
+    for seed in [int(x) for x in s.seeds.split(",")]:
+        for key in keys:
+            runs.append(run_one(key, seed, s, data))
+            r = runs[-1]
+            print(f"  {key} seed {seed}: " + (f"test final {r['final']:.3f}, AUC macro {r['auc_macro']:.3f}, "
+                                              f"{r['seconds']:.0f} s" if "error" not in r else
+                                              f"FAILED: {r['error'][-300:]}"), flush=True)
+            write_results("recipe_ablation", info, s, summarise(runs, keys), runs=runs)
+    print()
+    print_rows(summarise(runs, keys))
+    return 0 if all("error" not in r for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

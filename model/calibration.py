@@ -1,0 +1,97 @@
+"""Per-class probability calibration on validation logits, and the errors that measure it. Pure numpy.
+
+Why: the training loss rebalances the classes (BCE positive weights, focal loss), so `sigmoid(logit)` is a good
+ranking inside each class but not a probability; the official ODIR score thresholds every cell at 0.5 and pools
+the AUC over classes, so it punishes exactly that. A per-class map fitted on the validation patients fixes it
+without touching the ranking within a class (the maps are increasing):
+
+    platt:        p = sigmoid(a_k * z + b_k)    (Platt 1999; two numbers per class)
+    temperature:  p = sigmoid(z / T_k)          (Guo et al. 2017, per class; keeps 0 at 0.5)
+    none:         p = sigmoid(z)
+
+Both are fitted by minimising the validation log-loss with damped Newton steps (a 2×2 or 1×1 system per class), with
+a small ridge so that a class with few positives cannot drive a slope to infinity.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("platt", "temperature", "none")
+RIDGE = 1e-3  # L2 penalty on (a - 1, b) per validation patient: a class with 3 positives stays finite
+ECE_BINS = 15
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warnings for large |x|
+
+
+def fit_calibration(logits, labels, method: str = "platt", iterations: int = 50) -> dict:
+    """Per-class calibration parameters from validation logits (N, K) and 0/1 labels (N, K).
+
+    Returns:
+        {"method": method, "a": [K floats], "b": [K floats]}: p = sigmoid(a * z + b) (temperature: b = 0,
+        a = 1/T; none: a = 1, b = 0). Plain floats, so it fits a weights-only checkpoint and ONNX metadata.
+    """
+    if method not in METHODS:
+        raise ValueError(f"calibration {method!r}: choose one of {', '.join(METHODS)}")
+    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    k = z.shape[1]
+    a, b = np.ones(k), np.zeros(k)
+    if method != "none":
+        for c in range(k):
+            a[c], b[c] = _fit_one(z[:, c], y[:, c], with_bias=method == "platt", iterations=iterations)
+    return {"method": method, "a": a.tolist(), "b": b.tolist()}
+
+
+def _fit_one(z: np.ndarray, y: np.ndarray, *, with_bias: bool, iterations: int) -> tuple[float, float]:
+    """Damped Newton on the mean log-loss of sigmoid(a z + b) + RIDGE * ((a-1)^2 + b^2): each step is halved until
+    the loss falls (a full step overshoots when the logits are far too confident)."""
+    x = np.stack([z, np.ones_like(z)], 1) if with_bias else z[:, None]  # (N, 2) or (N, 1)
+    prior = np.array([1.0, 0.0])[: x.shape[1]]
+    theta = prior.copy()
+
+    def loss(t):
+        s = x @ t
+        return np.mean(np.logaddexp(0.0, s) - y * s) + RIDGE * np.sum((t - prior) ** 2)
+
+    current = loss(theta)
+    for _ in range(iterations):
+        p = _sigmoid(x @ theta)
+        grad = x.T @ (p - y) / len(z) + 2 * RIDGE * (theta - prior)
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(z) + 2 * RIDGE * np.eye(len(theta))
+        step = np.linalg.solve(hess, grad)
+        for _ in range(30):
+            trial = loss(theta - step)
+            if trial <= current:
+                break
+            step = step / 2
+        theta, improvement, current = theta - step, current - trial, trial
+        if improvement < 1e-12:
+            break
+    return float(theta[0]), float(theta[1]) if with_bias else 0.0
+
+
+def apply_calibration(logits, calibration: dict | None) -> np.ndarray:
+    """Calibrated probabilities (N, K) from logits (N, K); None or method "none" is the plain sigmoid."""
+    z = np.asarray(logits, np.float64)
+    if not calibration or calibration.get("method", "none") == "none":
+        return _sigmoid(z)
+    return _sigmoid(np.asarray(calibration["a"]) * z + np.asarray(calibration["b"]))
+
+
+def expected_calibration_error(probs, labels, bins: int = ECE_BINS) -> float:
+    """ECE over every (patient, class) cell, as the official score flattens them: the mean |accuracy - confidence|
+    gap of `bins` equal-width probability bins, weighted by the cells in each bin."""
+    p, y = np.asarray(probs, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    gap = 0.0
+    for i in range(bins):
+        cells = which == i
+        if cells.any():
+            gap += cells.sum() * abs(y[cells].mean() - p[cells].mean())
+    return float(gap / len(p))
+
+
+def brier_score(probs, labels) -> float:
+    """Mean squared error between probabilities and 0/1 labels over every cell."""
+    return float(np.mean((np.asarray(probs, np.float64) - np.asarray(labels, np.float64)) ** 2))

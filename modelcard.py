@@ -1,0 +1,204 @@
+"""MODEL_CARD.md beside an exported ONNX file: what the model is for and not for, what it was trained on, its test
+figures per class, thresholds, calibration and known limitations (Mitchell et al. 2019, "Model Cards for Model
+Reporting"; timm's and Hugging Face's cards are the familiar form).
+
+Written by export.py from the checkpoint and, when it exists, the run's report.json (train.py writes it at the end
+of a run). Pure: dicts in, Markdown out; no torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.constants import CLASS_NAMES, CLASSES
+from pipeline.host import write_text_atomic
+
+CARD_NAME = "MODEL_CARD.md"
+
+INTENDED = """\
+- Research and teaching: multi-label screening of a patient's **pair** of colour fundus photographs (left and right
+  eye, 45° field, as in ODIR-5K) for the eight ODIR-5K labels, to rank or flag patients for review by an
+  ophthalmologist.
+- Input: both eyes of one patient, prepared and normalised exactly as `score.py` does (fundus crop, resize to the
+  model's size, the mean/std in the ONNX metadata).
+- Output: one probability per label (calibrated on the validation split when a calibration is named below) and a
+  0/1 decision at the per-label threshold below."""
+
+NOT_INTENDED = """\
+- Diagnosis, or any decision about a patient without a clinician: this model is not a certified medical device and
+  has not been validated prospectively or on any population but its training data's.
+- Photographs unlike the training data: other cameras, fields of view, resolutions, children, non-fundus images
+  (OCT, anterior segment), a single eye, or both inputs from the same eye.
+- Diseases outside the eight labels, grading severity, or locating lesions."""
+
+LIMITATIONS = """\
+- ODIR-5K was collected from hospitals and medical centres in China (by Shanggong Medical Technology), with several
+  camera models: its patients, cameras and labelling habits are not those of other clinics; figures elsewhere will
+  differ.
+- Labels are per patient (from both eyes' diagnostic keywords), not per image, and carry the annotators' noise; the
+  "O" (other) label mixes many conditions.
+- Rare labels (H hypertension, A AMD, and often G, C, M) have few positive test patients: their F1 and AUC have wide
+  uncertainty (the positives per label are in the table when the run's predictions CSV was found).
+- Thresholds and the calibration were fitted on the validation split; the test split was used once, for the figures
+  above. A new site should check both on its own labelled patients.
+- The official ODIR-2019 score pools all cells at threshold 0.5; it is reported as the challenge defined it and is
+  not comparable to the per-class F1/AUC."""
+
+
+def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: str, diffs: dict | None = None) -> str:
+    """The card's Markdown.
+
+    Args:
+        ckpt: the checkpoint (config, thresholds, calibration, img_px, mean, std, commit, epoch, val_metrics).
+        report: the run's report.json, or None (then the figures are the checkpoint's validation metrics).
+        onnx_name: the exported file's name.
+        precision: "fp32" or "fp16".
+        diffs: export.py's agreement check (max |Δ probability| vs PyTorch), if any.
+    """
+    cfg = ckpt.get("config", {})
+    lines = [f"# Model card: {onnx_name}", "",
+             f"odir-dual dual-eye network ({cfg.get('backbone', '?')} backbone, shared by both eyes, with "
+             f"cross-attention between the eyes) → 8 ODIR-5K labels. {precision} ONNX, inputs `left`, `right` "
+             f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8). Training commit "
+             f"`{ckpt.get('commit', 'unknown')}`, checkpoint epoch {ckpt.get('epoch', '?')}.", ""]
+    if _synthetic(cfg.get("data", "")):
+        lines += ["> **Trained on the synthetic demo set** (generated pictures, not photographs of patients): a "
+                  "demonstration of the tooling with no medical meaning at all.", ""]
+    lines += ["## Intended use", "", INTENDED, "", "## Not intended for", "", NOT_INTENDED, ""]
+    lines += _data_section(cfg, report)
+    lines += _figures_section(ckpt, report)
+    lines += _thresholds_section(ckpt)
+    lines += _calibration_section(ckpt, report)
+    lines += ["## Known limitations", "", LIMITATIONS, ""]
+    if diffs:
+        lines += ["## Export check", "",
+                  f"onnxruntime ({precision}) against PyTorch (fp32): largest probability difference "
+                  f"{_fmt_diff(diffs)}.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(onnx_path: Path, ckpt: dict, ckpt_path: Path, *, precision: str, diffs: dict | None = None,
+                     log=print) -> Path:
+    """MODEL_CARD.md beside onnx_path, from the checkpoint and the run's report.json (beside the checkpoint)."""
+    run_dir = Path(ckpt_path).parent
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    for split in ("validation", "test"):
+        if report and split in report and (run_dir / f"predictions_{split}.csv").is_file():
+            report[split]["positives"] = _positives(run_dir / f"predictions_{split}.csv")
+    path = Path(onnx_path).parent / CARD_NAME
+    write_text_atomic(path, model_card(ckpt, report, onnx_name=Path(onnx_path).name, precision=precision,
+                                       diffs=diffs))
+    log(f"wrote {path} ({'with ' + str(report_path) if report else 'no report.json: validation figures only'})")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def _data_section(cfg: dict, report: dict | None) -> list[str]:
+    data = (report or {}).get("data", {})
+    split = " · ".join(f"{k} {v} patients" for k, v in data.items() if k != "folder" and isinstance(v, int))
+    return ["## Training data", "",
+            f"- Folder: `{data.get('folder') or cfg.get('data') or '?'}` (ODIR-5K layout: patient sheet + images).",
+            f"- Split (seeded, multi-label stratified, seed {cfg.get('seed', '?')}): {split or 'see split.csv'}; "
+            f"the rest trained the model.",
+            f"- Images: fundus cropped, resized to {cfg.get('img_px', '?')} px; augmentation: flips, rotation ±12°, "
+            f"brightness/contrast ±20 %.",
+            f"- Recipe: preset `{cfg.get('preset', '?')}`, {cfg.get('epochs', '?')} epochs, batch "
+            f"{cfg.get('batch_size', '?')} × {cfg.get('accum_steps', 1)}, lr {cfg.get('lr', '?')}, "
+            f"{'ImageNet-pretrained' if cfg.get('pretrained') else 'randomly initialised'} backbone.", ""]
+
+
+def _figures_section(ckpt: dict, report: dict | None) -> list[str]:
+    split = "test" if report and "test" in report else "validation" if report else None
+    if split:
+        r = report[split]
+        title = f"## Figures on the {split} split ({r.get('patients', '?')} patients)"
+        note = ("scored once, never used to choose anything" if split == "test" else
+                "optimistic: this split picked the epoch, the calibration and the thresholds")
+        tuned, at_half, odir, trivial = r.get("tuned"), r.get("at_0.5"), r.get("odir"), r.get("trivial", {})
+        positives = r.get("positives")
+    else:
+        title, note = "## Figures on the validation split", "optimistic: it picked the epoch and the thresholds; no " \
+                                                              "report.json was found beside the checkpoint"
+        m = ckpt.get("val_metrics") or {}
+        tuned, at_half, odir, trivial, positives = m.get("tuned"), m.get("at_0.5"), m.get("odir"), {}, None
+    if not (tuned or at_half):
+        return [title, "", "No evaluation figures are stored with this checkpoint.", ""]
+    lines = [title, "", f"({note})", "",
+             "| label | | F1 (tuned threshold) | F1 (0.5) | AUC |" + (" positives |" if positives else ""),
+             "|---|---|---|---|---|" + ("---|" if positives else "")]
+    for c in CLASSES:
+        row = f"| {c} | {CLASS_NAMES[c]} | {_per(tuned, 'f1', c)} | {_per(at_half, 'f1', c)} | {_per(at_half or tuned, 'auc', c)} |"
+        lines.append(row + (f" {positives.get(c, '')} |" if positives else ""))
+    lines.append(f"| macro | | {_num((tuned or {}).get('f1_macro'))} | {_num((at_half or {}).get('f1_macro'))} | "
+                 f"{_num((at_half or tuned or {}).get('auc_macro'))} |" + (" |" if positives else ""))
+    lines.append("")
+    if trivial.get("at_0.5"):
+        lines.append(f"Trivial predictor (always the training prevalence): F1 macro "
+                     f"{_num(trivial['at_0.5'].get('f1_macro'))}, AUC macro {_num(trivial['at_0.5'].get('auc_macro'))}.")
+    if odir:
+        lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa {_num(odir.get('kappa'))} · "
+                     f"F1 {_num(odir.get('f1'))} · AUC {_num(odir.get('auc'))} · final {_num(odir.get('final'))}"
+                     + (f" (trivial: {_num(trivial['odir'].get('final'))})" if trivial.get("odir") else "") + ".")
+    return lines + [""]
+
+
+def _thresholds_section(ckpt: dict) -> list[str]:
+    thresholds = [float(t) for t in ckpt.get("thresholds", [])]
+    if not thresholds:
+        return []
+    return ["## Thresholds", "",
+            "A label is predicted when its probability is above its threshold (tuned per label on validation to "
+            "maximise that label's F1; stored in the ONNX metadata and applied by `score.py`):", "",
+            "| " + " | ".join(CLASSES) + " |", "|" + "---|" * len(CLASSES),
+            "| " + " | ".join(f"{t:.2f}" for t in thresholds) + " |", ""]
+
+
+def _calibration_section(ckpt: dict, report: dict | None) -> list[str]:
+    cal = ckpt.get("calibration") or (report or {}).get("calibration") or {"method": "none"}
+    method = cal.get("method", "none")
+    lines = ["## Calibration", "",
+             f"Method: {method}" + (" (per label, fitted on the validation logits; already inside the ONNX graph's "
+                                    "`probs`)." if method != "none" else " (probs = sigmoid(logits)).")]
+    split = "test" if report and "test" in report else "validation" if report else None
+    err = (report or {}).get(split, {}).get("calibration_error") if split else None
+    if err:
+        lines.append(f"On the {split} split: expected calibration error {_num(err.get('ece_before'))} → "
+                     f"{_num(err.get('ece_after'))}, Brier score {_num(err.get('brier_before'))} → "
+                     f"{_num(err.get('brier_after'))} (before → after calibration).")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _positives(predictions_csv: Path) -> dict:
+    """Positive patients per label in train.py's predictions_{split}.csv (columns id, N..O true labels, p_N..)."""
+    import csv
+
+    with open(predictions_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {c: sum(int(float(r[c])) for r in rows) for c in CLASSES if rows and c in rows[0]}
+
+
+def _synthetic(data: str) -> bool:
+    folder = Path(str(data))
+    return bool(data) and ("synthetic" in folder.parts or (folder / "COMPLETE.json").is_file())
+
+
+def _per(metrics: dict | None, key: str, c: str) -> str:
+    return _num(((metrics or {}).get(key) or {}).get(c))
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{float(v):.3f}"
+
+
+def _fmt_diff(diffs: dict) -> str:
+    parts = [f"{k} inputs {v:.1e}" for k, v in diffs.items() if k in ("random", "real") and isinstance(v, float)]
+    return ", ".join(parts) or json.dumps(diffs, default=str)

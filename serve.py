@@ -1,0 +1,144 @@
+"""One patient in a browser: upload the two fundus photographs, see the 8 probabilities and the heatmaps.
+
+    python serve.py runs/NAME                    then open http://127.0.0.1:8000
+    python serve.py runs/NAME --port 8080        (--host 0.0.0.0 only if other machines must reach it)
+
+A plain standard-library HTTP server (Gradio is no dependency of this project, and the page is a single form), bound
+to 127.0.0.1 by default: nothing is shared with other machines unless --host says so. It uses the run's best.pt
+(PyTorch on the CPU: heatmaps need gradients, which ONNX has not): the photographs are prepared exactly like
+training's (fundus crop, resize), then the page shows the calibrated probabilities against the run's thresholds,
+the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye. Images are
+inlined in the answer, nothing is stored: the uploads live in a temporary folder for the length of one request.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import sys
+import tempfile
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.constants import CLASSES
+from report import CSS, Explainer, overlay
+
+MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
+FORM = """<form method=post action=/ enctype=multipart/form-data>
+<p>Left eye: <input type=file name=left accept=image/*> Right eye: <input type=file name=right accept=image/*>
+<input type=submit value=Explain></p></form>"""
+
+
+def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
+    """multipart/form-data → {field name: file bytes} (the email package: the cgi module is gone in Python 3.13)."""
+    msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not msg.is_multipart():
+        raise ValueError("expected a multipart/form-data upload")
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) or b""
+            for part in msg.iter_parts()}
+
+
+def _png_uri(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def explain_upload(explainer: Explainer, left: bytes, right: bytes) -> str:
+    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage for a bad photograph)."""
+    from pipeline.prepare import prepare_image
+
+    with tempfile.TemporaryDirectory(prefix="odir-serve-") as tmp:
+        paths = []
+        for eye, data in (("left", left), ("right", right)):
+            src, dst = Path(tmp) / f"{eye}_upload", Path(tmp) / f"{eye}.jpg"
+            src.write_bytes(data)
+            prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+            paths.append(str(dst))
+        probs = explainer.explain([paths[0]], [paths[1]], [[]])[0]["probs"]
+        predicted = [k for k, (p, t) in enumerate(zip(probs, explainer.thresholds)) if p > t]
+        item = explainer.explain([paths[0]], [paths[1]], [predicted or [int(np.argmax(probs))]])[0]
+    cells = "".join(f"<td class=on>{p:.3f}</td>" if p > t else f"<td>{p:.3f}</td>"
+                    for p, t in zip(item["probs"], explainer.thresholds))
+    out = ["<table id=probs><tr>" + "".join(f"<th>{c} (&gt;{t:.2f})</th>" for c, t in
+                                            zip(CLASSES, explainer.thresholds)) + f"</tr><tr>{cells}</tr></table>",
+           f"<p>predicted: {html.escape(','.join(CLASSES[k] for k in predicted) or 'nothing above its threshold')}</p>"]
+    attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
+    for e, eye in enumerate(("left", "right")):
+        view = item["views"][e]
+        figures = [("image", view), *((f"Grad-CAM {CLASSES[k]}", overlay(view, cams[e]))
+                                      for k, cams in item["cams"].items()),
+                   ("attended by the other eye", overlay(view, attended[e]))]
+        out.append(f"<h2>{eye} eye</h2><div>" + "".join(
+            f"<figure><img src='{_png_uri(px)}' width=256><figcaption>{html.escape(cap)}</figcaption></figure>"
+            for cap, px in figures) + "</div>")
+    return "\n".join(out)
+
+
+def make_handler(explainer: Explainer, title: str):
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: str) -> None:
+            page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{FORM}{body}</body></html>")
+            data = page.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._answer(200, "<p>Choose both eyes' photographs of one patient.</p>")
+
+        def do_POST(self):  # noqa: N802
+            from pipeline.prepare import BadImage
+
+            size = int(self.headers.get("Content-Length", 0))
+            if size > MAX_UPLOAD_BYTES:
+                return self._answer(413, f"<p class=bad>upload larger than {MAX_UPLOAD_BYTES >> 20} MB</p>")
+            try:
+                files = parse_upload(self.headers.get("Content-Type", ""), self.rfile.read(size))
+                missing = [eye for eye in ("left", "right") if not files.get(eye)]
+                if missing:
+                    return self._answer(400, f"<p class=bad>no {' or '.join(missing)} eye photograph chosen</p>")
+                self._answer(200, explain_upload(explainer, files["left"], files["right"]))
+            except (BadImage, ValueError) as e:
+                self._answer(400, f"<p class=bad>{html.escape(str(e))}</p>")
+
+    return Handler
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python serve.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    args = ap.parse_args(argv)
+    from checkpoint import CheckpointError
+
+    try:
+        explainer = Explainer(args.run)
+    except CheckpointError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 1
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(explainer, f"odir-dual · {args.run}"))
+    print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

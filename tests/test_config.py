@@ -1,0 +1,121 @@
+"""Configs in and out (--config, --print-config), --resume with more epochs, honest --help, and train.log."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import train
+from test_train import TINY, tiny_odir  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv without the columns that measure the machine (seconds, pairs/s, data %), not the model."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if not k.endswith(("_s", "_pct"))} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------------------- files, no training
+
+
+def test_print_config_is_a_config_file_and_flags_override_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        config.parse_config(["--preset", "seed", "--epochs", "7", "--print-config"])
+    assert e.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["preset"] == "seed" and printed["epochs"] == 7 and printed["backbone"] == "convnext_small"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**printed, "name": "old-run", "resume": "runs/x"}))
+    cfg = config.parse_config(["--config", str(path), "--lr", "0.01"])
+    want = {**printed, "lr": 0.01}
+    want.pop("name"), want.pop("resume")  # a config file never names or resumes a run: a rerun is a new run
+    assert {k: v for k, v in asdict(cfg).items() if k in want} == want
+    assert cfg.name == "" and cfg.resume == ""
+
+
+def test_yaml_config_and_bad_files_name_the_problem(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "exp.yaml"
+    path.write_text("preset: demo\nimg_px: 96\nsame_eye_aug: true\n")
+    cfg = config.parse_config(["--config", str(path)])
+    assert (cfg.preset, cfg.img_px, cfg.same_eye_aug, cfg.backbone) == ("demo", 96, True, "test_resnet")
+    path.write_text("img_px: big\n")
+    with pytest.raises(SystemExit, match=r"exp.yaml: field 'img_px' is 'big', expected"):
+        config.parse_config(["--config", str(path)])
+    with pytest.raises(SystemExit, match="missing.json"):
+        config.parse_config(["--config", str(tmp_path / "missing.json")])
+
+
+def test_help_says_what_each_flag_does_its_choices_and_preset_values(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--preset {auto,seed,fast,demo,cpu}" in text and "--precision {auto,bf16,fp16,fp32}" in text
+    here = "demo*" if not torch.cuda.is_available() else "fast*"
+    assert f"any timm model name [seed/fast{'*' if here == 'fast*' else ''}: 'convnext_small'; " in text
+    assert f"{here}" in text  # the preset that runs with no flags on this machine is marked
+    for f in config.fields(config.Config):  # every field has a flag with a help text, not just a default
+        assert config.field_comments().get(f.name), f.name
+
+
+# ----------------------------------------------------------------------------------------------- with training
+
+
+@pytest.fixture(scope="module")
+def logged_run(tiny_odir, tmp_path_factory):
+    """A finished tiny run, started as a user would with its output redirected to a file: (run folder, output)."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny_odir), "--out", str(out), "--name", "a",
+            "--cache-dir", str(out / "cache"), *TINY]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr reach the pipe in the order written
+    proc = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return out / "a", proc.stdout
+
+
+def test_train_log_holds_the_whole_console_output_without_carriage_returns(logged_run):
+    run_dir, console = logged_run
+    log = (run_dir / "train.log").read_text()
+    assert "\r" not in log and "\x1b" not in log
+    assert log == console  # everything, from the first line (printed before the run folder existed) to the last
+    assert log.startswith("odir-dual · commit") and "thresholds:" in log  # the final report's last line
+
+
+def test_rerun_from_config_json_reproduces_the_metrics(logged_run, tmp_path):
+    run_dir, _ = logged_run
+    train.main(["--config", str(run_dir / "config.json"), "--out", str(tmp_path), "--name", "again"])
+    assert _metrics(tmp_path / "again") == _metrics(run_dir)
+
+
+def test_resume_runs_added_epochs_and_refuses_other_changes(logged_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "a"
+    shutil.copytree(logged_run[0], run_dir)
+    done = torch.load(run_dir / "last.pt", weights_only=True)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run_dir), "--epochs", "3", "--lr", "0.5", "--img-px", "64"])
+    assert "--lr 0.5 (the run has 0.001)" in str(e.value) and "--img-px 64 (the run has 48)" in str(e.value)
+    assert "--epochs" not in str(e.value).split("cannot change")[1].split(".")[0]  # a larger --epochs is allowed
+    with pytest.raises(SystemExit, match="--epochs 1"):
+        train.main(["--resume", str(run_dir), "--epochs", "1"])
+    capsys.readouterr()
+    train.main(["--resume", str(run_dir), "--epochs", "3", "--lr", "0.001"])  # the run's own lr: no change
+    out = capsys.readouterr().out
+    assert f"resumed {run_dir} at update {done['step']} (epoch {done['epoch']})" in out
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["step"] == done["step"] * 3 // 2 and last["config"]["epochs"] == 3
+    rows = _metrics(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[:2] == _metrics(logged_run[0])
+    assert (run_dir / "train.log").read_text().count("odir-dual · commit") == 2  # the log continues
