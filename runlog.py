@@ -112,8 +112,8 @@ def print_final_report(report: dict, best_path: Path) -> None:
         rows = (("model, tuned thresholds", r["tuned"], "f1"), ("model, threshold 0.5", r["at_0.5"], "f1"),
                 ("trivial predictor", r["trivial"]["at_0.5"], "f1"), ("model, per-class AUC", r["at_0.5"], "auc"))
         for label, m, per in rows:
-            print(f"  {label:<30}{m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}   "
-                  + "  ".join(f"{m[per][c]:5.3f}" for c in CLASSES))
+            f1s = f"{m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}" if per == "f1" else f"{'':8}  {'':8}"
+            print(f"  {label:<30}{f1s}  {m['auc_macro']:9.3f}   " + "  ".join(f"{m[per][c]:5.3f}" for c in CLASSES))
         for label, o in (("model", r["odir"]), ("trivial", r["trivial"]["odir"])):
             print(f"  official ODIR score, {label:<7} (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
                   f"AUC {o['auc']:.3f} · final {o['final']:.3f}")

@@ -161,9 +161,9 @@ def _main(argv=None):
                   f"rank(s)")
             print(format_config(cfg))
 
-        # The folder actually used (the synthetic set's cache folder for the demo) is recorded in the config, so
-        # --resume and export.py find the same images.
-        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main)))
+        # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
+        # in the config, so --resume, export.py and the reports find the same images from any working directory.
+        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
         patients, left_out = load_data(cfg, Path(cfg.data), is_main)
         train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
         check_one_batch(train_tab, len(patients), cfg, world)
