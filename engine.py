@@ -130,10 +130,17 @@ def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int =
 def persist_compile_cache() -> None:
     """Keep torch.compile's on-disk caches (Inductor's compiled graphs and kernels, AOTAutograd's graphs) in the
     project cache folder instead of /tmp, so a second run of the same configuration loads its kernels instead of
-    compiling them. A folder the user chose with TORCHINDUCTOR_CACHE_DIR is left alone."""
+    compiling them. A folder the user chose with TORCHINDUCTOR_CACHE_DIR is left alone; Inductor's own default
+    is not a choice: `import timm` already writes it into the environment (/tmp/torchinductor_USER)."""
     from pipeline.host import cache_root
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torch-compile"))
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        inductor_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # another torch layout: only an unset variable counts as not chosen
+        inductor_default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, inductor_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "torch-compile")
 
 
 def _compile(module: nn.Module, mode: str) -> nn.Module:

@@ -10,6 +10,7 @@ Both pages are plain HTML with a little inline CSS, no JavaScript; every image i
 by a relative path, so the folder can be copied and opened offline (`xdg-open runs/NAME/report.html`).
 Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are drawn on the
 image the network saw: the prepared copy squashed to img_px x img_px.
+Over ~400 lines: two pages with their plots and the gallery picks; the heatmap arithmetic is model/explain.py.
 """
 from __future__ import annotations
 
@@ -60,12 +61,12 @@ def overlay(view: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
 
 
 def save_image(pixels: np.ndarray, path: Path) -> None:
-    """uint8 RGB → PNG or JPEG (by suffix), atomically."""
+    """uint8 RGB → PNG or JPEG (by suffix). Not fsynced, unlike the pages (written atomically, last): a report has
+    a thousand of these, and an image cut short by a crash is redrawn by the next report."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        Image.fromarray(pixels).save(f, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
+    Image.fromarray(pixels).save(path, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
 
 
 class Explainer:
@@ -352,10 +353,13 @@ def write_run_report(run_dir) -> Path:
         if name.lower() in report:
             body += _split_section(name, report[name.lower()])
     cal = report.get("calibration", {})
-    body += ["<h2>Thresholds</h2>",
+    per_class = [[_e(k), *(_num(v, 3) for v in vals)] for k, vals in cal.items()
+                 if isinstance(vals, list) and len(vals) == len(CLASSES)]  # e.g. Platt's a, b
+    body += ["<h2>Thresholds and calibration</h2>",
              _table(["", *CLASSES], [["tuned on validation", *(_num(t, 2) for t in thresholds)]], "thresholds"),
-             f"<p>Calibration: {_e(cal.get('method', 'none'))} "
-             f"{_e(json.dumps({k: v for k, v in cal.items() if k != 'method'}))}</p>"]
+             f"<p>Calibration of the probabilities: {_e(cal.get('method', 'none'))}</p>"]
+    if per_class:
+        body.append(_table(["parameter", *CLASSES], per_class, "calibration"))
     if (run_dir / "curves.png").is_file():
         body += ["<h2>Training curves</h2>", _img("curves.png", "loss and F1 per epoch (metrics.csv)")]
     split = "test" if (run_dir / "predictions_test.csv").is_file() else "val"

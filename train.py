@@ -2,10 +2,15 @@
 `python train.py --data ODIR_FOLDER [--preset seed|fast|demo] [--flags]`.
 
 Multi-GPU: `torchrun --nproc-per-node N train.py --data ...` (each rank reads its own shard; only rank 0 writes).
-Every flag is a field of `config.Config`; `--help` lists them with their defaults.
+Every flag is a field of `config.Config`; `--help` says what each does, its choices and each preset's value.
+`--config RUN/config.json` reruns an experiment (flags override it), `--print-config` shows the resolved config.
+Everything printed also goes to RUN/train.log.
 
 Read top to bottom: `main` sets up (config, devices, data, split), `fit` builds the model and loops over epochs:
 `train_epoch` (the steps), `validate` (metrics, best.pt), `save_last` (last.pt), then `report_best`.
+Size (over ~400 lines): the loop plus what belongs to one training process's lifecycle (claiming and releasing
+the run folder, the log, signals, resume checks); the step itself is `engine.py`, the formats `checkpoint.py`
+and `runlog.py`. The run-folder lifecycle is the next piece to move out if this file grows again.
 """
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ def _label(key: str, sp: Spec) -> str:
     what += ["compile" + (f" {sp.compile_mode}" if sp.compile_mode != "default" else "")] * sp.compile
     if key in CANDIDATES:
         change = {"batch_x": f"batch {sp.batch}", "channels_last": "NCHW",
-                  "variant": CANDIDATE_VARIANTS.get(sp.variant, sp.variant), "cudnn_benchmark": "cudnn.benchmark",
+                  "variant": {**CANDIDATE_VARIANTS, "bf16_weights": "bf16 weights, fp32 master copies"}.get(sp.variant),
+                  "cudnn_benchmark": "cudnn.benchmark",
                   "regional_compile": "regional compile" if sp.compile else "regional compile (eager here)",
                   "compile_mode": f"compile {sp.compile_mode}" if sp.compile else "compile mode (eager here)"}
         return "fast + " + ", ".join(change[k] for k in CANDIDATES[key])

@@ -8,6 +8,9 @@ The format is told by the columns (Kaggle's sheet has ``filename``), not by the 
 
 Only file existence is checked here (one ``os.listdir``); decoding every image is left to the
 preparation step that reads them anyway.
+
+Over ~400 lines because a sheet is user input: most of the module is the checks that name the sheet, row and
+column of every bad cell (IDs, labels, file names that must stay inside the images folder, ages).
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ Speed: JPEG draft mode (DCT scaling in libjpeg) decodes at 1/2, 1/4 or 1/8 scale
 full decode; we pick the largest reduction that still leaves the fundus at least `short_px` on its short side, so
 the final resize never enlarges. `benchmarks/prepare.py` measures it against a plain full decode.
 
+One module over ~400 lines because its parts are one mechanism: decoding every image safely (bad images, bombs),
+the crop, the cache and its identity check, and the worker pool that must die with its parent.
+
     python -m pipeline.prepare --data DIR [--cache-dir DIR] [--short-px 384] [--workers N]
 """
 from __future__ import annotations

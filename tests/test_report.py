@@ -435,3 +435,44 @@ def test_heatmaps_point_at_the_drawn_signs(tmp_path):
     assert len(eyes) >= 50
     assert eyes["hit"].mean() >= HIT_RATE_MIN
     assert eyes["hit"].mean() >= eyes["random"].mean() + MARGIN_OVER_RANDOM
+
+
+# ----------------------------------------------------------------------------------------------- the web page
+
+
+def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
+    """serve.py on 127.0.0.1: the form, then a POST of two photographs answers with the 8 probabilities and the
+    heatmaps inlined; a missing eye is a 400 with a message."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import serve
+
+    explainer = report.Explainer(tiny_checkpoint)
+    server = serve.ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        assert "type=file name=left" in urllib.request.urlopen(url, timeout=60).read().decode()
+        images = {eye: (synth / "Training Images" / f"0_{eye}.jpg").read_bytes() for eye in ("left", "right")}
+
+        def post(files: dict):
+            boundary = "----odirtest"
+            body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.jpg\"\r\n"
+                            f"Content-Type: image/jpeg\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items())
+            body += f"--{boundary}--\r\n".encode()
+            req = urllib.request.Request(url, data=body, headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}"})
+            return urllib.request.urlopen(req, timeout=120)
+
+        answer = post(images).read().decode()
+        cells = answer.split("<table id=probs>")[1].split("</table>")[0]
+        assert cells.count("<td") == len(CLASSES)
+        assert answer.count("data:image/png;base64,") >= 4  # both eyes: image, >= 1 Grad-CAM, attention
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post({"left": images["left"]})
+        assert bad.value.code == 400 and "no right eye" in bad.value.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()

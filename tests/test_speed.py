@@ -79,10 +79,15 @@ def test_repeated_blocks_are_every_backbone_block(backbone, block_names):
 
 
 def test_compile_cache_is_kept_in_the_project_cache_unless_the_user_chose(monkeypatch, tmp_path):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
     monkeypatch.setenv("ODIR_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     engine.persist_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torch-compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what `import timm` leaves there
+    engine.persist_compile_cache()
+    assert cache_dir() == str(tmp_path / "torch-compile")  # where Inductor now writes
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     engine.persist_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
