@@ -474,10 +474,12 @@ def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> d
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
               "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
               "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
-              "thresholds": dict(zip(CLASSES, thresholds.tolist())), "calibration": ckpt["calibration"]}
+              "thresholds": dict(zip(CLASSES, thresholds.tolist())),
+              # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
+              "calibration": ckpt.get("calibration") or {"method": "none"}}
     for split, table in tables.items():
         y = label_matrix(table)
-        raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], ckpt["calibration"])
+        raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], report["calibration"])
         trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
         report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
                          "trivial": evaluate(y, trivial),
