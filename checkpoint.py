@@ -74,7 +74,8 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
     pretrained = cfg.pretrained if pretrained is None else pretrained
     try:
         return DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
-                          dropout=cfg.dropout, pretrained=pretrained, weights_file=cfg.weights_file or None)
+                          dropout=cfg.dropout, pretrained=pretrained, weights_file=cfg.weights_file or None,
+                          eye_head=cfg.eye_loss_weight > 0, local_contrast_px=cfg.local_contrast * cfg.img_px)
     except RuntimeError as e:
         if pretrained and not cfg.weights_file:
             raise SystemExit(f"could not load pretrained weights for {cfg.backbone!r} ({e}). On a host with no "

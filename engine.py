@@ -62,21 +62,29 @@ class Stepper:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None  # None: fp32
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) → scalar
+    eye_loss_weight: float = 0.0  # share of the per-eye auxiliary loss (the model has an eye_head when > 0)
     accum_steps: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0: off
     distributed: bool = False  # DDP: skip the gradient all-reduce on steps that do not update
     eval_model: nn.Module | None = None  # what `predict` runs: the model, compiled like train_model, never DDP
 
-    def step(self, left, right, labels, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, hybrid loss, scaled backward; with `update`, clip and take an optimizer step.
+    def step(self, left, right, labels, update: bool, eye_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, hybrid loss (+ the per-eye loss), scaled backward; with `update`, clip and take an optimizer
+        step. `eye_labels`: (B, 2, K) per-eye targets with NaN rows where the sheet does not say (needed when
+        eye_loss_weight > 0).
 
         Returns (loss, logits), both detached; nothing here waits for the device.
         """
         quiet = self.train_model.no_sync() if (self.distributed and not update) else contextlib.nullcontext()
         with quiet:
             with torch.autocast(left.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.train_model(left, right)
+                if self.eye_loss_weight > 0:
+                    logits, per_eye = self.train_model(left, right, eye_logits=True)
+                else:
+                    logits = self.train_model(left, right)
             loss = self.loss_fn(logits.float(), labels)
+            if self.eye_loss_weight > 0:
+                loss = loss + self.eye_loss_weight * eye_loss(per_eye.float(), eye_labels)
             self.scaler.scale(loss / self.accum_steps).backward()
         if update:
             if self.clip_grad > 0:
@@ -102,6 +110,15 @@ def loss_function(cfg: Config, pos_weight: torch.Tensor) -> Callable[[torch.Tens
                              alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
 
 
+def eye_loss(eye_logits: torch.Tensor, eye_labels: torch.Tensor) -> torch.Tensor:
+    """Plain BCE of the per-eye logits (B, 2, K) against per-eye labels, over the rows whose labels are known
+    (NaN marks the others); 0 when none is, so a batch without keywords still trains the patient head."""
+    known = ~torch.isnan(eye_labels)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(eye_logits, torch.nan_to_num(eye_labels),
+                                                               reduction="none")
+    return (bce * known).sum() / known.sum().clamp_min(1)
+
+
 def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int = 1) -> Stepper:
     """The model wrapped for DDP/compile, with its optimizer, scaler and loss (the seed's hybrid BCE + focal)."""
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -119,7 +136,7 @@ def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int =
         eval_model = train_model if world == 1 else _compile(model, cfg.compile_mode)
     return Stepper(model=model, train_model=train_model, optimizer=make_optimizer(model, cfg, lr),
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                   amp_dtype=amp_dtype, loss_fn=loss_function(cfg, pos_weight),
+                   amp_dtype=amp_dtype, loss_fn=loss_function(cfg, pos_weight), eye_loss_weight=cfg.eye_loss_weight,
                    accum_steps=cfg.accum_steps,
                    clip_grad=cfg.clip_grad, distributed=world > 1, eval_model=eval_model)
 

@@ -254,6 +254,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     lr = cfg.lr * math.sqrt(pairs_per_update / REFERENCE_BATCH)
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)
     stepper = make_stepper(model, cfg, device, lr, pos_weights_from_labels(y_train).to(device), run.world)
+    eye_targets = per_eye_targets(train_tab, device, run.is_main) if cfg.eye_loss_weight > 0 else None
 
     progress = Progress()
     if cfg.model_ema:
@@ -294,7 +295,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule)
+        row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule, eye_targets)
         finished_epoch = progress.step % updates_per_epoch == 0
         stop_now = broadcast_flag(run.should_stop(progress.step), device)
         if run.is_main and finished_epoch:
@@ -315,8 +316,22 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     return None
 
 
-def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule) -> dict:
-    """One pass over this rank's share (shorter right after a resume); returns the epoch's training figures."""
+def per_eye_targets(train_tab, device, verbose: bool) -> torch.Tensor:
+    """(N, 2, K) per-eye labels of the training patients from their diagnostic keywords, NaN where unusable."""
+    from pipeline.keywords import eye_label_matrix
+
+    labels, usable = eye_label_matrix(train_tab)
+    labels[~usable] = np.nan
+    if verbose:
+        print(f"per-eye loss: {int(usable.sum())} of {len(usable)} training patients have keywords that match "
+              "their labels" + ("" if usable.any() else " (no per-eye loss will be trained)"))
+    return torch.from_numpy(labels).to(device)
+
+
+def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
+                eye_targets: torch.Tensor | None = None) -> dict:
+    """One pass over this rank's share (shorter right after a resume); returns the epoch's training figures.
+    `eye_targets`: the training table's per-eye labels (`per_eye_targets`), when the per-eye loss is on."""
     from model import multilabel_metrics
 
     cfg, device, world = run.cfg, run.device, run.world
@@ -329,12 +344,13 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
     stepper.optimizer.zero_grad(set_to_none=True)
     micro_done, micro0 = 0, progress.step * cfg.accum_steps  # micro-steps are numbered across the run
     t_data = time.perf_counter()
-    for micro, (left, right, labels, _) in enumerate(loader):
+    for micro, (left, right, labels, index) in enumerate(loader):
         data_s += time.perf_counter() - t_data
         update = (micro + 1) % cfg.accum_steps == 0
         if update:
             stepper.set_lr(lr * lr_factor(progress.step, **schedule))
-        loss, logits = stepper.step(left, right, labels, update)
+        eyes = eye_targets[index.to(eye_targets.device)] if eye_targets is not None else None
+        loss, logits = stepper.step(left, right, labels, update, eyes)
         loss_sum += loss
         micro_done += 1
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), micro0 + micro, first_bad)

@@ -45,6 +45,11 @@ ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
     "gamma0": ("focal γ 0 (alpha-weighted BCE)", "--focal-gamma 0"),
     "ema": ("+ EMA of the weights", "--model-ema"),
     "px192": ("image 192 px", "--img-px 192"),
+    "eye": ("+ per-eye loss from the diagnostic keywords (weight 1)", "--eye-loss-weight 1"),
+    "contrast": ("+ local contrast (Graham) as the first layer, σ = side/60", "--local-contrast 0.0167"),
+    "contrast_eye": ("+ local contrast + per-eye loss", "--local-contrast 0.0167 --eye-loss-weight 1"),
+    "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
+    "mnv4_eye": ("mobilenetv4_conv_small + per-eye loss", "--backbone mobilenetv4_conv_small --eye-loss-weight 1"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
            ("auc_macro", lambda t: t["at_0.5"]["auc_macro"]), ("f1_macro_tuned", lambda t: t["tuned"]["f1_macro"]),

@@ -67,6 +67,36 @@ class EyeBranch(nn.Module):
         return self.drop(self.act(self.norm(self.proj(tokens))))
 
 
+class LocalContrast(nn.Module):
+    """Ben Graham's fundus normalisation (Kaggle diabetic retinopathy 2015) as the network's first, fixed layer:
+    4 × (image − its Gaussian blur), per channel. It removes what varies between cameras and visits (overall
+    brightness, colour cast, vignetting) and keeps what is local: vessels, haemorrhages, exudates, drusen, the
+    disc's rim. A network trained from scratch on a few thousand photographs gets those edges for free instead of
+    learning to ignore the illumination first. Being part of the model, it is exported with it (ONNX) and needs
+    nothing from the data pipeline. Separable blur with replicated borders: the frame's edge adds no halo.
+
+    Args:
+        sigma_px: the blur's standard deviation in pixels (Graham: the fundus radius / 30).
+    """
+
+    def __init__(self, sigma_px: float):
+        super().__init__()
+        half = max(1, int(3 * sigma_px + 0.5))
+        x = torch.arange(-half, half + 1, dtype=torch.float32)
+        g = torch.exp(-0.5 * (x / sigma_px) ** 2)
+        self.register_buffer("kernel", (g / g.sum()).repeat(3, 1, 1, 1), persistent=False)  # (3, 1, 1, k)
+        self.half = half
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) → (N, 3, H, W), same memory format."""
+        k = self.kernel.to(x.dtype)
+        blur = nn.functional.pad(x, (self.half, self.half, 0, 0), mode="replicate")
+        blur = nn.functional.conv2d(blur, k, groups=3)  # along W
+        blur = nn.functional.pad(blur, (0, 0, self.half, self.half), mode="replicate")
+        blur = nn.functional.conv2d(blur, k.transpose(2, 3), groups=3)  # along H
+        return 4.0 * (x - blur)
+
+
 class CrossAttention(nn.Module):
     """Query tokens attend to context tokens, with a residual connection and post-LayerNorm.
 
@@ -112,6 +142,9 @@ class DualEyeNet(nn.Module):
             checkpoint filtering (classifier removal, key remapping) applies.
         drop_path_rate: stochastic depth rate of the backbone.
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size=384`` for a ViT).
+        local_contrast_px: when > 0, the images pass `LocalContrast` with this blur (pixels) before the backbone.
+        eye_head: add a per-eye classifier on each eye's pooled branch tokens (``forward(..., eye_logits=True)``),
+            trained on the sheet's per-eye diagnostic keywords; the patient logits do not use it.
 
     Attributes:
         backbone: the shared timm feature extractor (``num_classes=0, global_pool=""``).
@@ -130,6 +163,8 @@ class DualEyeNet(nn.Module):
         weights_file: str | None = None,
         drop_path_rate: float = 0.0,
         backbone_kwargs: dict | None = None,
+        eye_head: bool = False,
+        local_contrast_px: float = 0.0,
     ):
         super().__init__()
         if embed_dim % heads != 0:
@@ -142,7 +177,10 @@ class DualEyeNet(nn.Module):
             dropout=dropout,
             drop_path_rate=drop_path_rate,
             backbone_kwargs=dict(backbone_kwargs or {}),
+            eye_head=eye_head,
+            local_contrast_px=local_contrast_px,
         )
+        self.local_contrast = LocalContrast(local_contrast_px) if local_contrast_px > 0 else None
         self.backbone = timm.create_model(
             backbone,
             pretrained=pretrained or weights_file is not None,
@@ -169,6 +207,7 @@ class DualEyeNet(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(embed_dim, num_classes),
         )
+        self.eye_head = nn.Linear(embed_dim, num_classes) if eye_head else None  # shared by both eyes
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the shared backbone (for a lower learning rate)."""
@@ -200,7 +239,10 @@ class DualEyeNet(nn.Module):
             (B, 4 * embed_dim): [left, right, left-attends-right, right-attends-left], each mean-pooled.
         """
         batch = left.shape[0]
-        feats = self.backbone.forward_features(torch.cat([left, right], dim=0))  # (2B, C, h, w) or (2B, T, C)
+        images = torch.cat([left, right], dim=0)  # (2B, 3, H, W)
+        if self.local_contrast is not None:
+            images = self.local_contrast(images)
+        feats = self.backbone.forward_features(images)  # (2B, C, h, w) or (2B, T, C)
         # With global_pool="" the pre-logits head keeps the spatial/token layout but applies what timm puts
         # between the features and the classifier (ConvNeXt's final LayerNorm, MobileNet's conv_head, ...),
         # so every backbone parameter is used (no unused parameters for DDP) and pretrained heads match.
@@ -218,14 +260,22 @@ class DualEyeNet(nn.Module):
         hidden = self.head[:-1](x)  # Linear(4D → D), GELU, Dropout: (B, D)
         return hidden if pre_logits else self.head[-1](hidden)  # (B, K)
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def forward(self, left: torch.Tensor, right: torch.Tensor, eye_logits: bool = False):
         """Logits, one per class: ``forward_head(forward_features(left, right))``.
 
         Args:
             left: left-eye images (B, 3, H, W), normalised with ``data_config`` mean/std.
             right: right-eye images (B, 3, H, W).
+            eye_logits: also return the per-eye classifier's logits (needs ``eye_head``; training only).
 
         Returns:
-            logits (B, num_classes); apply a sigmoid for probabilities.
+            logits (B, num_classes); apply a sigmoid for probabilities. With ``eye_logits``:
+            (logits, eye logits (B, 2, num_classes) for [left, right]).
         """
-        return self.forward_head(self.forward_features(left, right))  # (B, 4D) → (B, K)
+        feats = self.forward_features(left, right)  # (B, 4D)
+        logits = self.forward_head(feats)  # (B, K)
+        if not eye_logits:
+            return logits
+        d = feats.shape[1] // 4
+        per_eye = feats[:, :2 * d].reshape(-1, 2, d)  # the pooled left and right branch tokens (B, 2, D)
+        return logits, self.eye_head(per_eye)  # (B, K), (B, 2, K)

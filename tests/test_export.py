@@ -238,3 +238,17 @@ def test_onnx_probs_are_the_checkpoints_calibrated_probabilities(tmp_path):
     probs, logits = session.run(["probs", "logits"], {"left": left, "right": right})
     np.testing.assert_allclose(probs, apply_calibration(logits, ckpt["calibration"]), atol=1e-6)
     assert np.abs(probs - 1 / (1 + np.exp(-logits))).max() > 0.05  # the calibration really changed them
+
+
+def test_the_cpu_presets_extras_export_the_patient_output(tmp_path):
+    """The per-eye head (training only) stays out of the graph; the local-contrast layer goes in it."""
+    path = make_checkpoint(tmp_path / "run" / "best.pt", eye_loss_weight=1.0, local_contrast=1 / 60)
+    ckpt = torch.load(path, weights_only=True)
+    assert any(k.startswith("eye_head.") for k in ckpt["model"])
+    out = export.export(path, log=lambda *a: None)["path"]
+    session = runtime.ort_session(out)
+    assert [o.name for o in session.get_outputs()] == ["probs", "logits"]
+    left, right = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    (logits,) = session.run(["logits"], {"left": left.numpy(), "right": right.numpy()})
+    expected = checkpoint.model_from_checkpoint(ckpt)(left, right).detach().numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)

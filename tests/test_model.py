@@ -177,3 +177,16 @@ def test_convnext_small_parameter_count():
     model = DualEyeNet("convnext_small")
     assert count_parameters(model.backbone) == 49_454_688  # ConvNeXt-Small without its 1000-class classifier
     assert count_parameters(model) == 53_400_680
+
+
+def test_local_contrast_keeps_edges_and_drops_the_illumination():
+    from model.net import LocalContrast
+
+    layer = LocalContrast(sigma_px=2.0)
+    ramp = torch.linspace(-2, 2, 64).expand(1, 3, 64, 64)  # a slow brightness gradient across the photograph
+    assert layer(ramp)[..., 8:-8, 8:-8].abs().max() < 1e-4  # straight-line illumination cancels inside
+    assert layer(torch.full((1, 3, 32, 32), 0.7)).abs().max() < 1e-5  # and a colour cast everywhere
+    spot = torch.zeros(1, 3, 32, 32)
+    spot[..., 16, 16] = 1.0  # a small lesion stands out
+    out = layer(spot)
+    assert out[..., 16, 16].min() > 3.0 and out.abs().sum() < 10 * out[..., 16, 16].sum()
