@@ -108,7 +108,10 @@ def _data_section(cfg: dict, report: dict | None) -> list[str]:
             f"brightness/contrast ±20 %.",
             f"- Recipe: preset `{cfg.get('preset', '?')}`, {cfg.get('epochs', '?')} epochs, batch "
             f"{cfg.get('batch_size', '?')} × {cfg.get('accum_steps', 1)}, lr {cfg.get('lr', '?')}, "
-            f"{'ImageNet-pretrained' if cfg.get('pretrained') else 'randomly initialised'} backbone.", ""]
+            f"{'ImageNet-pretrained' if cfg.get('pretrained') else 'randomly initialised'} backbone"
+            + (", local contrast as the first layer (inside the model: feed plain images)"
+               if cfg.get("local_contrast") else "")
+            + (", per-eye loss from the diagnostic keywords" if cfg.get("eye_loss_weight") else "") + ".", ""]
 
 
 def _figures_section(ckpt: dict, report: dict | None) -> list[str]:

@@ -4,6 +4,7 @@ Each row is `python train.py --data FOLDER --preset cpu` plus the row's flags, r
 draws the train/validation/test split). Every figure comes from the run's own report.json: the test patients, scored
 once with the best checkpoint (calibrated, thresholds tuned on validation), beside the trivial predictor on the same
 patients. The table shows the mean and the spread (max - min) over seeds, and each row's difference to the base row.
+A run folder that already holds a report.json is read back instead of trained again (delete it to rerun).
 
     .venv/bin/python benchmarks/recipe_ablation.py                      # real ODIR subset, the settings below
     .venv/bin/python benchmarks/recipe_ablation.py --rows base,ema --seeds 1,2,3 --extra "--epochs 12"
@@ -28,28 +29,28 @@ from benchmarks.common import ROOT, header, print_header, real_odir, write_resul
 class Settings:
     rows: str = "all"  # comma list of ROWS keys, or all
     seeds: str = "1,2"  # one run per seed per row
-    # the budget of every run: a screening size (about 2.5 min a run on 2 idle cores) so that all rows × seeds fit in
-    # about half an hour; the preset itself trains 15 epochs at 256 px
+    # the budget of every run: a screening size (about 5 min a run, two at a time on 2 idle cores); the preset
+    # itself trains 14 epochs at 192 px
     extra: str = "--img-px 128 --epochs 6"
     out: str = "/tmp/odir-ablation"  # run folders (one per row and seed)
     # runs at a time, each with one torch thread and one DALI thread: on 2 cores two small single-threaded runs
     # finish sooner than one after the other with 2 threads each (less thread oversubscription)
     parallel: int = 2
     cache_dir: str = ""  # prepared images; default: the project cache
+    results: str = "recipe_ablation"  # benchmarks/results/NAME.json (rounds run on different presets keep apart)
 
 
 ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
-    "base": ("cpu preset: no weighted sampling, BCE pos-weights, focal γ 2.5, no EMA", ""),
+    "base": ("cpu preset: local contrast, per-eye loss, no weighted sampling, BCE pos-weights, focal γ 2.5", ""),
+    "no_eye": ("− per-eye loss", "--eye-loss-weight 0"),
+    "no_contrast": ("− local contrast", "--local-contrast 0"),
+    "plain": ("− both (the preset before them)", "--eye-loss-weight 0 --local-contrast 0"),
     "weighted": ("+ weighted sampling (the seed's)", "--weighted-sampling"),
     "no_pos_weight": ("− BCE positive weights", "--no-bce-pos-weight"),
     "gamma0": ("focal γ 0 (alpha-weighted BCE)", "--focal-gamma 0"),
     "ema": ("+ EMA of the weights", "--model-ema"),
     "px192": ("image 192 px", "--img-px 192"),
-    "eye": ("+ per-eye loss from the diagnostic keywords (weight 1)", "--eye-loss-weight 1"),
-    "contrast": ("+ local contrast (Graham) as the first layer, σ = side/60", "--local-contrast 0.0167"),
-    "contrast_eye": ("+ local contrast + per-eye loss", "--local-contrast 0.0167 --eye-loss-weight 1"),
     "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
-    "mnv4_eye": ("mobilenetv4_conv_small + per-eye loss", "--backbone mobilenetv4_conv_small --eye-loss-weight 1"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
            ("auc_macro", lambda t: t["at_0.5"]["auc_macro"]), ("f1_macro_tuned", lambda t: t["tuned"]["f1_macro"]),
@@ -126,6 +127,11 @@ def main(argv=None) -> int:
     Path(s.out).mkdir(parents=True, exist_ok=True)
     todo = [(key, int(seed)) for seed in s.seeds.split(",") for key in keys]
     runs, running = [], {}
+    for key, seed in list(todo):  # an interrupted ablation goes on where it stopped: finished runs are read back
+        if (Path(s.out) / f"{key}-s{seed}" / "report.json").is_file():
+            todo.remove((key, seed))
+            runs.append({**result_of(key, seed, s, 0, 0.0), "reused": True})
+            print(f"  {key} seed {seed}: reused {Path(s.out) / f'{key}-s{seed}'} (delete it to run again)")
     while todo or running:
         while todo and len(running) < s.parallel:
             key, seed = todo.pop(0)
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
             print(f"  {key} seed {seed}: " + (f"test final {r['final']:.3f}, AUC macro {r['auc_macro']:.3f}, "
                                               f"{r['seconds']:.0f} s" if "error" not in r else
                                               f"FAILED: {r['error'][-300:]}"), flush=True)
-            write_results("recipe_ablation", info, s, summarise(runs, keys), runs=runs)
+            write_results(s.results, info, s, summarise(runs, keys), runs=runs)
     print()
     print_rows(summarise(runs, keys))
     return 0 if all("error" not in r for r in runs) else 1

@@ -4,6 +4,8 @@
                      ├─ backbone (2B) ──┤                        ×                      ├─ mean pool ×4 ─ MLP ─ logits (B,K)
     right (B,3,H,W) ─┘                  └─ right branch (B,T,D) ─┴─ right attends left ─┘
 
+Options: `LocalContrast` before the backbone (Graham's fundus normalisation, fixed weights), and a per-eye classifier
+on each eye's pooled branch tokens (`eye_head`, trained on the per-eye diagnostic keywords; not in the patient output).
 The model returns logits (no sigmoid) and does no I/O; the loss lives in model/loss.py.
 """
 
