@@ -31,7 +31,7 @@ class Settings:
     seeds: str = "1,2"  # one run per seed per row
     # the budget of every run: a screening size (about 5 min a run, two at a time on 2 idle cores); the preset
     # itself trains 14 epochs at 192 px
-    extra: str = "--img-px 128 --epochs 6"
+    extra: str = "--epochs 6"
     out: str = "/tmp/odir-ablation"  # run folders (one per row and seed)
     # runs at a time, each with one torch thread and one DALI thread: on 2 cores two small single-threaded runs
     # finish sooner than one after the other with 2 threads each (less thread oversubscription)
@@ -50,6 +50,7 @@ ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
     "gamma0": ("focal γ 0 (alpha-weighted BCE)", "--focal-gamma 0"),
     "ema": ("+ EMA of the weights", "--model-ema"),
     "px192": ("image 192 px", "--img-px 192"),
+    "epochs14": ("14 epochs", "--epochs 14"),
     "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
@@ -105,7 +106,8 @@ def print_rows(rows: list[dict]) -> None:
             print(f"{r['setting']:<62} {r['runs']:>4}  failed")
             continue
         spread = f"±{r['final_spread'] / 2:.3f}" if r["final_spread"] is not None else "     "
-        print(f"{r['setting']:<62} {r['runs']:>4}  {r['final']:.3f} {spread}        {r['delta_final']:+.3f}   "
+        delta = f"{r['delta_final']:+.3f}" if r["delta_final"] is not None else "     -"
+        print(f"{r['setting']:<62} {r['runs']:>4}  {r['final']:.3f} {spread}        {delta}   "
               f"{r['kappa']:.3f}   {r['auc_macro']:.3f}    {r['f1_macro_tuned']:.3f}        {r['ece_after']:.3f}  "
               f"{r['trivial_final']:.3f}")
 
