@@ -37,6 +37,7 @@ class Settings:
     # finish sooner than one after the other with 2 threads each (less thread oversubscription)
     parallel: int = 2
     cache_dir: str = ""  # prepared images; default: the project cache
+    collect: bool = False  # only read back the runs already finished in `out` (one table of several sessions)
     results: str = "recipe_ablation"  # benchmarks/results/NAME.json (rounds run on different presets keep apart)
 
 
@@ -51,6 +52,7 @@ ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
     "ema": ("+ EMA of the weights", "--model-ema"),
     "px192": ("image 192 px", "--img-px 192"),
     "epochs14": ("14 epochs", "--epochs 14"),
+    "epochs24": ("24 epochs", "--epochs 24"),
     "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
             todo.remove((key, seed))
             runs.append({**result_of(key, seed, s, 0, 0.0), "reused": True})
             print(f"  {key} seed {seed}: reused {Path(s.out) / f'{key}-s{seed}'} (delete it to run again)")
+    if s.collect:
+        todo = []
     while todo or running:
         while todo and len(running) < s.parallel:
             key, seed = todo.pop(0)
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
                                               f"{r['seconds']:.0f} s" if "error" not in r else
                                               f"FAILED: {r['error'][-300:]}"), flush=True)
             write_results(s.results, info, s, summarise(runs, keys), runs=runs)
+    if s.collect:
+        write_results(s.results, info, s, summarise(runs, keys), runs=runs)
     print()
     print_rows(summarise(runs, keys))
     return 0 if all("error" not in r for r in runs) else 1
