@@ -83,15 +83,15 @@ class LocalContrast(nn.Module):
 
     def __init__(self, sigma_px: float):
         super().__init__()
-        half = max(1, int(3 * sigma_px + 0.5))
-        x = torch.arange(-half, half + 1, dtype=torch.float32)
-        g = torch.exp(-0.5 * (x / sigma_px) ** 2)
-        self.register_buffer("kernel", (g / g.sum()).repeat(3, 1, 1, 1), persistent=False)  # (3, 1, 1, k)
-        self.half = half
+        self.sigma_px, self.half = float(sigma_px), max(1, int(3 * sigma_px + 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) → (N, 3, H, W), same memory format."""
-        k = self.kernel.to(x.dtype)
+        # The taps are made here, not held as a buffer: a constant has nothing to checkpoint or for DDP to broadcast
+        # (DDP's per-step buffer broadcast fails on a lone channels_last buffer); compile and ONNX fold it away.
+        t = torch.arange(-self.half, self.half + 1, device=x.device, dtype=torch.float32)
+        g = torch.exp(-0.5 * (t / self.sigma_px) ** 2)
+        k = (g / g.sum()).to(x.dtype).expand(3, 1, 1, -1)  # (3, 1, 1, taps): one filter per channel
         blur = nn.functional.pad(x, (self.half, self.half, 0, 0), mode="replicate")
         blur = nn.functional.conv2d(blur, k, groups=3)  # along W
         blur = nn.functional.pad(blur, (0, 0, self.half, self.half), mode="replicate")
