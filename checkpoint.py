@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, config_from_dict
+from config import Config, backbone_args, config_from_dict
 from pipeline.constants import CLASSES
 from pipeline.host import atomic_write
 
@@ -69,13 +69,16 @@ def library_versions() -> dict:
 
 def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
     """The network of a config (train.py, export.py and the benchmarks all build it here)."""
-    from model import DualEyeNet
+    from model import DualEyeEnsemble, DualEyeNet
 
     pretrained = cfg.pretrained if pretrained is None else pretrained
     try:
-        return DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
-                          dropout=cfg.dropout, pretrained=pretrained, weights_file=cfg.weights_file or None,
-                          eye_head=cfg.eye_loss_weight > 0, local_contrast_px=cfg.local_contrast * cfg.img_px)
+        nets = [DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
+                           dropout=cfg.dropout, pretrained=pretrained, weights_file=cfg.weights_file or None,
+                           backbone_kwargs=backbone_args(cfg.backbone_args),
+                           eye_head=cfg.eye_loss_weight > 0, local_contrast_px=cfg.local_contrast * cfg.img_px)
+                for _ in range(cfg.ensemble)]  # each draws its own initial weights from torch's generator
+        return DualEyeEnsemble(nets) if len(nets) > 1 else nets[0]
     except RuntimeError as e:
         if pretrained and not cfg.weights_file:
             raise SystemExit(f"could not load pretrained weights for {cfg.backbone!r} ({e}). On a host with no "

@@ -32,11 +32,17 @@ class Config:
     synthetic_patients: int = 600  # size of the generated demo set when --data is not given
     # model
     backbone: str = "convnext_small"  # any timm model name
+    # extra timm.create_model arguments of the backbone, a JSON object: '{"channels": [64, 96, 96, 192]}' widens
+    # timm's test_resnet (its cost is mostly the full-resolution stem, so 4x the weights cost 1.4x the time)
+    backbone_args: str = ""
     pretrained: bool = True  # timm's ImageNet weights (downloaded once by timm)
     weights_file: str = ""  # local backbone weights for offline hosts (implies --pretrained)
     # Ben Graham's fundus normalisation as the first layer: image minus its Gaussian blur of σ = img_px × this
     # (1/60: the fundus radius / 30, as Graham), ×4; 0: off (pretrained backbones expect plain images)
     local_contrast: float = 0.0
+    # networks trained side by side on the same batches, each from its own random start and with its own loss; the
+    # model outputs the mean of their logits (one checkpoint, one ONNX graph); 1: a single network
+    ensemble: int = 1
     embed_dim: int = 512  # per-eye token width in the head
     heads: int = 8  # cross-attention heads
     dropout: float = 0.2  # dropout probability in the head (eye projections, cross-attention, fusion)
@@ -98,14 +104,14 @@ PRESETS = {
     "demo": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=15,
                  lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
-    # Real photographs on a CPU (the default there for --data), chosen by the ablation in benchmarks/RESULTS.md: a
-    # small backbone from scratch at 128 px (better than 192 px, at under half the time) for 14 epochs (~9 minutes on
-    # 2 cores for 1,550 patients; 24 epochs were no better on the default split: 0.641 vs 0.649 test final);
-    # Graham's local contrast as the first layer and the per-eye loss from the keywords (+0.05 together); no
-    # weighted sampling; the best epoch by validation AUC macro; Platt.
+    # Real photographs on a CPU (the default there for --data), chosen by the ablation in benchmarks/RESULTS.md: an
+    # ensemble of 2 small networks from scratch at 128 px (better than 192 px, at under half the time; wider or
+    # larger backbones were no better) for 14 epochs (~17 minutes on 2 cores for 1,550 patients; 24 epochs of one
+    # network were no better on the default split); Graham's local contrast as the first layer and the per-eye loss
+    # from the keywords (+0.05 together); no weighted sampling; the best epoch by validation AUC macro; Platt.
     "cpu": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=14,
                 lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0, embed_dim=128,
-                local_contrast=1 / 60, eye_loss_weight=1.0,
+                local_contrast=1 / 60, eye_loss_weight=1.0, ensemble=2,
                 dropout=0.1, weighted_sampling=False, select_metric="auc_macro", compile=False),
 }
 
@@ -348,7 +354,23 @@ def resolve_config(explicit: dict) -> Config:
             raise SystemExit(f"--{field.replace('_', '-')} {values[field]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):
         values["compile"] = True
+    if values.get("ensemble", 1) < 1:
+        raise SystemExit(f"--ensemble {values['ensemble']}: at least 1 network")
+    backbone_args(values.get("backbone_args", ""))  # a typo fails here, not minutes later in the model
     return Config(**values)
+
+
+def backbone_args(text: str) -> dict:
+    """`--backbone-args` as keyword arguments for timm.create_model ({} when empty)."""
+    if not text:
+        return {}
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--backbone-args {text!r}: not valid JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise SystemExit(f"--backbone-args {text!r}: expected a JSON object of timm.create_model arguments")
+    return args
 
 
 def format_config(cfg: Config) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from config import Config
+from model.net import DualEyeEnsemble
 from pipeline.constants import CLASSES
 
 
@@ -77,14 +78,17 @@ class Stepper:
         """
         quiet = self.train_model.no_sync() if (self.distributed and not update) else contextlib.nullcontext()
         with quiet:
+            # An ensemble returns each member's logits (M, B, K): the loss is the mean of the members' own losses,
+            # so each learns as a separate run would; the targets broadcast over the members.
+            ensemble = {"per_member": True} if isinstance(self.model, DualEyeEnsemble) else {}
             with torch.autocast(left.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 if self.eye_loss_weight > 0:
-                    logits, per_eye = self.train_model(left, right, eye_logits=True)
+                    logits, per_eye = self.train_model(left, right, eye_logits=True, **ensemble)
                 else:
-                    logits = self.train_model(left, right)
-            loss = self.loss_fn(logits.float(), labels)
+                    logits = self.train_model(left, right, **ensemble)
+            loss = self.loss_fn(logits.float(), labels.expand_as(logits))
             if self.eye_loss_weight > 0:
-                loss = loss + self.eye_loss_weight * eye_loss(per_eye.float(), eye_labels)
+                loss = loss + self.eye_loss_weight * eye_loss(per_eye.float(), eye_labels.expand_as(per_eye))
             self.scaler.scale(loss / self.accum_steps).backward()
         if update:
             if self.clip_grad > 0:
@@ -93,7 +97,7 @@ class Stepper:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logits.detach()
+        return loss.detach(), (logits.mean(0) if ensemble else logits).detach()
 
     def set_lr(self, lr: float) -> None:
         """Every parameter group at lr × its lr_mult (the backbone's is backbone_lr_mult)."""
@@ -172,7 +176,10 @@ def compile_regions(model: nn.Module, mode: str = "default") -> list[nn.Module]:
 
     Returns the compiled modules.
     """
-    regions = repeated_blocks(model.backbone) + [m for name, m in model.named_children() if name != "backbone"]
+    from model import networks
+
+    regions = [m for net in networks(model) for m in
+               repeated_blocks(net.backbone) + [m for name, m in net.named_children() if name != "backbone"]]
     # Each distinct (block, shape, train/eval) is one compilation of the same forward: ConvNeXt's 4 stages x
     # train/eval x the training and validation batch exceed dynamo's default limit of 8, after which it would
     # silently run those blocks eager.

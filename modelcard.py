@@ -58,7 +58,8 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
     """
     cfg = ckpt.get("config", {})
     lines = [f"# Model card: {onnx_name}", "",
-             f"odir-dual dual-eye network ({cfg.get('backbone', '?')} backbone, shared by both eyes, with "
+             f"odir-dual dual-eye network ({cfg.get('backbone', '?')} backbone"
+             + (f" with `{cfg['backbone_args']}`" if cfg.get("backbone_args") else "") + ", shared by both eyes, with "
              f"cross-attention between the eyes) → 8 ODIR-5K labels. {precision} ONNX, inputs `left`, `right` "
              f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8). Training commit "
              f"`{ckpt.get('commit', 'unknown')}`, checkpoint epoch {ckpt.get('epoch', '?')}.", ""]

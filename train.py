@@ -248,8 +248,10 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if run.is_main:
-        print(f"model: {cfg.backbone} dual-eye · {count_parameters(model) / 1e6:.1f}M parameters "
-              f"({count_parameters(model.backbone) / 1e6:.1f}M in the backbone)")
+        backbone = sum(p.numel() for p in model.backbone_parameters())
+        print(f"model: {cfg.backbone} dual-eye" + (f" · ensemble of {cfg.ensemble}" if cfg.ensemble > 1 else "")
+              + f" · {count_parameters(model) / 1e6:.1f}M parameters ({backbone / 1e6:.1f}M in the backbone"
+              + ("s" if cfg.ensemble > 1 else "") + ")")
     pairs_per_update = cfg.batch_size * cfg.accum_steps * run.world
     lr = cfg.lr * math.sqrt(pairs_per_update / REFERENCE_BATCH)
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)

@@ -54,6 +54,13 @@ ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
     "epochs14": ("14 epochs", "--epochs 14"),
     "epochs24": ("24 epochs", "--epochs 24"),
     "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
+    "eye2": ("per-eye loss weight 2", "--eye-loss-weight 2"),
+    "ema99": ("+ EMA of the weights, decay 0.99 (~2 epochs)", "--model-ema --model-ema-decay 0.99"),
+    "w96": ("test_resnet widened to channels 64/96/96/192 (1.4M)", "--backbone-args '{\"channels\": [64, 96, 96, 192]}'"),
+    "w256": ("test_resnet widened to 64/96/128/256, layers 1/1/2/2 (3.8M)",
+             "--backbone-args '{\"channels\": [64, 96, 128, 256], \"layers\": [1, 1, 2, 2]}'"),
+    "single": ("one network instead of an ensemble of 2", "--ensemble 1"),
+    "ensemble2": ("an ensemble of 2 networks", "--ensemble 2"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
            ("auc_macro", lambda t: t["at_0.5"]["auc_macro"]), ("f1_macro_tuned", lambda t: t["tuned"]["f1_macro"]),

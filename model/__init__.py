@@ -6,7 +6,8 @@ light scoring install, which has no torch.
 from model.metrics import multilabel_metrics, odir_score, tune_thresholds
 from pipeline.constants import CLASSES
 
-_LAZY = {"DualEyeNet": "model.net", "backbone_norm": "model.net", "count_parameters": "model.net",
+_LAZY = {"DualEyeNet": "model.net", "DualEyeEnsemble": "model.net", "networks": "model.net",
+         "backbone_norm": "model.net", "count_parameters": "model.net",
          "focal_loss": "model.loss", "hybrid_loss": "model.loss", "pos_weights_from_labels": "model.loss"}
 
 
@@ -18,5 +19,5 @@ def __getattr__(name: str):
 
     return getattr(importlib.import_module(_LAZY[name]), name)
 
-__all__ = ["CLASSES", "DualEyeNet", "backbone_norm", "count_parameters", "focal_loss", "hybrid_loss",
-           "multilabel_metrics", "odir_score", "pos_weights_from_labels", "tune_thresholds"]
+__all__ = ["CLASSES", "DualEyeEnsemble", "DualEyeNet", "backbone_norm", "count_parameters", "focal_loss", "hybrid_loss",
+           "multilabel_metrics", "networks", "odir_score", "pos_weights_from_labels", "tune_thresholds"]

@@ -1,6 +1,7 @@
 """Why the network said what it said: Grad-CAM per eye and the cross-attention maps between the eyes.
 
-Pure tensor functions on a `DualEyeNet` in eval mode (no I/O; drawing and files live in report.py):
+Pure tensor functions on a `DualEyeNet` (or an ensemble of them) in eval mode (no I/O; drawing and files live in
+report.py):
 
     ex = explain_pair(model, left, right, classes=[1, 4])   # left, right: (B, 3, H, W), normalised
     ex.cams[1]          # (left (B, H, W), right (B, H, W)): Grad-CAM of class 1 (D) on each eye, in [0, 1]
@@ -60,6 +61,8 @@ def explain_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, clas
     if model.training:
         raise ValueError("explain_pair needs the model in eval mode (model.eval()): dropout and batch statistics "
                          "would make the maps random and mix the pairs of a batch")
+    if hasattr(model, "members"):
+        return _explain_ensemble(model, left, right, classes, attention)
     stage, saved = last_stage(model), {}
     hooks = [stage.register_forward_hook(lambda m, i, out: saved.__setitem__("feats", out))]
     if attention:
@@ -91,6 +94,21 @@ def explain_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, clas
         out.attention = {"left_to_right": _attention_map(model.left_to_right, *saved["l2r"], out.grid_hw, size_hw),
                          "right_to_left": _attention_map(model.right_to_left, *saved["r2l"], out.grid_hw, size_hw)}
     return out
+
+
+def _explain_ensemble(model: nn.Module, left, right, classes, attention: bool) -> Explanation:
+    """An ensemble's explanation: its mean probabilities, and the mean of its members' maps (each member's Grad-CAM
+    of the class it is asked about is that member's share of the ensemble's gradient)."""
+    with torch.no_grad():
+        logits = model(left, right).float()
+    probs = torch.sigmoid(logits)
+    if classes is None:
+        classes = torch.nonzero((probs > 0.5).any(dim=0)).flatten().tolist()
+    parts = [explain_pair(m, left, right, classes, attention) for m in model.members]
+    mean = lambda maps: _to_size(torch.stack(maps).mean(0), None)  # noqa: E731 (each map back to a peak of 1)
+    return Explanation(logits=logits.cpu(), probs=probs.cpu(), grid_hw=parts[0].grid_hw,
+                       cams={k: tuple(mean([p.cams[k][e] for p in parts]) for e in (0, 1)) for k in parts[0].cams},
+                       attention={d: mean([p.attention[d] for p in parts]) for d in parts[0].attention})
 
 
 def grad_cam(feats: torch.Tensor, grads: torch.Tensor, *, nhwc: bool = False, size_hw=None) -> torch.Tensor:

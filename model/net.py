@@ -6,6 +6,7 @@
 
 Options: `LocalContrast` before the backbone (Graham's fundus normalisation, fixed weights), and a per-eye classifier
 on each eye's pooled branch tokens (`eye_head`, trained on the per-eye diagnostic keywords; not in the patient output).
+`DualEyeEnsemble` averages the logits of several such networks.
 The model returns logits (no sigmoid) and does no I/O; the loss lives in model/loss.py.
 """
 
@@ -281,3 +282,46 @@ class DualEyeNet(nn.Module):
         d = feats.shape[1] // 4
         per_eye = feats[:, :2 * d].reshape(-1, 2, d)  # the pooled left and right branch tokens (B, 2, D)
         return logits, self.eye_head(per_eye)  # (B, K), (B, 2, K)
+
+
+class DualEyeEnsemble(nn.Module):
+    """Several independently initialised DualEyeNets whose logits are averaged: one module, one checkpoint, one ONNX
+    graph. Training feeds every member the same batches, and each member gets its own loss (`forward(...,
+    per_member=True)`), so they learn as separate runs would (not as one wide network) at the cost of one data stream.
+
+    Why: two small networks trained from scratch disagree mostly where each is unsure, so their mean ranks the
+    patients better than either (deep ensembles, Lakshminarayanan et al. 2017); on a CPU this buys more than the
+    same compute spent on more epochs of one network.
+
+    Args:
+        members: the networks (same architecture, different initial weights).
+    """
+
+    def __init__(self, members: list[DualEyeNet]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.config = {**members[0].config, "members": len(members)}
+        self.data_config = members[0].data_config
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for m in self.members for p in m.backbone_parameters())
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for m in self.members for p in m.head_parameters())
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, eye_logits: bool = False, per_member: bool = False):
+        """The members' mean logits (B, K) (with ``eye_logits``, also their mean per-eye logits (B, 2, K)); with
+        ``per_member`` (training) each member's own instead, stacked first: (M, B, K) and (M, B, 2, K)."""
+        outs = [m(left, right, eye_logits=eye_logits) for m in self.members]
+        if eye_logits:
+            stacked = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+            return stacked if per_member else (stacked[0].mean(0), stacked[1].mean(0))
+        stacked = torch.stack(outs)
+        return stacked if per_member else stacked.mean(0)
+
+
+def networks(model: nn.Module) -> list[DualEyeNet]:
+    """The DualEyeNets inside a model: its members for an ensemble, else the model itself."""
+    return list(model.members) if isinstance(model, DualEyeEnsemble) else [model]

@@ -56,6 +56,15 @@ def test_yaml_config_and_bad_files_name_the_problem(tmp_path):
         config.parse_config(["--config", str(tmp_path / "missing.json")])
 
 
+def test_backbone_args_are_checked_when_the_flags_are_read():
+    cfg = config.parse_config(["--backbone-args", '{"channels": [64, 96, 96, 192]}'])
+    assert config.backbone_args(cfg.backbone_args) == {"channels": [64, 96, 96, 192]}
+    with pytest.raises(SystemExit, match=r"--backbone-args .*not valid JSON"):
+        config.parse_config(["--backbone-args", '{"channels": [64'])
+    with pytest.raises(SystemExit, match=r"--backbone-args .*expected a JSON object"):
+        config.parse_config(["--backbone-args", "[64, 96]"])
+
+
 def test_help_says_what_each_flag_does_its_choices_and_preset_values(capsys):
     with pytest.raises(SystemExit):
         config.parse_config(["--help"])

@@ -252,3 +252,18 @@ def test_the_cpu_presets_extras_export_the_patient_output(tmp_path):
     (logits,) = session.run(["logits"], {"left": left.numpy(), "right": right.numpy()})
     expected = checkpoint.model_from_checkpoint(ckpt)(left, right).detach().numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_a_widened_backbone_and_an_ensemble_are_rebuilt_from_the_checkpoint_and_exported(tmp_path):
+    """--backbone-args and --ensemble travel in the checkpoint's config: export.py rebuilds the same widths and
+    members, so the weights load, and the ONNX graph gives the members' mean logits."""
+    args = '{"channels": [16, 24, 24, 40]}'
+    path = make_checkpoint(tmp_path / "run" / "best.pt", backbone="test_resnet", backbone_args=args, ensemble=2)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["model"]["members.1.backbone.layer4.0.conv2.weight"].shape[0] == 40  # test_resnet's own has 96
+    out = export.export(path, log=lambda *a: None)["path"]
+    left, right = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    (logits,) = runtime.ort_session(out).run(["logits"], {"left": left.numpy(), "right": right.numpy()})
+    members = checkpoint.model_from_checkpoint(ckpt).members
+    expected = sum(m(left, right) for m in members).detach().numpy() / 2
+    np.testing.assert_allclose(logits, expected, atol=1e-4)

@@ -190,3 +190,43 @@ def test_local_contrast_keeps_edges_and_drops_the_illumination():
     spot[..., 16, 16] = 1.0  # a small lesion stands out
     out = layer(spot)
     assert out[..., 16, 16].min() > 3.0 and out.abs().sum() < 10 * out[..., 16, 16].sum()
+
+
+def test_an_ensemble_averages_its_members_and_trains_each_on_its_own_loss():
+    """The output is the mean of the members' logits; one training step gives each member exactly the gradient of
+    its own loss (halved: the loss is the members' mean), as two separate runs on the same batch would."""
+    import config
+    import engine
+    from model.net import DualEyeEnsemble
+
+    torch.manual_seed(0)
+    members = [DualEyeNet("test_resnet", eye_head=True, **TINY) for _ in range(2)]
+    ensemble = DualEyeEnsemble(members)
+    left, right = _pair(4)
+    ensemble.eval()
+    with torch.no_grad():
+        mean = ensemble(left, right)
+        torch.testing.assert_close(mean, (members[0](left, right) + members[1](left, right)) / 2)
+        stacked, eyes = ensemble(left, right, eye_logits=True, per_member=True)
+    assert stacked.shape == (2, 4, 8) and eyes.shape == (2, 4, 2, 8)
+    assert not torch.allclose(stacked[0], stacked[1])  # each member starts from its own random weights
+    ids = [id(p) for p in ensemble.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in [*ensemble.backbone_parameters(), *ensemble.head_parameters()])
+
+    cfg = config.Config(eye_loss_weight=0.5, lr=1e-3, clip_grad=0.0, accum_steps=1)
+    labels = (torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    eye_labels = labels[:, None].repeat(1, 2, 1)
+    ensemble.train()
+    stepper = engine.make_stepper(ensemble, cfg, torch.device("cpu"), 1e-3, torch.ones(8))
+    loss, logits = stepper.step(left, right, labels, update=False, eye_labels=eye_labels)
+    assert logits.shape == (4, 8)
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in members]
+    ensemble.zero_grad()
+    solo = []
+    for m in members:
+        out, eye = m(left, right, eye_logits=True)
+        own = stepper.loss_fn(out, labels) + 0.5 * engine.eye_loss(eye, eye_labels)
+        own.backward()
+        solo.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    for g, s in zip(grads, solo):
+        torch.testing.assert_close(g, s / 2, atol=1e-6, rtol=1e-4)

@@ -164,6 +164,22 @@ def test_explain_pair_maps_per_eye_and_class(backbone):
     assert torch.allclose(alone.attention["left_to_right"][0], ex.attention["left_to_right"][1], atol=1e-5)
 
 
+def test_an_ensemble_is_explained_by_its_members_mean_maps():
+    from model.net import DualEyeEnsemble
+
+    members = [tiny_model(), tiny_model(seed=1)]
+    left, right = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    ex = explain_pair(DualEyeEnsemble(members).eval(), left, right, classes=[2])
+    parts = [explain_pair(m, left, right, classes=[2]) for m in members]
+    assert torch.allclose(ex.probs, torch.sigmoid((parts[0].logits + parts[1].logits) / 2), atol=1e-6)
+    for eye in (0, 1):
+        mean = (parts[0].cams[2][eye] + parts[1].cams[2][eye]) / 2
+        peak = mean.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # a map with no positive cell stays 0
+        assert torch.allclose(ex.cams[2][eye], mean / peak, atol=1e-5)
+    assert any(float(ex.cams[2][eye].max()) == 1.0 for eye in (0, 1))
+    assert ex.attention["left_to_right"].shape == (2, 64, 64)
+
+
 def test_explain_pair_needs_eval_mode():
     model = tiny_model().train()
     with pytest.raises(ValueError, match="eval"):
