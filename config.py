@@ -104,14 +104,15 @@ PRESETS = {
     "demo": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=15,
                  lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
-    # Real photographs on a CPU (the default there for --data), chosen by the ablation in benchmarks/RESULTS.md: an
-    # ensemble of 2 small networks from scratch at 128 px (better than 192 px, at under half the time; wider or
-    # larger backbones were no better) for 14 epochs (~17 minutes on 2 cores for 1,550 patients; 24 epochs of one
-    # network were no better on the default split); Graham's local contrast as the first layer and the per-eye loss
-    # from the keywords (+0.05 together); no weighted sampling; the best epoch by validation AUC macro; Platt.
+    # Real photographs on a CPU (the default there for --data), chosen by the ablation in benchmarks/RESULTS.md: a
+    # small backbone from scratch at 128 px (better than 192 px, at under half the time; wider backbones and an
+    # ensemble of 2 were no better) for 14 epochs (~9 minutes on 2 cores for 1,550 patients; 24 were no better);
+    # Graham's local contrast as the first layer and the per-eye loss from the keywords (+0.05 together), the
+    # per-eye loss at weight 2 and an EMA of the weights over ~2 epochs (+0.003 to +0.011 together, 2 seeds); no
+    # weighted sampling; the best epoch by validation AUC macro; Platt.
     "cpu": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=14,
                 lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0, embed_dim=128,
-                local_contrast=1 / 60, eye_loss_weight=1.0, ensemble=2,
+                local_contrast=1 / 60, eye_loss_weight=2.0, model_ema=True, model_ema_decay=0.99,
                 dropout=0.1, weighted_sampling=False, select_metric="auc_macro", compile=False),
 }
 

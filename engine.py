@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from config import Config
-from model.net import DualEyeEnsemble
+from model.net import DualEyeEnsemble, networks
 from pipeline.constants import CLASSES
 
 
@@ -176,8 +176,6 @@ def compile_regions(model: nn.Module, mode: str = "default") -> list[nn.Module]:
 
     Returns the compiled modules.
     """
-    from model import networks
-
     regions = [m for net in networks(model) for m in
                repeated_blocks(net.backbone) + [m for name, m in net.named_children() if name != "backbone"]]
     # Each distinct (block, shape, train/eval) is one compilation of the same forward: ConvNeXt's 4 stages x

@@ -112,7 +112,9 @@ def _data_section(cfg: dict, report: dict | None) -> list[str]:
             f"{'ImageNet-pretrained' if cfg.get('pretrained') else 'randomly initialised'} backbone"
             + (", local contrast as the first layer (inside the model: feed plain images)"
                if cfg.get("local_contrast") else "")
-            + (", per-eye loss from the diagnostic keywords" if cfg.get("eye_loss_weight") else "") + ".", ""]
+            + (", per-eye loss from the diagnostic keywords" if cfg.get("eye_loss_weight") else "")
+            + (f", an ensemble of {cfg['ensemble']} networks (their mean logits)" if cfg.get("ensemble", 1) > 1 else "")
+            + (f", EMA of the weights (decay {cfg.get('model_ema_decay')})" if cfg.get("model_ema") else "") + ".", ""]
 
 
 def _figures_section(ckpt: dict, report: dict | None) -> list[str]:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.net import DualEyeEnsemble
+
 
 @dataclass
 class Explanation:
@@ -61,7 +63,7 @@ def explain_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, clas
     if model.training:
         raise ValueError("explain_pair needs the model in eval mode (model.eval()): dropout and batch statistics "
                          "would make the maps random and mix the pairs of a batch")
-    if hasattr(model, "members"):
+    if isinstance(model, DualEyeEnsemble):
         return _explain_ensemble(model, left, right, classes, attention)
     stage, saved = last_stage(model), {}
     hooks = [stage.register_forward_hook(lambda m, i, out: saved.__setitem__("feats", out))]

@@ -119,13 +119,15 @@ def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_pat
 
 
 def test_per_eye_loss_trains_the_eye_head_from_the_sheets_keywords(tmp_path, tiny_odir, capsys):
+    """... in each member of an ensemble."""
     import pandas as pd
 
-    run(tmp_path, tiny_odir, "--eye-loss-weight", "1", "--epochs", "1", name="eyes")
+    run(tmp_path, tiny_odir, "--eye-loss-weight", "1", "--epochs", "1", "--ensemble", "2", name="eyes")
     n_train = (pd.read_csv(tmp_path / "eyes" / "split.csv")["split"] == "train").sum()
-    assert f"per-eye loss: {n_train} of {n_train} training patients" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"per-eye loss: {n_train} of {n_train} training patients" in out and "ensemble of 2" in out
     last = torch.load(tmp_path / "eyes" / "last.pt", weights_only=True)
-    assert {"eye_head.weight", "eye_head.bias"} <= set(last["model"])
+    assert {f"members.{m}.eye_head.{p}" for m in (0, 1) for p in ("weight", "bias")} <= set(last["model"])
     run(tmp_path, tiny_odir, "--epochs", "1", "--eye-loss-weight", "0", name="plain")  # the cpu preset has it on
     losses = [pd.read_csv(tmp_path / n / "metrics.csv")["train_loss"][0] for n in ("eyes", "plain")]
     assert losses[0] > losses[1] * 1.2  # the per-eye BCE (~0.7 at the start) is added to the same patient loss
