@@ -174,15 +174,17 @@ def write_csv(frame, path, *, submission: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, newline="") as f:
             w = csv.writer(f, lineterminator="\n")
+            # 8 decimals: with 6, distinct small probabilities become ties and an AUC read back from the file
+            # moves in its 5th decimal (enough to flip a 3-decimal figure that sits on a rounding boundary)
             if submission:
                 w.writerow(SUBMISSION_HEADER)
                 for r in frame[frame["status"] == "ok"].itertuples(index=False):
-                    w.writerow([_text_cell(r.ID), *(f"{getattr(r, c):.6f}" for c in SUBMISSION_HEADER[1:])])
+                    w.writerow([_text_cell(r.ID), *(f"{getattr(r, c):.8f}" for c in SUBMISSION_HEADER[1:])])
             else:
                 w.writerow(frame.columns)
                 for r in frame.itertuples(index=False):
                     w.writerow(["" if v is None or (isinstance(v, float) and np.isnan(v)) else
-                                f"{v:.6f}" if isinstance(v, float) else _text_cell(v) for v in r])
+                                f"{v:.8f}" if isinstance(v, float) else _text_cell(v) for v in r])
     except OSError as e:
         raise ScoreError(f"cannot write {printable(path)}: {e.strerror or e}") from None
 

@@ -507,7 +507,7 @@ def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> d
         frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
                               **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
         with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
-            frame.to_csv(f, index=False, float_format="%.6f")
+            frame.to_csv(f, index=False, float_format="%.8f")
     report = _plain(report)
     write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
