@@ -289,9 +289,9 @@ class DualEyeEnsemble(nn.Module):
     graph. Training feeds every member the same batches, and each member gets its own loss (`forward(...,
     per_member=True)`), so they learn as separate runs would (not as one wide network) at the cost of one data stream.
 
-    Why: two small networks trained from scratch disagree mostly where each is unsure, so their mean ranks the
-    patients better than either (deep ensembles, Lakshminarayanan et al. 2017); on a CPU this buys more than the
-    same compute spent on more epochs of one network.
+    Why: networks that err differently average to better ranked, better calibrated outputs (deep ensembles,
+    Lakshminarayanan et al. 2017), for N times the compute. On the `cpu` preset two members measured no better than
+    one (benchmarks/RESULTS.md, round 3), so no preset uses it.
 
     Args:
         members: the networks (same architecture, different initial weights).
