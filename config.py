@@ -202,10 +202,7 @@ def read_config_file(path) -> dict:
             raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
         values = yaml.safe_load(text)
     else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--config {path}: not valid JSON ({e})") from None
+        values = _json(text, f"--config {path}")
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of field names to values")
     names = {f.name for f in fields(Config)}
@@ -365,13 +362,18 @@ def backbone_args(text: str) -> dict:
     """`--backbone-args` as keyword arguments for timm.create_model ({} when empty)."""
     if not text:
         return {}
-    try:
-        args = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--backbone-args {text!r}: not valid JSON ({e})") from None
+    args = _json(text, f"--backbone-args {text!r}")
     if not isinstance(args, dict):
         raise SystemExit(f"--backbone-args {text!r}: expected a JSON object of timm.create_model arguments")
     return args
+
+
+def _json(text: str, where: str):
+    """Parsed JSON, or an exit naming `where` (the flag, and the file or value) and the parser's complaint."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{where}: not valid JSON ({e})") from None
 
 
 def format_config(cfg: Config) -> str:

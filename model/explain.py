@@ -101,14 +101,14 @@ def explain_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, clas
 def _explain_ensemble(model: nn.Module, left, right, classes, attention: bool) -> Explanation:
     """An ensemble's explanation: its mean probabilities, and the mean of its members' maps (each member's Grad-CAM
     of the class it is asked about is that member's share of the ensemble's gradient)."""
-    with torch.no_grad():
-        logits = model(left, right).float()
-    probs = torch.sigmoid(logits)
-    if classes is None:
+    if classes is None:  # the classes the ensemble (not each member) predicts
+        with torch.no_grad():
+            probs = torch.sigmoid(model(left, right).float())
         classes = torch.nonzero((probs > 0.5).any(dim=0)).flatten().tolist()
     parts = [explain_pair(m, left, right, classes, attention) for m in model.members]
+    logits = torch.stack([p.logits for p in parts]).mean(0)  # = the ensemble's: the members' mean
     mean = lambda maps: _to_size(torch.stack(maps).mean(0), None)  # noqa: E731 (each map back to a peak of 1)
-    return Explanation(logits=logits.cpu(), probs=probs.cpu(), grid_hw=parts[0].grid_hw,
+    return Explanation(logits=logits, probs=torch.sigmoid(logits), grid_hw=parts[0].grid_hw,
                        cams={k: tuple(mean([p.cams[k][e] for p in parts]) for e in (0, 1)) for k in parts[0].cams},
                        attention={d: mean([p.attention[d] for p in parts]) for d in parts[0].attention})
 

@@ -302,7 +302,7 @@ class DualEyeEnsemble(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
-        self.config = {**members[0].config, "members": len(members)}
+        self.config = members[0].config  # the architecture of each member; len(members) says how many
         self.data_config = members[0].data_config
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

@@ -119,7 +119,7 @@ def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_pat
 
 
 def test_per_eye_loss_trains_the_eye_head_from_the_sheets_keywords(tmp_path, tiny_odir, capsys):
-    """... in each member of an ensemble."""
+    """Each member of an ensemble gets its own per-eye head, and the per-eye loss adds to the patient loss."""
     import pandas as pd
 
     run(tmp_path, tiny_odir, "--eye-loss-weight", "1", "--epochs", "1", "--ensemble", "2", name="eyes")
