@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from checkpoint import (build_model, checkpoint_payload, git_commit, library_versions, load_checkpoint,
-                        save_checkpoint)
+                        save_checkpoint, weights_description)
 from config import REFERENCE_BATCH, Config, format_config, parse_config, resume_folder
 from distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
 from engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
@@ -251,7 +251,9 @@ def fit(run: Run, train_tab, val_tab, test_tab):
         backbone = sum(p.numel() for p in model.backbone_parameters())
         print(f"model: {cfg.backbone} dual-eye" + (f" · ensemble of {cfg.ensemble}" if cfg.ensemble > 1 else "")
               + f" · {count_parameters(model) / 1e6:.1f}M parameters ({backbone / 1e6:.1f}M in the backbone"
-              + ("s" if cfg.ensemble > 1 else "") + ")")
+              + ("s" if cfg.ensemble > 1 else "") + ")"
+              + (f" · {count_parameters(model, trainable_only=True) / 1e6:.1f}M trained" if cfg.freeze_stages else ""))
+        print(f"backbone weights: {weights_description(cfg)}" + (f" · input normalised with mean {mean}, std {std}"))
     pairs_per_update = cfg.batch_size * cfg.accum_steps * run.world
     lr = cfg.lr * math.sqrt(pairs_per_update / REFERENCE_BATCH)
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)

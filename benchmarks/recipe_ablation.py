@@ -38,32 +38,23 @@ class Settings:
     parallel: int = 2
     cache_dir: str = ""  # prepared images; default: the project cache
     collect: bool = False  # only read back the runs already finished in `out` (one table of several sessions)
-    results: str = "recipe_ablation"  # benchmarks/results/NAME.json (rounds run on different presets keep apart)
+    results: str = "recipe_ablation_round4"  # benchmarks/results/NAME.json (rounds run on different presets keep apart)
 
 
-R2 = " --eye-loss-weight 1 --no-model-ema"  # on top of the preset: round 2's preset (per-eye ×1, no EMA)
+# Round 4 (issue 18): the cpu preset on ImageNet features (EfficientNet-Lite0 from its PyPI package). Rows are
+# screened at `--extra "--img-px 160 --epochs 4"` (a quarter of the preset's compute) on 2 seeds; round 3's rows
+# (from-scratch test_resnet) are in benchmarks/results/recipe_ablation_round3.json, made at commit 76065f4.
 ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
-    "base": ("cpu preset: local contrast, per-eye loss ×2, EMA 0.99 (see config.py)", ""),
+    "base": ("cpu preset: lite0, stem + 2 stages frozen, per-eye loss ×2, EMA 0.99", ""),
+    "no_freeze": ("− freezing (the whole backbone trained)", "--freeze-stages 0"),
+    "freeze4": ("stem + 4 stages frozen", "--freeze-stages 4"),
+    "contrast": ("+ local contrast 1/60 (round 3's first layer)", "--local-contrast 0.0167"),
     "no_eye": ("− per-eye loss", "--eye-loss-weight 0"),
-    "no_contrast": ("− local contrast", "--local-contrast 0"),
-    "plain": ("− both (the round-1 preset, + EMA)", "--eye-loss-weight 0 --local-contrast 0"),
-    "weighted": ("+ weighted sampling (the seed's)", "--weighted-sampling"),
-    "no_pos_weight": ("− BCE positive weights", "--no-bce-pos-weight"),
-    "gamma0": ("focal γ 0 (alpha-weighted BCE)", "--focal-gamma 0"),
-    "ema998": ("EMA decay 0.998 (~10 epochs)", "--model-ema-decay 0.998"),
-    "px192": ("image 192 px", "--img-px 192"),
-    "epochs6": ("6 epochs", "--epochs 6"),
-    "epochs24": ("24 epochs", "--epochs 24"),
-    "mnv4": ("backbone mobilenetv4_conv_small (2.5M)", "--backbone mobilenetv4_conv_small"),
-    # round 3: what the preset's per-eye weight 2 and EMA were chosen against, and what did not help
-    "round2": ("round 2's preset: per-eye loss ×1, no EMA", R2.strip()),
     "no_ema": ("− EMA", "--no-model-ema"),
-    "eye1": ("per-eye loss ×1", "--eye-loss-weight 1"),
-    "w96": ("round 2's preset, test_resnet widened to 64/96/96/192 (1.4M)",
-            "--backbone-args '{\"channels\": [64, 96, 96, 192]}'" + R2),
-    "w256": ("round 2's preset, test_resnet widened to 64/96/128/256, layers 1/1/2/2 (3.8M)",
-             "--backbone-args '{\"channels\": [64, 96, 128, 256], \"layers\": [1, 1, 2, 2]}'" + R2),
-    "ensemble2": ("round 2's preset, an ensemble of 2 networks", "--ensemble 2" + R2),
+    "bce": ("plain BCE (no focal term, no positive weights)", "--focal-weight 0 --no-bce-pos-weight"),
+    "bblr1": ("backbone lr = head lr (mult 1.0)", "--backbone-lr-mult 1.0"),
+    "lite2": ("backbone tf_efficientnet_lite2 (package weights)", "--backbone tf_efficientnet_lite2"),
+    "scratch": ("no pretrained weights (lite0 from random, nothing frozen)", "--no-pretrained --freeze-stages 0"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
            ("auc_macro", lambda t: t["at_0.5"]["auc_macro"]), ("f1_macro_tuned", lambda t: t["tuned"]["f1_macro"]),

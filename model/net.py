@@ -216,6 +216,30 @@ class DualEyeNet(nn.Module):
         """Parameters of the shared backbone (for a lower learning rate)."""
         return self.backbone.parameters()
 
+    def freeze_stages(self, stages: int) -> None:
+        """Freeze the backbone's stem and its first `stages` stages: no gradients, batch-norm statistics fixed
+        (timm's FrozenBatchNorm). Call after loading pretrained weights. Why: those layers hold generic edge and
+        colour filters, and their backward pass at the two highest resolutions is about half a CPU step.
+
+        Raises:
+            ValueError: the backbone has no `blocks`/`stages` sequence (timm's EfficientNet, MobileNet, ConvNeXt
+                have one), or fewer stages than asked.
+        """
+        if stages <= 0:
+            return
+        from timm.utils.model import freeze
+
+        names = [name for name, _ in self.backbone.named_children()]
+        body = next((n for n in ("blocks", "stages") if n in names), None)
+        if body is None:
+            raise ValueError(f"--freeze-stages: {self.config['backbone']} has no `blocks` or `stages` to freeze")
+        count = len(getattr(self.backbone, body))
+        if stages > count:
+            raise ValueError(f"--freeze-stages {stages}: {self.config['backbone']} has {count} stages")
+        stem = names[:names.index(body)]
+        freeze(self.backbone, stem + [f"{body}.{i}" for i in range(stages)])
+        self.config["freeze_stages"] = stages
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter outside the backbone: branches, cross-attention, fusion MLP."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}

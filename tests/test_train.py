@@ -54,8 +54,8 @@ def test_flags_come_from_config_fields_and_override_presets():
 def test_real_data_on_a_cpu_gets_the_cpu_preset_and_the_demo_stays_synthetic():
     assert config.parse_config(["--data", "/some/odir"]).preset == "cpu"
     cfg = config.parse_config(["--data", "/some/odir"])
-    assert (cfg.backbone, cfg.weighted_sampling, cfg.select_metric, cfg.calibration) == (
-        "test_resnet", False, "auc_macro", "platt")
+    assert (cfg.backbone, cfg.pretrained, cfg.weighted_sampling, cfg.select_metric, cfg.calibration) == (
+        "tf_efficientnet_lite0", True, False, "auc_macro", "platt")  # ImageNet weights from an installed package
     assert (cfg.val_fraction, cfg.test_fraction) == (0.15, 0.15)
 
 
