@@ -42,7 +42,7 @@ class Settings:
 
 
 # Round 4 (issue 18): the cpu preset on ImageNet features (EfficientNet-Lite0 from its PyPI package). Rows are
-# screened at `--extra "--img-px 160 --epochs 4"` (a quarter of the preset's compute) on 2 seeds; round 3's rows
+# screened at `--extra "--img-px 128 --epochs 3"` (an eighth of the preset's compute) on 2 seeds; round 3's rows
 # (from-scratch test_resnet) are in benchmarks/results/recipe_ablation_round3.json, made at commit 76065f4.
 ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
     "base": ("cpu preset: lite0, stem + 2 stages frozen, per-eye loss ×2, EMA 0.99", ""),
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     print_header(info, "benchmarks/recipe_ablation.py: training recipe on real photographs (test split)")
     print(f"settings: {s}")
     Path(s.out).mkdir(parents=True, exist_ok=True)
-    todo = [(key, int(seed)) for seed in s.seeds.split(",") for key in keys]
+    todo = [(key, int(seed)) for key in keys for seed in s.seeds.split(",")]  # a row's seeds run side by side
     runs, running = [], {}
     for key, seed in list(todo):  # an interrupted ablation goes on where it stopped: finished runs are read back
         if (Path(s.out) / f"{key}-s{seed}" / "report.json").is_file():
