@@ -153,7 +153,7 @@ def _figures_section(ckpt: dict, report: dict | None, no_report: str = "no repor
         m = ckpt.get("val_metrics") or {}
         tuned, at_half, odir, trivial, positives = m.get("tuned"), m.get("at_0.5"), m.get("odir"), {}, None
     if not (tuned or at_half):
-        return [title, "", "No evaluation figures are stored with this checkpoint.", ""]
+        return [title, "", f"No evaluation figures are stored with this checkpoint ({note}).", ""]
     lines = [title, "", f"({note})", "",
              "| label | | F1 (tuned threshold) | F1 (0.5) | AUC |" + (" positives |" if positives else ""),
              "|---|---|---|---|---|" + ("---|" if positives else "")]
