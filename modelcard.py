@@ -110,7 +110,7 @@ def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict |
     from checkpoint import weights_digest
 
     if named.get("file") != ckpt_path.name or named.get("epoch") != ckpt.get("epoch") or \
-            named.get("weights") != weights_digest(ckpt["model"]):
+            named.get("weights") != weights_digest(ckpt.get("model") or {}):
         return None, (f"report.json is of another checkpoint ({named.get('file')}, epoch {named.get('epoch')}, "
                       f"weights {named.get('weights')}; this is {ckpt_path.name}, epoch {ckpt.get('epoch')})")
     return report, ""
