@@ -374,7 +374,11 @@ def _score_and_report(args) -> int:
     if args.report:  # before any work, like -o
         if Path(args.report).exists() and not Path(args.report).is_dir():
             raise ScoreError(f"--report {printable(args.report)}: exists and is not a folder; give a folder")
-        check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out)])
+        explained = Path(args.explain) if args.explain else None
+        explained = explained / "best.pt" if explained is not None and explained.is_dir() else explained
+        check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
+                                                                   ("checkpoint", explained)])
+        check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
     scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads)

@@ -119,6 +119,22 @@ def test_1b_score_output_must_not_be_an_input(tiny_onnx, tmp_path, capsys, what)
     assert out.read_bytes() == before and not (tmp_path / "c").exists()
 
 
+def test_1b_score_output_must_not_be_the_explained_checkpoint(tiny_onnx, tmp_path, capsys):
+    folder = pair_folder(tmp_path / "images", [1])
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt")
+    before = ckpt.read_bytes()
+    report = tmp_path / "rep"
+    report.mkdir()
+    os.link(ckpt, report / "index.html")  # the page's name is the checkpoint through a hard link
+    explain = ["--explain", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    for flag, args in (("-o", ["-o", str(ckpt), "--report", str(tmp_path / "rep2")]),
+                       ("--report", ["-o", str(tmp_path / "p.csv"), "--report", str(report)])):
+        status = score.main([str(tiny_onnx["path"]), str(folder), *args, *explain])
+        line = one_error_line(capsys.readouterr().err, "score.py")
+        assert status == EXIT_BAD_INPUT and "is the checkpoint" in line and line.startswith(f"score.py: error: {flag}")
+    assert ckpt.read_bytes() == before and not (tmp_path / "c").exists()
+
+
 def test_1c_export_output_must_be_a_regular_file_and_no_input(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt")
     images = pair_folder(tmp_path / "images", [1])
