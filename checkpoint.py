@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from config import Config, backbone_args, config_from_dict
-from pipeline.constants import CLASSES
+from pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from pipeline.host import atomic_write
 
 FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
@@ -201,6 +201,19 @@ def save_checkpoint(payload: dict, path) -> None:
         torch.save(payload, f)
 
 
+def weights_digest(state_dict: dict) -> str:
+    """A short hash (sha256, 16 hex digits) of a state dict's tensors, names, dtypes and shapes: tells whether a
+    report (report.json) was made by these very weights (modelcard.py checks it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
@@ -277,6 +290,14 @@ def _check_contents(ckpt: dict, path) -> None:
         fail(f"thresholds {thresholds!r}; expected {len(CLASSES)} numbers in [0, 1], one per class")
     if not isinstance(ckpt["img_px"], int) or isinstance(ckpt["img_px"], bool) or ckpt["img_px"] < 1:
         fail(f"img_px {ckpt['img_px']!r}; expected a positive whole number of pixels")
+    sides = {"img_px": ckpt["img_px"], "config img_px": ckpt["config"].get("img_px") if isinstance(
+        ckpt["config"], dict) else None, "config prepare_px": (ckpt["config"].get("prepare_px") or 0) if isinstance(
+        ckpt["config"], dict) else None}
+    for name, value in sides.items():
+        limit = MAX_PREPARE_PX if "prepare" in name else MAX_IMG_PX
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            fail(f"{name} {value}; at most {limit} px (a larger value is a damaged or crafted file: exporting or "
+                 "scoring it would need gigabytes per image)")
     for name in ("mean", "std"):
         try:
             values = np.asarray(ckpt[name], dtype=np.float64)

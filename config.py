@@ -200,7 +200,11 @@ def read_config_file(path) -> dict:
             import yaml
         except ImportError:
             raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)  # plain values only: a tag such as !!python/object is refused, never run
+        except yaml.YAMLError as e:
+            first = " ".join(str(e).split())[:200]
+            raise SystemExit(f"--config {path}: not a plain YAML mapping of field names to values ({first})") from None
     else:
         values = _json(text, f"--config {path}")
     if not isinstance(values, dict):
@@ -224,10 +228,19 @@ def resume_folder(resume: str) -> Path:
 
 
 def saved_run_config(resume: str) -> dict:
-    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt)."""
-    from checkpoint import load_checkpoint
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt).
 
-    return load_checkpoint(resume_folder(resume) / "last.pt")["config"]
+    Raises:
+        checkpoint.CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
+            line naming the file.
+    """
+    from checkpoint import CheckpointError, read_checkpoint
+
+    last = resume_folder(resume) / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
+                              f"no run folder); start it again with --overwrite")
+    return read_checkpoint(last)["config"]  # a damaged or foreign last.pt: one line naming it
 
 
 def resume_config(saved: dict, explicit: dict) -> Config:

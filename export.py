@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
-from modelcard import write_model_card
+from modelcard import CARD_NAME, write_model_card
 from pipeline.dali import eval_loader
-from pipeline.host import run_cli
+from pipeline.host import check_output, remove_stale_temporaries, run_cli
 from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from pipeline.split import load_split
 from runtime import ONNX_FORMAT, ort_session
@@ -312,6 +312,13 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     out = Path(out) if out else ckpt_path.with_suffix(".fp16.onnx" if fp16 else ".onnx")
     if out.resolve() == ckpt_path.resolve() or out.suffix.lower() in (".pt", ".pth"):
         raise ExportCheckError(f"-o {out}: would overwrite a checkpoint with the ONNX file; choose a .onnx path")
+    pairs, note = check_pairs(ckpt_path, ckpt, check_images)  # before any work: the outputs must not be inputs
+    inputs = [("checkpoint", ckpt_path), *(("input image", p) for pair in pairs for p in pair)]
+    check_output(out, "-o", inputs)
+    check_output(out.parent / CARD_NAME, "the model card", inputs)
+    stale = remove_stale_temporaries(out.parent, kinds=("checking",))  # of exports killed (-9) here before
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of an earlier, killed export: {', '.join(stale)}")
     log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · epoch {ckpt.get('epoch')} · "
         f"commit {ckpt.get('commit', 'unknown')}")
     proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter,
@@ -321,7 +328,6 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
     try:
-        pairs, note = check_pairs(ckpt_path, ckpt, check_images)
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)
     except BaseException:

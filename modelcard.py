@@ -3,7 +3,7 @@ figures per class, thresholds, calibration and known limitations (Mitchell et al
 Reporting"; timm's and Hugging Face's cards are the familiar form).
 
 Written by export.py from the checkpoint and, when it exists, the run's report.json (train.py writes it at the end
-of a run). Pure: dicts in, Markdown out; no torch.
+of a run). Pure: dicts in, Markdown out; torch only to hash the weights (`report_for`).
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ LIMITATIONS = """\
   not comparable to the per-class F1/AUC."""
 
 
-def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: str, diffs: dict | None = None) -> str:
+def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: str, diffs: dict | None = None,
+               no_report: str = "no report.json was found beside the checkpoint") -> str:
     """The card's Markdown.
 
     Args:
@@ -55,6 +56,7 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
         onnx_name: the exported file's name.
         precision: "fp32" or "fp16".
         diffs: export.py's agreement check (max |Δ probability| vs PyTorch), if any.
+        no_report: why report is None (said in the card beside the validation figures).
     """
     cfg = ckpt.get("config", {})
     lines = [f"# Model card: {onnx_name}", "",
@@ -68,7 +70,7 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
                   "demonstration of the tooling with no medical meaning at all.", ""]
     lines += ["## Intended use", "", INTENDED, "", "## Not intended for", "", NOT_INTENDED, ""]
     lines += _data_section(cfg, report)
-    lines += _figures_section(ckpt, report)
+    lines += _figures_section(ckpt, report, no_report)
     lines += _thresholds_section(ckpt)
     lines += _calibration_section(ckpt, report)
     lines += ["## Known limitations", "", LIMITATIONS, ""]
@@ -85,14 +87,33 @@ def write_model_card(onnx_path: Path, ckpt: dict, ckpt_path: Path, *, precision:
     run_dir = Path(ckpt_path).parent
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    report, why = report_for(report, ckpt, Path(ckpt_path))
     for split in ("validation", "test"):
         if report and split in report and (run_dir / f"predictions_{split}.csv").is_file():
             report[split]["positives"] = _positives(run_dir / f"predictions_{split}.csv")
     path = Path(onnx_path).parent / CARD_NAME
     write_text_atomic(path, model_card(ckpt, report, onnx_name=Path(onnx_path).name, precision=precision,
-                                       diffs=diffs))
-    log(f"wrote {path} ({'with ' + str(report_path) if report else 'no report.json: validation figures only'})")
+                                       diffs=diffs, no_report=why))
+    log(f"wrote {path} ({'with ' + str(report_path) if report else why + ': validation figures only'})")
     return path
+
+
+def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict | None, str]:
+    """(report, "") when report.json was made from this very checkpoint: it names the same file, epoch and weights
+    hash (`checkpoint.weights_digest`, recorded by train.py's final report); else (None, why not). An interrupted
+    resumed run leaves an older model's report.json beside a newer best.pt: its figures must not be paired."""
+    if report is None:
+        return None, "no report.json was found beside the checkpoint"
+    named = report.get("checkpoint") if isinstance(report, dict) else None
+    if not isinstance(named, dict):
+        return None, "report.json names no checkpoint (written by an older version), so it may be another model's"
+    from checkpoint import weights_digest
+
+    if named.get("file") != ckpt_path.name or named.get("epoch") != ckpt.get("epoch") or \
+            named.get("weights") != weights_digest(ckpt.get("model") or {}):
+        return None, (f"report.json is of another checkpoint ({named.get('file')}, epoch {named.get('epoch')}, "
+                      f"weights {named.get('weights')}; this is {ckpt_path.name}, epoch {ckpt.get('epoch')})")
+    return report, ""
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -117,7 +138,7 @@ def _data_section(cfg: dict, report: dict | None) -> list[str]:
             + (f", EMA of the weights (decay {cfg.get('model_ema_decay')})" if cfg.get("model_ema") else "") + ".", ""]
 
 
-def _figures_section(ckpt: dict, report: dict | None) -> list[str]:
+def _figures_section(ckpt: dict, report: dict | None, no_report: str = "no report.json was found") -> list[str]:
     split = "test" if report and "test" in report else "validation" if report else None
     if split:
         r = report[split]
@@ -127,12 +148,12 @@ def _figures_section(ckpt: dict, report: dict | None) -> list[str]:
         tuned, at_half, odir, trivial = r.get("tuned"), r.get("at_0.5"), r.get("odir"), r.get("trivial", {})
         positives = r.get("positives")
     else:
-        title, note = "## Figures on the validation split", "optimistic: it picked the epoch and the thresholds; no " \
-                                                              "report.json was found beside the checkpoint"
+        title, note = "## Figures on the validation split", f"optimistic: it picked the epoch and the thresholds; " \
+                                                              f"{no_report}"
         m = ckpt.get("val_metrics") or {}
         tuned, at_half, odir, trivial, positives = m.get("tuned"), m.get("at_0.5"), m.get("odir"), {}, None
     if not (tuned or at_half):
-        return [title, "", "No evaluation figures are stored with this checkpoint.", ""]
+        return [title, "", f"No evaluation figures are stored with this checkpoint ({note}).", ""]
     lines = [title, "", f"({note})", "",
              "| label | | F1 (tuned threshold) | F1 (0.5) | AUC |" + (" positives |" if positives else ""),
              "|---|---|---|---|---|" + ("---|" if positives else "")]

@@ -438,8 +438,13 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
 
 
 def _safe(pid) -> str:
-    """A patient ID as a file-name part."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(pid))
+    """A patient ID as a file-name part, unique per ID: the ID with other characters than letters, digits, - and _
+    replaced, then a short hash of the ID itself (`7 x`, `7.x` and `7_x` would all read `7_x` otherwise)."""
+    import hashlib
+
+    text = str(pid)
+    digest = hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:80] + "-" + digest
 
 
 def _folder_metrics(frame, table, thr) -> str:

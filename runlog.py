@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.constants import CLASSES
-from pipeline.host import atomic_write, remove_stale_temporaries
+from pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
 
 
 class RunLog:
@@ -66,7 +66,8 @@ class RunLog:
         a.set_xlabel("epoch"), b.set_xlabel("epoch"), a.legend(), b.legend(), b.set_ylim(0, 1)
         a.set_title("loss"), b.set_title("F1 macro/micro at 0.5; ODIR = official score")
         fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=90)
+        with atomic_write(self.dir / "curves.png", "wb") as f:  # a kill mid-write leaves the old picture, never 0 bytes
+            fig.savefig(f, dpi=90, format="png")
         plt.close(fig)
 
 
@@ -124,8 +125,15 @@ def print_final_report(report: dict, best_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the folder itself
-RUN_FILES = ("config.json", "best.pt", "last.pt", "metrics.csv")  # any of these: the folder is a run folder
+RUN_FILES = ("config.json", "best.pt", "last.pt", "metrics.csv")  # a run folder from before the marker has these
 LOCK_NAME = ".lock"  # held (flock) by the training that uses the folder, for as long as it runs
+MARKER_NAME = ".odir-run"  # written when train.py creates the folder: this project's own run folder
+# Everything a run (train.py, then report.py and export.py's defaults) writes in its folder: --overwrite deletes
+# these and nothing else. Folders among them (tensorboard/, report_files/) are the run's own.
+RUN_OUTPUTS = frozenset({MARKER_NAME, "config.json", "best.pt", "last.pt", "metrics.csv", "curves.png", "train.log",
+                         "left_out.csv", "split.csv", "report.json", "report.html", "report_files", "tensorboard",
+                         "predictions_val.csv", "predictions_test.csv", "best.onnx", "best.fp16.onnx",
+                         "best.onnx.data", "best.fp16.onnx.data", "MODEL_CARD.md"})
 
 
 class RunFolderError(ValueError):
@@ -137,10 +145,13 @@ class RunFolderError(ValueError):
 def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = False, unique: bool = False):
     """Claim `path` for this training, exclusively, and yield the folder actually used.
 
-    - A new run creates the folder with an exclusive mkdir. If it exists: with `unique` (the default date-time
-      name) the next free `NAME-2`, `NAME-3`, ... is taken; with `overwrite` its contents are deleted first (only
-      if it is a run folder); otherwise RunFolderError, naming --resume and --overwrite.
-    - `resume` uses the existing folder.
+    - A new run creates the folder with an exclusive mkdir and writes the marker `.odir-run` in it. If it exists:
+      with `unique` (the default date-time name) the next free `NAME-2`, `NAME-3`, ... is taken; with `overwrite`
+      the files a run writes (`RUN_OUTPUTS`) are deleted first, only in a run folder (the marker, or a run's files
+      from before the marker) that holds nothing else: anything unknown refuses the overwrite, naming it; a run
+      killed before its first checkpoint (marker, lock, log) is a run folder too. Otherwise RunFolderError,
+      naming --resume and --overwrite.
+    - `resume` uses the existing folder; it must hold last.pt.
     - A lock (`.lock`, flock) is held until the end: a second training in the same folder at the same time
       (the same --name twice, or --resume / --overwrite of a running run) is refused instead of mixing files.
     - If the body fails or is interrupted before any checkpoint was written, a folder created here is removed
@@ -155,21 +166,28 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
     if resume:
         if not path.is_dir():
             raise RunFolderError(f"--resume {path}: no such run folder")
-    elif overwrite and path.exists():
+        if not (path / "last.pt").is_file():
+            raise RunFolderError(f"--resume {path}: no last.pt in it (the run stopped before its first checkpoint, "
+                                 f"or this is no run folder); start it again with --overwrite")
+    elif overwrite and (path.exists() or path.is_symlink()):
         _check_is_run_folder(path)
     else:
         path = _create_exclusively(path, unique)
     lock = _lock(path)
     try:
         if overwrite and not resume:
+            _check_is_run_folder(path)  # again under the lock: nothing was added meanwhile
             _empty(path)
+        if not resume:
+            (path / MARKER_NAME).write_text("odir-dual run folder (train.py); --overwrite deletes only what a run "
+                                            "writes here\n")
         stale = remove_stale_temporaries(path)  # a kill -9 mid-write of an earlier run (nothing else runs here now)
         if stale:
             print(f"removed {len(stale)} temporary file(s) of an earlier, killed run: {', '.join(stale)}")
         yield path
     except BaseException:
         if created and not any((path / name).exists() for name in ("best.pt", "last.pt")):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_run_folder(path)
         raise
     finally:
         lock.close()  # releases the flock
@@ -190,12 +208,22 @@ def _create_exclusively(path: Path, unique: bool) -> Path:
 
 
 def _check_is_run_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise RunFolderError(f"--overwrite {path}: exists and is not a folder")
+    """--overwrite: a run folder of ours (the marker, or a run's files from before the marker) holding only what a
+    run writes (and stale temporaries of one); else RunFolderError naming what is in the way."""
+    if path.is_symlink() or not path.is_dir():
+        raise RunFolderError(f"--overwrite {path}: exists and is not a folder" + (" (a symbolic link)"
+                                                                                  if path.is_symlink() else ""))
     entries = [p.name for p in path.iterdir() if p.name != LOCK_NAME]
-    if entries and not any(name in entries for name in RUN_FILES):
-        raise RunFolderError(f"--overwrite {path}: not a run folder (none of {', '.join(RUN_FILES)} in it); "
-                             f"not deleting it")
+    if entries and MARKER_NAME not in entries and not any(name in entries for name in RUN_FILES):
+        raise RunFolderError(f"--overwrite {path}: not a run folder (no {MARKER_NAME} marker, none of "
+                             f"{', '.join(RUN_FILES)}); not deleting it")
+    unknown = sorted(name + ("/" if (path / name).is_dir() else "") for name in entries
+                     if name not in RUN_OUTPUTS and not is_temporary(name))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise RunFolderError(f"--overwrite {path}: holds {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} "
+                             f"that a run does not write ({shown}); not deleting anything: move them out, or "
+                             "choose another --name")
 
 
 def _lock(path: Path):
@@ -220,10 +248,20 @@ def _lock(path: Path):
     return f
 
 
+def _remove_run_folder(path: Path) -> None:
+    """A run that failed before its first checkpoint: remove what it wrote, then the folder if nothing else is in
+    it (never a file it did not write)."""
+    with contextlib.suppress(OSError):
+        _empty(path)
+        (path / LOCK_NAME).unlink(missing_ok=True)
+        path.rmdir()
+
+
 def _empty(path: Path) -> None:
-    """--overwrite: delete everything in the run folder but the lock we hold."""
+    """--overwrite: delete what a run writes (`RUN_OUTPUTS`, stale temporaries) in a folder `_check_is_run_folder`
+    accepted, but the lock we hold. A link among them is removed, never what it points to."""
     for p in path.iterdir():
-        if p.name == LOCK_NAME:
+        if p.name == LOCK_NAME or (p.name not in RUN_OUTPUTS and not is_temporary(p.name)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

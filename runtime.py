@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.constants import MAX_IMG_PX, MAX_PREPARE_PX
 from pipeline.host import usable_cores
 
 ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of every ONNX file export.py writes
@@ -163,6 +164,9 @@ def check_model_shapes(session, meta: dict, path) -> None:
 
     if img_px < 1 or meta["prepare_px"] < 1:
         fail(f"img_px {img_px} / prepare_px {meta['prepare_px']} in the metadata: must be >= 1")
+    if img_px > MAX_IMG_PX or meta["prepare_px"] > MAX_PREPARE_PX:
+        fail(f"img_px {img_px} / prepare_px {meta['prepare_px']} in the metadata: at most {MAX_IMG_PX} / "
+             f"{MAX_PREPARE_PX} px (a larger value is a damaged or crafted file, and would need gigabytes per image)")
     for i in session.get_inputs():
         shape = list(i.shape)
         if len(shape) != 4:

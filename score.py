@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.constants import CLASSES
-from pipeline.host import atomic_write, printable, progress_enabled, run_cli
+from pipeline.host import atomic_write, check_output, printable, progress_enabled, run_cli
 from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from runtime import ModelFileError, OrtRunner, load_session
 
@@ -263,6 +263,28 @@ def _reason_kind(status: str) -> str:
     return re.sub(r" \([^)]*\)$", "", kind).split(":")[0]
 
 
+def input_files(folder, table) -> list[tuple[str, str]]:
+    """(what, path) of every file a scoring run reads from `folder`: the eye images and the sheet, if any (an output
+    path equal to one of them is refused: `pipeline.host.check_output`)."""
+    files = [("input image", p) for eye in ("left", "right") for p in table[eye] if isinstance(p, str)]
+    if table.attrs.get("labelled"):
+        from pipeline.odir import find_layout
+
+        files.append(("annotation sheet", str(find_layout(folder)[0])))
+    return files
+
+
+def checked_outputs(probs: np.ndarray, ok: np.ndarray, table) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the patients whose 8 model outputs are finite probabilities in [0, 1]; the others get a status
+    saying what the model returned (a damaged or hand-edited model), never "ok". Returns (probs, ok) of the kept."""
+    finite = np.isfinite(probs).all(axis=1)
+    good = finite & ((probs >= 0) & (probs <= 1)).all(axis=1)
+    for i, fin in zip(ok[~good], finite[~good]):
+        table.iat[int(i), table.columns.get_loc("status")] = (
+            "model output not finite (NaN or infinite probability)" if not fin else "model output outside [0, 1]")
+    return probs[good], ok[good]
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -278,18 +300,21 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     log(f"model {model_path}: {meta['backbone']} · {meta['img_px']} px · {meta['input_dtype']} · commit "
         f"{meta['commit']} · onnxruntime {provider} · {loader} loader{' · TTA hflip' if tta else ''}")
     out = Path(out or ("submission.csv" if submission else "predictions.csv"))
+    check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
     check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
     table, ignored = find_pairs(folder)
     if table.empty:
         found = f"; found only: {', '.join(name for name, _ in ignored[:5])}" if ignored else " (it is empty)"
         raise ScoreError(printable(f"{folder}: no patient images to score, looked for {{ID}}_left / {{ID}}_right "
                                    f".jpg/.jpeg/.png files or an ODIR sheet{found}"))
+    check_output(out, "-o", input_files(folder, table))
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
     probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
                         provider=provider, batch_size=batch_size, tta=tta, progress=progress, loader=loader,
                         num_threads=loader_threads)
+    probs, ok = checked_outputs(probs, ok, table)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
     write_csv(frame, out, submission=submission)
     for line in status_summary(frame, ignored):
@@ -346,6 +371,14 @@ def main(argv=None) -> int:
 
 def _score_and_report(args) -> int:
     """score_folder, then the HTML page of --report (report.py) when asked."""
+    if args.report:  # before any work, like -o
+        if Path(args.report).exists() and not Path(args.report).is_dir():
+            raise ScoreError(f"--report {printable(args.report)}: exists and is not a folder; give a folder")
+        explained = Path(args.explain) if args.explain else None
+        explained = explained / "best.pt" if explained is not None and explained.is_dir() else explained
+        check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
+                                                                   ("checkpoint", explained)])
+        check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
     scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads)

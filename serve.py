@@ -9,15 +9,24 @@ to 127.0.0.1 by default: nothing is shared with other machines unless --host say
 training's (fundus crop, resize), then the page shows the calibrated probabilities against the run's thresholds,
 the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye. Images are
 inlined in the answer, nothing is stored: the uploads live in a temporary folder for the length of one request.
+
+Limits (a careless or hostile client must not take it down or mix patients): an upload of at most 64 MB with a
+valid Content-Length (else 411/400/413, the body unread), at most 40 MP per photograph (read from the image header
+before decoding), at most 4 requests at work at a time (others wait up to 2 s, then 503), 30 s socket timeouts,
+and one model explaining one upload at a time (Grad-CAM hooks live on the shared model: a lock keeps each page's
+maps its own patient's).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import html
 import io
+import re
 import sys
 import tempfile
+import threading
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +38,10 @@ from pipeline.constants import CLASSES
 from report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
+MAX_IMAGE_PIXELS = 40_000_000  # per photograph (ODIR originals: up to ~14 MP); checked in the header, before decoding
+MAX_CONCURRENT = 4  # requests at work at a time: bounds memory (each holds its upload and decoded images)
+QUEUE_WAIT_S = 2.0  # how long a request waits for a free slot before 503
+SOCKET_TIMEOUT_S = 30.0  # per blocking read/write on a connection: a stalled client frees its thread
 FORM = """<form method=post action=/ enctype=multipart/form-data>
 <p>Left eye: <input type=file name=left accept=image/*> Right eye: <input type=file name=right accept=image/*>
 <input type=submit value=Explain></p></form>"""
@@ -51,20 +64,54 @@ def _png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def explain_upload(explainer: Explainer, left: bytes, right: bytes) -> str:
-    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage for a bad photograph)."""
-    from pipeline.prepare import prepare_image
+def check_pixels(eye: str, data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse a photograph whose header declares more than `limit` pixels, before it is decoded (a 518 KB PNG can
+    declare 600 MP: 1.65 GB once decoded). Raises BadImage naming the eye."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.prepare import BadImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                w, h = im.size
+    except UnidentifiedImageError:
+        raise BadImage(f"{eye} eye: not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{eye} eye: too many pixels ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any header the decoder refuses is a bad upload, not a server error
+        raise BadImage(f"{eye} eye: unreadable image ({type(e).__name__})") from None
+    if w * h > limit:
+        raise BadImage(f"{eye} eye: {w}x{h} px is more than {limit / 1e6:.0f} MP; send the original photograph")
+
+
+def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: threading.Lock | None = None) -> str:
+    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage for a bad photograph).
+
+    `lock`: held while the shared model runs (its Grad-CAM hooks and gradients are per model, not per thread);
+    the photographs are checked and prepared outside it, in parallel."""
+    import contextlib
+
+    from pipeline.prepare import BadImage, prepare_image
 
     with tempfile.TemporaryDirectory(prefix="odir-serve-") as tmp:
         paths = []
         for eye, data in (("left", left), ("right", right)):
+            check_pixels(eye, data)
             src, dst = Path(tmp) / f"{eye}_upload", Path(tmp) / f"{eye}.jpg"
             src.write_bytes(data)
-            prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+            try:
+                prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+            except BadImage as e:
+                raise BadImage(f"{eye} eye: {e.reason}") from None
             paths.append(str(dst))
-        probs = explainer.explain([paths[0]], [paths[1]], [[]])[0]["probs"]
-        predicted = [k for k, (p, t) in enumerate(zip(probs, explainer.thresholds)) if p > t]
-        item = explainer.explain([paths[0]], [paths[1]], [predicted or [int(np.argmax(probs))]])[0]
+        with lock if lock is not None else contextlib.nullcontext():
+            probs = explainer.explain([paths[0]], [paths[1]], [[]])[0]["probs"]
+            predicted = [k for k, (p, t) in enumerate(zip(probs, explainer.thresholds)) if p > t]
+            item = explainer.explain([paths[0]], [paths[1]], [predicted or [int(np.argmax(probs))]])[0]
     cells = "".join(f"<td class=on>{p:.3f}</td>" if p > t else f"<td>{p:.3f}</td>"
                     for p, t in zip(item["probs"], explainer.thresholds))
     out = ["<table id=probs><tr>" + "".join(f"<th>{c} (&gt;{t:.2f})</th>" for c, t in
@@ -82,8 +129,16 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes) -> str:
     return "\n".join(out)
 
 
-def make_handler(explainer: Explainer, title: str):
+def make_handler(explainer: Explainer, title: str, *, max_concurrent: int = MAX_CONCURRENT,
+                 queue_wait_s: float = QUEUE_WAIT_S, timeout_s: float = SOCKET_TIMEOUT_S,
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
+    """The request handler class of one served run: one lock for the model, one semaphore for the requests."""
+    model_lock = threading.Lock()
+    slots = threading.BoundedSemaphore(max_concurrent)
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # socketserver sets it on the connection: every read and write is bounded
+
         def _answer(self, status: int, body: str) -> None:
             page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{FORM}{body}</body></html>")
@@ -97,20 +152,48 @@ def make_handler(explainer: Explainer, title: str):
         def do_GET(self):  # noqa: N802 (http.server's naming)
             self._answer(200, "<p>Choose both eyes' photographs of one patient.</p>")
 
+        def _refuse(self, status: int, text: str) -> None:
+            """Answer without reading the body, and close the connection (its unread bytes are no next request)."""
+            self.close_connection = True
+            self._answer(status, f"<p class=bad>{html.escape(text)}</p>")
+
         def do_POST(self):  # noqa: N802
             from pipeline.prepare import BadImage
 
-            size = int(self.headers.get("Content-Length", 0))
-            if size > MAX_UPLOAD_BYTES:
-                return self._answer(413, f"<p class=bad>upload larger than {MAX_UPLOAD_BYTES >> 20} MB</p>")
+            length = self.headers.get("Content-Length")
+            if length is None or self.headers.get("Transfer-Encoding"):
+                return self._refuse(411, "an upload needs a Content-Length (no chunked transfer)")
+            if not re.fullmatch(r"[0-9]{1,12}", length.strip()):
+                return self._refuse(400, f"Content-Length {length[:40]!r}: expected a non-negative whole number")
+            size = int(length)
+            if size > max_upload_bytes:
+                return self._refuse(413, f"upload of {size} bytes is larger than {max_upload_bytes >> 20} MB")
+            if not slots.acquire(timeout=queue_wait_s):
+                self.close_connection = True
+                self.send_response(503)
+                self.send_header("Retry-After", "5")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             try:
-                files = parse_upload(self.headers.get("Content-Type", ""), self.rfile.read(size))
+                body = self.rfile.read(size)
+                if len(body) < size:
+                    return self._refuse(400, f"upload cut short: {len(body)} of {size} bytes")
+                files = parse_upload(self.headers.get("Content-Type", ""), body)
+                del body
                 missing = [eye for eye in ("left", "right") if not files.get(eye)]
                 if missing:
                     return self._answer(400, f"<p class=bad>no {' or '.join(missing)} eye photograph chosen</p>")
-                self._answer(200, explain_upload(explainer, files["left"], files["right"]))
+                self._answer(200, explain_upload(explainer, files["left"], files["right"], model_lock))
             except (BadImage, ValueError) as e:
                 self._answer(400, f"<p class=bad>{html.escape(str(e))}</p>")
+            except OSError:  # the connection: a timeout or a client gone (http.server closes it and logs one line)
+                raise
+            except Exception as e:  # noqa: BLE001 - any other failure answers 500 instead of a dropped connection
+                self.log_error("explaining an upload failed: %s: %s", type(e).__name__, e)
+                self._answer(500, "<p class=bad>the server could not explain this upload (see its log)</p>")
+            finally:
+                slots.release()
 
     return Handler
 
@@ -129,7 +212,16 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(explainer, f"odir-dual · {args.run}"))
+    if not 0 <= args.port <= 65535:
+        print(f"serve.py: error: port {args.port} is not a valid port number (0-65535)", file=sys.stderr)
+        return 1
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(explainer, f"odir-dual · {args.run}"))
+    except OSError as e:
+        why = (f"port {args.port} is in use" if e.errno == errno.EADDRINUSE else
+               f"cannot listen on {args.host} port {args.port} ({e.strerror or e})")
+        print(f"serve.py: error: {why}", file=sys.stderr)
+        return 1
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -34,7 +34,7 @@ from distributed import barrier, broadcast_flag, check_replicas, setup_distribut
 from engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
 from pipeline.constants import CLASSES
 from pipeline.host import Terminated, progress_enabled
-from runlog import RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
+from runlog import RunFolderError, RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
 
 
 class StopRequest:
@@ -151,6 +151,9 @@ def _main(argv=None):
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
 
+    if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
+        raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
+                             "(no '/', '..' or absolute path)")
     run_dir = None
     if not cfg.dry_run:
         run_dir = resume_dir or Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
@@ -491,7 +494,11 @@ def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> d
     from pipeline.odir import label_matrix
 
     thresholds = np.asarray(ckpt["thresholds"])
+    from checkpoint import weights_digest
+
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
+              # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
+              "checkpoint": {"file": "best.pt", "epoch": ckpt.get("epoch"), "weights": weights_digest(ckpt["model"])},
               "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
               "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
               "thresholds": dict(zip(CLASSES, thresholds.tolist())),

@@ -10,6 +10,12 @@ NUM_CLASSES = len(CLASSES)
 CLASS_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract",
                "A": "AMD", "H": "hypertension", "M": "myopia", "O": "other"}
 
+# The largest image sides any tool accepts from a checkpoint or ONNX metadata (px): a 2048 px input is 50 MB per
+# image in fp32, and ODIR originals are ~2000 px tall. A larger value (a damaged or crafted file: img_px 20000 asked
+# for 16.6 GB) is refused, naming it, before anything is allocated.
+MAX_IMG_PX = 2048
+MAX_PREPARE_PX = 4096
+
 # ImageNet normalisation (per channel, [0, 1] pixel units): what timm's ImageNet weights expect, and the fallback
 # of model.net.backbone_norm for backbones whose registry entry names none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

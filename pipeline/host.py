@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from pathlib import Path
 
 
@@ -38,6 +39,7 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _check_replaceable(path)  # again at the end: a device or FIFO put there meanwhile is never replaced
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -46,13 +48,75 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
         raise
 
 
-_TEMPORARY = re.compile(r"^\..+\.(?:tmp|checking)(\d+)(?:-[0-9a-f]{6}|\.onnx)?$")  # atomic_write's, export.py's
+class OutputError(ValueError):
+    """An output path that must not be written (a device, FIFO, folder, link, or one of the inputs); the message
+    names the flag and the path."""
 
 
-def remove_stale_temporaries(folder) -> list[str]:
+def _check_replaceable(path: Path) -> None:
+    """Raise OutputError unless `path` is absent or a regular file (never a link, device, FIFO, socket or folder)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OutputError(f"{printable(path)}: cannot be checked ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = ("a symbolic link (write to the file it points to by its own path)" if stat.S_ISLNK(st.st_mode) else
+            "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    raise OutputError(f"{printable(path)}: is {kind}, not a regular file; not replacing it")
+
+
+def check_output(path, flag: str, inputs=()) -> Path:
+    """Check an output path that the user named, before any work: it is absent or a regular file (a device such as
+    /dev/null, a FIFO, a folder or a symbolic link is refused: the file is written to a temporary file beside it and
+    renamed over it, which would replace the device or the link itself), and it is none of `inputs`
+    ((what, path) pairs: the model, the checkpoint, an input image), also through another name (a hard link).
+
+    Raises:
+        OutputError: "FLAG PATH: why", naming the input it would overwrite.
+    """
+    path = Path(path)
+    try:
+        _check_replaceable(path)
+    except OutputError as e:
+        raise OutputError(f"{flag} {e}") from None
+    target, where = _identity(path), os.path.abspath(path)
+    for what, other in inputs:
+        if other is None:
+            continue
+        # an absent output can only equal an input by name; an existing one also through a hard link or a link
+        if os.path.abspath(other) == where or (target is not None and target == _identity(Path(other))):
+            raise OutputError(f"{flag} {printable(path)}: is the {what} ({printable(other)}); writing there would "
+                              f"destroy it: choose another path")
+    return path
+
+
+def _identity(path: Path):
+    """(device, inode) of an existing file, following links; None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_TEMPORARY = re.compile(r"^\..+\.(tmp|checking)(\d+)(?:-[0-9a-f]{6}|\.onnx)?$")  # atomic_write's, export.py's
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of our temporaries (`atomic_write`'s, export.py's ONNX file under check)."""
+    return _TEMPORARY.match(name) is not None
+
+
+def remove_stale_temporaries(folder, kinds=("tmp", "checking")) -> list[str]:
     """Delete the temporary files in `folder` left by a process that is gone (a kill -9 in the middle of
     `atomic_write`: no `finally` runs then). Only for folders that one process at a time writes (a locked run
-    folder): the owner is told by the pid in the name, which means nothing on another host. Returns their names."""
+    folder): the owner is told by the pid in the name, which means nothing on another host. `kinds`: which
+    temporaries ("tmp": atomic_write's, "checking": export.py's ONNX files under check). Returns their names."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -60,7 +124,7 @@ def remove_stale_temporaries(folder) -> list[str]:
         return removed
     for entry in entries:
         m = _TEMPORARY.match(entry.name)
-        if m and not _alive(int(m[1])):
+        if m and m[1] in kinds and not _alive(int(m[2])):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 removed.append(entry.name)
@@ -123,7 +187,7 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
     Args:
         main: the tool's main(); returns None or an exit status.
         prog: the tool's name in messages ("score.py").
-        errors: the exception types that mean bad input (besides OSError, always one): printed as
+        errors: the exception types that mean bad input (besides OSError and OutputError, always): printed as
             "prog: error: <message>", exit status EXIT_BAD_INPUT.
         interrupted: what the user should know after a Ctrl-C / SIGTERM (what was kept, how to go on).
     """
@@ -133,7 +197,7 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main() or EXIT_OK
-    except (OSError, *errors) as e:
+    except (OSError, OutputError, *errors) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Terminated) as e:

@@ -113,8 +113,17 @@ def _known_layout_below(root: Path) -> tuple[Path, Path] | None:
 def _subfolders(folder: Path) -> list[Path]:
     """Visible subfolders, sorted by name so that detection is deterministic."""
     with os.scandir(folder) as entries:
-        dirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+        dirs = [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
     return sorted(dirs)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), False where it cannot be told (a symbolic link loop, a permission): one bad entry never makes
+    a whole folder unreadable."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _odir_sheets(folder: Path) -> list[Path]:
@@ -155,7 +164,22 @@ def _not_found_message(root: Path) -> str:
             f"layout); full_df.csv with 'preprocessed_images/' (Kaggle root); either of these one "
             f"or two levels down (e.g. ODIR-5K/ODIR-5K/); or one .xlsx/.csv sheet with columns "
             f"{', '.join(REQUIRED)} beside a subfolder holding the images it names. "
-            f"Found: {shown}")
+            f"Found: {shown}" + "".join(f". {why}" for why in _sheet_problems(root)))
+
+
+def _sheet_problems(root: Path) -> list[str]:
+    """Why the .csv/.xlsx files in root are no readable sheet (semicolons, encodings, a hidden worksheet), so that a
+    folder whose sheet was saved the wrong way says so instead of "no ODIR-5K data"."""
+    problems = []
+    for p in sorted(root.iterdir()):
+        if p.suffix.lower() in SHEET_SUFFIXES and not p.name.startswith(("~$", ".")) and p.is_file():
+            try:
+                _read_raw(p, nrows=0)
+            except SheetError as e:
+                problems.append(str(e))
+            except (OSError, zipfile.BadZipFile):
+                pass
+    return problems[:3]
 
 
 # ----------------------------------------------------------------------------- sheet parsing
@@ -173,23 +197,97 @@ def _read_raw(sheet: Path, nrows: int | None = None) -> pd.DataFrame:
     if suffix not in SHEET_SUFFIXES:
         raise SheetError(f"{sheet}: not an annotation sheet: expected an ODIR .xlsx or .csv file, or a folder "
                          f"holding one")
+    if suffix == ".csv":
+        _check_csv_text(sheet)
     try:
         if suffix == ".csv":
             # utf-8-sig: Excel writes a byte-order mark when saving CSV. Blank lines kept: they count as rows.
             raw = pd.read_csv(sheet, nrows=nrows, encoding="utf-8-sig", skip_blank_lines=False)
         else:
+            _check_first_worksheet(sheet)
             raw = pd.read_excel(sheet, nrows=nrows, engine="openpyxl")
+    except SheetError:
+        raise
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as e:  # ValueError: parser and decoding errors
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise SheetError(f"{sheet}: cannot be read as {'a CSV' if suffix == '.csv' else 'an Excel .xlsx'} sheet "
                          f"({type(e).__name__}: {first})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
+    if suffix == ".csv" and len(raw.columns) == 1 and any(sep in raw.columns[0] for sep in (";", "\t")):
+        sep = "semicolons (;)" if ";" in raw.columns[0] else "tabs"
+        raise SheetError(f"{sheet}: its columns are separated by {sep}, not commas: save it as CSV with commas "
+                         f"(Excel: 'CSV UTF-8 (Comma delimited)') or as .xlsx")
     raw = raw.reset_index(drop=True)
     blank = raw.isna()
     for column in raw.columns:  # a cell of spaces is blank too
         if not pd.api.types.is_numeric_dtype(raw[column]):
             blank[column] |= raw[column].astype(str).str.strip() == ""
     return raw[~blank.all(axis=1)] if len(raw.columns) else raw
+
+
+def _check_csv_text(sheet: Path) -> None:
+    """A CSV sheet must be UTF-8 text (a BOM allowed): UTF-16 and Latin-1/Windows-1252 files get a SheetError saying
+    how to save it, instead of a decoder's complaint."""
+    try:
+        data = sheet.read_bytes()
+    except OSError:
+        return  # pandas says it, naming the file
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and data[1:2] == b"\0"):
+        raise SheetError(f"{sheet}: is UTF-16 text (Excel's 'Unicode Text'); save it as 'CSV UTF-8 (Comma "
+                         f"delimited)' or as .xlsx")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SheetError(f"{sheet}: row {line}: not UTF-8 text (byte 0x{data[e.start]:02x}; probably Latin-1 or "
+                         f"Windows-1252 from an older Excel): save it as 'CSV UTF-8 (Comma delimited)' or as .xlsx"
+                         ) from None
+
+
+def _check_first_worksheet(sheet: Path) -> None:
+    """The patient table is read from the workbook's first worksheet: refuse one that Excel hides (the user sees
+    another worksheet and would not know which one was read)."""
+    try:
+        import openpyxl
+
+        wb = openpyxl.load_workbook(sheet, read_only=True)
+    except Exception:  # noqa: BLE001 - a damaged workbook: pandas' own error names it next
+        return
+    try:
+        first = wb.worksheets[0] if wb.worksheets else None
+        if first is not None and first.sheet_state != "visible":
+            visible = [ws.title for ws in wb.worksheets if ws.sheet_state == "visible"]
+            raise SheetError(f"{sheet}: its first worksheet {first.title!r} is hidden, and the first worksheet is the "
+                             f"one read: unhide it, or delete it or move it after the patient worksheet"
+                             + (f" ({visible[0]!r})" if visible else ""))
+    finally:
+        wb.close()
+
+
+def _check_formulas(raw: pd.DataFrame, sheet: Path) -> None:
+    """Blank required cells of an .xlsx that hold a formula never calculated (saved by a program that does not
+    compute formulas: openpyxl then reads no value): SheetError naming the first, saying how to fix it."""
+    columns = [c for c in REQUIRED if c in raw.columns]
+    blank = raw[columns].isna()
+    if sheet.suffix.lower() != ".xlsx" or not blank.to_numpy().any():
+        return
+    import openpyxl
+
+    wb = openpyxl.load_workbook(sheet, read_only=True, data_only=False)
+    try:
+        ws = wb.worksheets[0]
+        header = [str(c.value).strip() if c.value is not None else "" for c in next(ws.iter_rows(max_row=1))]
+        wanted = {header.index(c): c for c in columns if c in header}
+        for r, row in enumerate(ws.iter_rows(min_row=FIRST_DATA_ROW), start=FIRST_DATA_ROW):
+            for j, column in wanted.items():
+                if j < len(row) and row[j].data_type == "f":
+                    label = r - FIRST_DATA_ROW
+                    if label in blank.index and blank.at[label, column]:
+                        raise SheetError(f"{sheet}: row {r}, column {column!r}: a formula ({row[j].value}) with no "
+                                         f"saved value: open the workbook in Excel or LibreOffice and save it (that "
+                                         f"stores the computed values), or paste the values over the formulas")
+    finally:
+        wb.close()
 
 
 def _row(label) -> int:
@@ -303,6 +401,10 @@ def _parse_age(raw: pd.DataFrame, sheet: Path) -> pd.Series:
 def _parse_sheet(raw: pd.DataFrame, sheet: Path) -> pd.DataFrame:
     """Sheet rows as a patient-table-shaped frame (file names, not paths), same index as raw."""
     _require_columns(raw, sheet)
+    if raw.empty:
+        raise SheetError(f"{sheet}: has the header row but no patient rows: fill in one row per patient (or per "
+                         f"image, Kaggle's layout) below it")
+    _check_formulas(raw, sheet)
     names = _parse_filenames(raw, sheet)
     table = pd.DataFrame({"id": _parse_ids(raw, sheet), "left": names["left"], "right": names["right"]})
     table = pd.concat([table, _parse_labels(raw, sheet)], axis=1)

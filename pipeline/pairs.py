@@ -99,16 +99,23 @@ def _pairs_from_names(folder: Path):
         for e in sorted(entries, key=lambda e: e.name):
             if e.name.startswith("."):
                 continue  # hidden files (.DS_Store)
-            if e.is_dir():
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError as err:  # a symbolic link loop, a permission: this entry only, never the whole folder
+                if PAIR_NAME.match(e.name) is None:
+                    ignored.append((e.name, f"cannot be read: {err.strerror or err}"))
+                    continue
+                is_dir = is_file = False  # an eye: preparation gives its reason ("unreadable file: ...")
+            if is_dir:
                 ignored.append((e.name + "/", "a subfolder: not searched, score it on its own"))
-                continue
-            if not e.is_file():
-                ignored.append((e.name, "not a regular file"))
                 continue
             m = PAIR_NAME.match(e.name)
             if m is None:
-                ignored.append((e.name, "not named {ID}_left/{ID}_right." + "/".join(IMAGE_EXTS)))
+                ignored.append((e.name, "not named {ID}_left/{ID}_right." + "/".join(IMAGE_EXTS) if is_file else
+                                "not a regular file"))
                 continue
+            # an eye that is no regular file (a FIFO, a device, a dangling link) is kept here: preparation then
+            # reports it as "not a regular file" / "missing file", not this patient as missing an eye
             files.setdefault(m["id"], {"left": [], "right": []})[m["eye"].lower()].append(e.path)
     rows = []
     for pid, eyes in files.items():

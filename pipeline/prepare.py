@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import multiprocessing as mp
 import os
 import select
@@ -55,6 +56,9 @@ if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (
 BRIGHT_THRESHOLD = 20  # channel max (0-255) above which a pixel counts as fundus, not border
 MIN_LINE_FRACTION = 0.1  # a row/column belongs to the fundus if it has >= 10% of the bright pixels of the fullest one
 MIN_FUNDUS_FRACTION = 0.05  # the bright box's short side must be >= 5% of the image's: a text label alone is no fundus
+# A fundus region (and so the prepared image) may be at most 3x as long as it is wide: ODIR photographs are 1-1.5:1;
+# a long strip is no fundus, and resized to the short side it would need an enormous image (a 200000x2 PNG).
+MAX_ASPECT = 3
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "4:2:0"  # libjpeg's default at q95; smaller and faster to decode than 4:4:4
 # LANCZOS: on the <2x reduction left after draft decoding it lands 0.3-1.3 dB PSNR closer to a full-resolution
@@ -314,12 +318,23 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
         raise ValueError(f"short_px must be >= 1, got {short_px}")
     src, dst = Path(src), Path(dst)
     identity = source_identity(_check_file(src))  # stat before reading: a file swapped meanwhile looks stale later
-    with _StrictTruncation():
-        img, box = _decode_fundus(src, short_px)
-    out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+    try:  # everything done to the picture: whatever fails here is this image's problem, never the cache's
+        with _StrictTruncation():
+            img, box = _decode_fundus(src, short_px)
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if max(bw, bh) > MAX_ASPECT * min(bw, bh):  # a 7000x40 strip would become 67200x384 px (JPEG's limit: 65535)
+            raise BadImage(f"not a fundus photograph (fundus region {bw}x{bh} px: sides more than {MAX_ASPECT}:1)")
+        out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        encoded = io.BytesIO()  # encoded in memory first: an encoder error is not a cache-write error
+        out.save(encoded, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False,
+                 progressive=False)
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - MemoryError, an encoder's OSError/ValueError, ...
+        raise BadImage(f"cannot be prepared: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst, "wb") as f:
-        out.save(f, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False, progressive=False)
+        f.write(encoded.getbuffer())
     return identity
 
 

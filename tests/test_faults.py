@@ -135,8 +135,8 @@ def test_2d_overwrite_replaces_run_folders_only_and_failures_leave_no_folder(tmp
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "metrics.csv").write_text("old rows\n")
-    with run_folder(run, overwrite=True) as folder:
-        assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # the old run's files are gone
+    with run_folder(run, overwrite=True) as folder:  # a run folder from before the marker: its files, no marker
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", ".odir-run"]  # the old run's files are gone
         (folder / "best.pt").write_bytes(b"new")
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -479,7 +479,7 @@ def test_7d_disk_full_while_saving_a_checkpoint(tmp_path, tiny_odir, capsys, mon
     run = tmp_path / "runs" / "run"
     err = capsys.readouterr().err
     assert f"train.py: error: {run / 'last.pt'}: No space left on device" in err
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]  # no temporary file
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock", ".odir-run"]  # no temporary
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1  # the checkpoint before is good
 
 

@@ -53,14 +53,19 @@ def test_card_reports_test_figures_per_class_from_report_json(tiny_checkpoint):
 
 
 def test_card_counts_positive_test_patients_from_the_runs_predictions(tmp_path):
+    import torch
+
+    from checkpoint import weights_digest
     from modelcard import write_model_card
 
-    (tmp_path / "report.json").write_text(json.dumps(_report()))
+    ckpt = {"config": {"backbone": "resnet18"}, "thresholds": THRESHOLDS.tolist(), "img_px": 64, "epoch": 9,
+            "model": {"w": torch.arange(4.0)}}
+    report = {**_report(), "checkpoint": {"file": "best.pt", "epoch": 9, "weights": weights_digest(ckpt["model"])}}
+    (tmp_path / "report.json").write_text(json.dumps(report))  # made by this very checkpoint
     rows = ["id," + ",".join(CLASSES) + "," + ",".join(f"p_{c}" for c in CLASSES)]
     rows += [f"{i}," + ",".join("1" if (c == "D" or (c == "H" and i == 0)) else "0" for c in CLASSES) + ",0.5" * 8
              for i in range(3)]
     (tmp_path / "predictions_test.csv").write_text("\n".join(rows) + "\n")
-    ckpt = {"config": {"backbone": "resnet18"}, "thresholds": THRESHOLDS.tolist(), "img_px": 64}
     card = write_model_card(tmp_path / "best.onnx", ckpt, tmp_path / "best.pt", precision="fp32", log=lambda *a: None)
     text = card.read_text()
     assert "| D | diabetes | 0.512 | 0.412 | 0.777 | 3 |" in text and "| H | hypertension | 0.512 | 0.412 | 0.777 | 1 |" in text

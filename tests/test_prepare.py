@@ -231,17 +231,16 @@ def test_truncated_jpeg_fails_even_if_the_caller_allows_truncated_images(tmp_pat
 
 def test_write_is_atomic(tmp_path, monkeypatch):
     src, dst = save(fundus(), tmp_path / "eye.jpg"), tmp_path / "out" / "eye.jpg"
-    real_save = Image.Image.save
+    real_fsync = os.fsync
 
-    def failing_save(self, fp, *a, **kw):
-        fp.write(b"\xff\xd8 half a JPEG")  # into the temporary file that prepare_image hands PIL
+    def full_disk(fd):  # the JPEG's bytes went into the temporary file; the disk fills before they reach it
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):  # a cache-side failure is not a BadImage
         prepare_image(src, dst, 64)
     assert list((tmp_path / "out").iterdir()) == []  # neither a partial dst nor a *.tmp
-    monkeypatch.setattr(Image.Image, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     prepare_image(src, dst, 64)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["eye.jpg"]
 
@@ -251,10 +250,10 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 def test_cache_side_failure_stops_the_run_and_names_the_file(tmp_path, monkeypatch):
     src = save(fundus(), tmp_path / "eye.jpg")
 
-    def full_disk(self, fp, *a, **kw):
+    def full_disk(fd):  # writing the prepared copy: the image itself was fine (encoded in memory)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(RuntimeError, match=r"preparing .*eye\.jpg .*No space left"):
         prepare_paths([src], tmp_path / "c", 64, workers=1, progress=False)
 

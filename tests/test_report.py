@@ -353,7 +353,7 @@ def test_score_report_with_heatmaps(tmp_path, synth, tiny_onnx):
         assert cells[0] == r["ID"]
         assert cells[2:10] == [f"{float(r[c]):.3f}" for c in CLASSES]
         assert cells[10:13] == [r["labels"], r["true_labels"], r["status"]]
-        assert sum(f"/{r['ID']}_cam_" in "/" + s for s in page.images) >= 2  # both eyes' Grad-CAM
+        assert sum(f"/{report._safe(r['ID'])}_cam_" in "/" + s for s in page.images) >= 2  # both eyes' Grad-CAM
     assert "metrics" in page.tables and "odir" in page.tables
 
 
