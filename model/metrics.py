@@ -205,7 +205,10 @@ def _counted(y: np.ndarray, p: np.ndarray, thr: np.ndarray, w: np.ndarray) -> di
     fn, tn = w @ (~pred & pos), w @ (~pred & ~pos)
     f1 = np.nan_to_num(_ratio(2 * tp, 2 * tp + fp + fn))  # zero_division=0, as multilabel_metrics
     stp, sfp, sfn = tp.sum(1), fp.sum(1), fn.sum(1)
-    return dict(f1_micro=np.nan_to_num(_ratio(2 * stp, 2 * stp + sfp + sfn)), f1_macro=f1.mean(1), f1=f1,
+    # A class's own F1 counts as undefined in a resample that drew none of its positives (its 0 there says nothing
+    # about the model, and would drag a rare class's interval down to 0); the macro mean keeps the 0, as defined.
+    return dict(f1_micro=np.nan_to_num(_ratio(2 * stp, 2 * stp + sfp + sfn)), f1_macro=f1.mean(1),
+                f1=np.where(tp + fn > 0, f1, np.nan),
                 sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp))
 
 
@@ -260,7 +263,7 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
     seed give the same intervals); each figure is recomputed on every resample and its interval is the
     ((1 - level) / 2, (1 + level) / 2) quantiles of those values. A figure undefined in a resample (a class's AUC
     or sensitivity with no positive patient drawn, specificity with no negative, PPV with none predicted) skips
-    that resample; `used` says how many resamples such a figure had, and with fewer than `min_defined` x
+    that resample (so does a class's F1 with no positive drawn); `used` says how many resamples such a figure had, and with fewer than `min_defined` x
     `resamples` it gets no interval (None).
 
     Args:

@@ -212,7 +212,8 @@ def test_undefined_auc_skips_resamples_and_says_how_many():
     assert ci["used"]["at_0.5.auc.H"] == drawn and ci["used"]["per_class.sensitivity.H"] == drawn
     assert ci["at_0.5"]["auc"]["H"] is not None
     assert ci["used"]["at_0.5.auc.A"] == 0 and ci["at_0.5"]["auc"]["A"] is None
-    assert ci["at_0.5"]["f1"]["A"] == [0.0, 0.0]  # F1 is always defined (0 without positives)
+    assert ci["at_0.5"]["f1"]["A"] is None  # no positive: F1 is 0 by definition, and says nothing; no interval
+    assert ci["used"]["at_0.5.f1.H"] == drawn
     assert "odir.final" not in ci["used"]
     strict = bootstrap_intervals(y, p, resamples=300, seed=2, min_defined=0.9)
     assert strict["at_0.5"]["auc"]["H"] is None  # too few resamples had an H patient: no interval
