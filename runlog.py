@@ -72,9 +72,20 @@ def best_epoch(rows: list[dict], select_metric: str | None) -> int | None:
 
 
 def plot_curves(rows: list[dict], out: Path, select_metric: str | None = None) -> None:
+    """curves.png from metrics.csv rows (`curves_figure`), written atomically at 150 dpi."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, select_metric)
+    with atomic_write(out, "wb") as f:  # a reader (the report, a browser) never sees half a PNG
+        fig.savefig(f, format="png", dpi=150)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict], select_metric: str | None = None):
     """Three panels from metrics.csv rows: loss (the training patient loss beside the validation loss: the same
-    function of the same outputs; the total with the per-eye term dashed when it differs), the selection metric,
-    and F1 macro/micro at 0.5 with the official ODIR score. The best epoch is a dotted line on each."""
+    function of the same outputs; the total with the per-eye term dashed when it differs), the selection metric
+    with its best epoch starred, and F1 macro/micro at 0.5 with the official ODIR score. Integer epochs; the best
+    epoch is a dotted line on each panel. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,9 +135,7 @@ def plot_curves(rows: list[dict], out: Path, select_metric: str | None = None) -
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(out, "wb") as f:  # a reader (the report, a browser) never sees half a PNG
-        fig.savefig(f, format="png", dpi=150)
-    plt.close(fig)
+    return fig
 
 
 def _float(v) -> float | None:
