@@ -1,15 +1,17 @@
 """What a person can look at to judge a model or a patient: heatmap overlays and HTML reports.
 
-    write_run_report(run_dir)                      runs/NAME/report.html (+ report_files/): data, config, curves,
-                                                   validation/test tables, ROC/PR, confusion counts, reliability,
-                                                   thresholds, a gallery of test patients with their heatmaps
+    write_run_report(run_dir)                      runs/NAME/report.html (+ report_files/): a summary, per split
+                                                   the official score and a per-class table with 95 % intervals,
+                                                   per-class ROC/PR and F1-threshold panels, confusion counts,
+                                                   reliability, curves, a gallery of test patients with heatmaps
     write_folder_report(scored, out_dir, ...)      DIR/index.html (+ files/): one row per scored patient
                                                    (`python score.py MODEL FOLDER --report DIR [--explain RUN]`)
 
 Both pages are plain HTML with a little inline CSS, no JavaScript; every image is a file beside the page, referenced
 by a relative path, so the folder can be copied and opened offline (`xdg-open runs/NAME/report.html`).
-Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are drawn on the
-image the network saw: the prepared copy squashed to img_px x img_px.
+Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are computed on the
+image the network saw (the prepared copy squashed to img_px x img_px); the run report's gallery draws them, upsampled,
+on the same prepared copy at GALLERY_PX.
 Over ~400 lines: two pages with their plots and the gallery picks; the heatmap arithmetic is model/explain.py.
 """
 from __future__ import annotations
@@ -210,8 +212,8 @@ def _split_section(name: str, split: dict, thresholds: list[float]) -> list[str]
     tuned, auc = split.get("tuned") or split.get("at_0.5") or {}, (split.get("at_0.5") or {}).get("auc", {})
     rows = []
     for k, c in enumerate(CLASSES):
-        rows.append([f"{c} {_e(CLASS_NAMES[c])}", str(_at(rates, "positives", c) if _at(rates, "positives", c)
-                                                        is not None else "n/a"),
+        positives = _at(rates, "positives", c)
+        rows.append([f"{c} {_e(CLASS_NAMES[c])}", "n/a" if positives is None else str(positives),
                      _pct(_at(rates, "prevalence", c)), _num(thresholds[k], 2),
                      *(_ci(_at(rates, r, c), _at(ci, "per_class", r, c)) for r in ("sensitivity", "specificity", "ppv")),
                      _ci(_at(tuned, "f1", c), _at(ci, "tuned", "f1", c)),
