@@ -401,14 +401,15 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
     _save_figure(fig, out)
 
 
-def _prepared_pairs(cfg: dict, ids: set[str]) -> dict[str, tuple[str, str]]:
-    """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed)."""
+def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
+    """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
+    the run's size or, with `px`, at that short side."""
     from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
     table, _ = find_pairs(cfg["data"])
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
     table = prepare_pairs(table, Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache(),
-                          cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
+                          px or cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
     return {str(r.id): (r.left_prepared, r.right_prepared) for r in table.itertuples() if r.status == "ok"}
 
 
@@ -446,19 +447,24 @@ def _gallery(run_dir: Path, files_dir: Path, ids, y, p, thresholds) -> list[str]
         return []
     explainer = Explainer(run_dir)
     paths = _prepared_pairs(explainer.config, {pid for _, _, pid in picks})
-    picks = [pk for pk in picks if pk[2] in paths]
+    px = max(GALLERY_PX, explainer.img_px)
+    # drawn on the photographs prepared at the gallery's size (a 64-px training copy, enlarged, shows no lesion);
+    # explained on the training copy, as the network saw it
+    run_px = explainer.config.get("prepare_px") or explainer.img_px
+    large = _prepared_pairs(explainer.config, set(paths), px) if px > run_px else paths
+    picks = [pk for pk in picks if pk[2] in paths and pk[2] in large]
     row_of = {pid: i for i, pid in enumerate(ids)}
     items = explainer.explain([paths[pid][0] for _, _, pid in picks], [paths[pid][1] for _, _, pid in picks],
                               [[CLASSES.index(c)] for c, _, _ in picks])
-    px = max(GALLERY_PX, explainer.img_px)
     _plot_colour_bar(files_dir / "colour_bar.png")
     out = ["<h2 id=gallery>Gallery</h2><p class=note>Per class: the most confident correct and the most confident "
-           f"wrong patient of the split. Each eye at {px} px (the network saw {explainer.img_px} px) with the class's "
+           f"wrong patient of the split. Each eye at {px} px (the network saw it at {explainer.img_px} px) with the "
+           "class's "
            "Grad-CAM on it; at the end, smaller, where the other eye's tokens attend in each eye (cross-attention, "
            "averaged over heads and tokens). Each map is scaled to its own maximum: compare where, not how much, "
            "between maps.</p>", _img("report_files/colour_bar.png", "", 416)]
     for (c, kind, pid), item in zip(picks, items):
-        files = _gallery_images(item, paths[pid], files_dir, f"gallery_{c}_{kind.split()[-1]}_{_safe(pid)}", run_dir,
+        files = _gallery_images(item, large[pid], files_dir, f"gallery_{c}_{kind.split()[-1]}_{_safe(pid)}", run_dir,
                                 px)
         i = row_of[pid]
         truth = ",".join(k for j, k in enumerate(CLASSES) if y[i, j]) or "none"
