@@ -172,24 +172,21 @@ def resample_counts(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0)
     return np.bincount(flat, minlength=resamples * n).reshape(resamples, n)
 
 
-def _weighted_auc(pos: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _weighted_auc(pos: np.ndarray, scores: np.ndarray, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """(B,) ROC AUC of 0/1 labels `pos` (M,) under B weightings w (B, M) of the M items: the Mann-Whitney statistic
-    with each item counted w times (ties one half), nan where the positives' or the negatives' weight is 0."""
+    with each item counted w times (ties one half), nan where the positives' or the negatives' weight is 0.
+    With `rows` (M,), item m's weight is w[:, rows[m]] (the cells of a patient share the patient's weight)."""
     order = np.argsort(scores, kind="stable")
-    s, y, w = scores[order], pos[order], w[:, order]  # (M,), (M,), (B, M) in score order
-    first = np.r_[True, s[1:] != s[:-1]]  # (M,) where a run of tied scores starts
-    starts = np.flatnonzero(first)  # (G,)
-    ends = np.r_[starts[1:], len(s)] - 1  # (G,) last index of each run
-    group = np.cumsum(first) - 1  # (M,) run of each item
-    w_neg = w * ~y  # (B, M)
-    c_neg = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w_neg, axis=1)], axis=1)  # (B, M + 1), c_neg[:, 0] = 0
-    below = c_neg[:, starts]  # (B, G) negative weight strictly below each run
-    tied = c_neg[:, ends + 1] - below  # (B, G) negative weight inside each run
-    credit = below[:, group] + 0.5 * tied[:, group]  # (B, M)
-    w_pos = w * y
-    n_pos, n_neg = w_pos.sum(1), w_neg.sum(1)
+    s, y = scores[order], pos[order]  # (M,) in score order
+    w = w[:, order if rows is None else rows[order]]  # (B, M)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # (G,) where each run of tied scores starts
+    w_pos = w * y  # (B, M)
+    pos_g = np.add.reduceat(w_pos, starts, axis=1)  # (B, G) positive weight of each run of tied scores
+    neg_g = np.add.reduceat(w - w_pos, starts, axis=1)  # (B, G) negative weight
+    below = np.cumsum(neg_g, axis=1) - neg_g  # (B, G) negative weight strictly below each run
+    n_pos, n_neg = pos_g.sum(1), neg_g.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((n_pos > 0) & (n_neg > 0), (w_pos * credit).sum(1) / (n_pos * n_neg), np.nan)
+        return np.where((n_pos > 0) & (n_neg > 0), (pos_g * (below + 0.5 * neg_g)).sum(1) / (n_pos * n_neg), np.nan)
 
 
 def _ratio(num, den):
@@ -212,6 +209,23 @@ def _counted(y: np.ndarray, p: np.ndarray, thr: np.ndarray, w: np.ndarray) -> di
                 sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp))
 
 
+def _official(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The official ODIR score's figures (B,) under weightings w (B, N) of the patients (`odir_score`)."""
+    n, k = y.shape
+    out = {"odir.auc": _weighted_auc(y.ravel() == 1, p.ravel(), w, rows=np.arange(n * k) // k)}  # (N*K,) cells
+    # kappa and F1 (= accuracy) from the pooled confusion counts at 0.5
+    pos, pred = (y == 1).astype(np.float64), (p > 0.5).astype(np.float64)
+    total = w.sum(1) * k
+    agree = (w @ (pos * pred + (1 - pos) * (1 - pred))).sum(1)
+    p_true, p_pred = (w @ pos).sum(1) / total, (w @ pred).sum(1) / total
+    acc = agree / total
+    chance = p_true * p_pred + (1 - p_true) * (1 - p_pred)
+    out["odir.kappa"] = _ratio(acc - chance, 1 - chance)
+    out["odir.f1"] = acc
+    out["odir.final"] = (out["odir.kappa"] + acc + out["odir.auc"]) / 3
+    return out
+
+
 def _resampled(y: np.ndarray, p: np.ndarray, thr: np.ndarray | None, w: np.ndarray) -> dict[str, np.ndarray]:
     """Every bootstrapped figure under weightings w (B, N) of the patients: flat name → (B,) or (B, K)."""
     k = y.shape[1]
@@ -219,18 +233,8 @@ def _resampled(y: np.ndarray, p: np.ndarray, thr: np.ndarray | None, w: np.ndarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample without any defined AUC: nan, as multilabel_metrics
         auc_macro = np.nanmean(auc, axis=1)
-    out = {"odir.auc": _weighted_auc(y.ravel() == 1, p.ravel(), np.repeat(w, k, axis=1))}  # cells: patient's weight
+    out = _official(y, p, w)
     at_half = _counted(y, p, np.full(k, 0.5), w)
-    # official kappa and F1 (= accuracy) from the pooled confusion counts at 0.5
-    pos, pred = y == 1, p > 0.5
-    total = w.sum(1) * k
-    tp, tn = (w @ (pred & pos)).sum(1), (w @ (~pred & ~pos)).sum(1)
-    p_true, p_pred = (w @ pos).sum(1) / total, (w @ pred).sum(1) / total
-    acc = (tp + tn) / total
-    chance = p_true * p_pred + (1 - p_true) * (1 - p_pred)
-    out["odir.kappa"] = _ratio(acc - chance, 1 - chance)
-    out["odir.f1"] = acc
-    out["odir.final"] = (out["odir.kappa"] + acc + out["odir.auc"]) / 3
     for name, figures in (("at_0.5", at_half), ("tuned", _counted(y, p, thr, w) if thr is not None else None)):
         if figures is None:
             continue
@@ -295,7 +299,7 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
         w = counts[s:s + step]
         figures = _resampled(y, p, thr, w)
         if baseline is not None:
-            base_final = _resampled(y, base, None, w)["odir.final"]
+            base_final = _official(y, base, w)["odir.final"]
             figures["baseline.final"] = base_final
             figures["baseline.final_difference"] = figures["odir.final"] - base_final
         parts.append(figures)

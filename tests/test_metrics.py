@@ -244,4 +244,4 @@ def test_bootstrap_of_a_report_split_is_fast(n):
     y, p = _random_problem(11, n=n)
     t0 = time.perf_counter()
     bootstrap_intervals(y, p, np.full(8, 0.4), baseline=np.broadcast_to(y.mean(0), y.shape))
-    assert time.perf_counter() - t0 < 10  # ~0.6 s and ~1.2 s (B = 1000) on the shared 2-core CPU
+    assert time.perf_counter() - t0 < 10  # 1.3-1.6 s and 2.7-3.2 s (B = 1000) on the 2-core CPU at load 6.4
