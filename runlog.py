@@ -178,8 +178,8 @@ def print_final_report(report: dict, best_path: Path) -> None:
     from model.metrics import format_interval
 
     cal = report["calibration"]
-    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}; probabilities "
-          f"calibrated per class ({cal['method']}) and thresholds tuned on validation")
+    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
+          f"probabilities calibrated per class ({cal['method']}) and thresholds tuned on validation")
     for split in ("validation", "test"):
         if split not in report:
             continue
