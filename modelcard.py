@@ -163,8 +163,8 @@ def _figures_section(ckpt: dict, report: dict | None) -> list[str]:
                      f"{_num(trivial['at_0.5'].get('f1_macro'))}, AUC macro {_num(trivial['at_0.5'].get('auc_macro'))}.")
     if odir:
         base = ci.get("baseline") or {}
-        lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa {fig(odir, 'kappa', path='odir')}"
-                     f" · F1 {fig(odir, 'f1', path='odir')} · AUC {fig(odir, 'auc', path='odir')} · final "
+        lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa "
+                     f"{fig(odir, 'kappa', path='odir')} · F1 {fig(odir, 'f1', path='odir')} · AUC {fig(odir, 'auc', path='odir')} · final "
                      f"{fig(odir, 'final', path='odir')}"
                      + (f" (trivial: {format_interval(trivial['odir'].get('final'), base.get('final'))})"
                         if trivial.get("odir") else "") + ".")

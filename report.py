@@ -215,7 +215,8 @@ def _split_section(name: str, split: dict, thresholds: list[float]) -> list[str]
         positives = _at(rates, "positives", c)
         rows.append([f"{c} {_e(CLASS_NAMES[c])}", "n/a" if positives is None else str(positives),
                      _pct(_at(rates, "prevalence", c)), _num(thresholds[k], 2),
-                     *(_ci(_at(rates, r, c), _at(ci, "per_class", r, c)) for r in ("sensitivity", "specificity", "ppv")),
+                     *(_ci(_at(rates, r, c), _at(ci, "per_class", r, c))
+                       for r in ("sensitivity", "specificity", "ppv")),
                      _ci(_at(tuned, "f1", c), _at(ci, "tuned", "f1", c)),
                      _ci(auc.get(c, _at(tuned, "auc", c)), _at(ci, "at_0.5", "auc", c))])
     out.append(_table(["class", "positives", "prevalence", "threshold", "sensitivity", "specificity", "PPV", "F1",
@@ -505,13 +506,14 @@ def _summary(report: dict, cfg: dict) -> list[str]:
     duration = report.get("duration_s")
     rows = [["patients", " · ".join(f"{k} {v}" for k, v in counts.items())],
             ["preset · backbone", f"{_e(cfg.get('preset', '?'))} · {_e(cfg.get('backbone', '?'))}"
-             f"{' (ImageNet-pretrained)' if cfg.get('pretrained') else ' (from scratch)'} · {_e(cfg.get('img_px'))} px"],
+             f"{' (ImageNet-pretrained)' if cfg.get('pretrained') else ' (from scratch)'} · "
+             f"{_e(cfg.get('img_px'))} px"],
             ["epochs", f"{_e(cfg.get('epochs', '?'))}; best {_e(report.get('best_epoch', '?'))} by validation "
                        f"{_e(report.get('selected_by', '?'))}"],
             ["started · finished (UTC)", f"{_e(report.get('started', 'not recorded'))} · "
                                          f"{_e(report.get('finished', 'not recorded'))}"],
-            ["duration", (_duration(duration) + (" (this process: the run was resumed)" if report.get("resumed") else ""))
-             if duration is not None else "not recorded"],
+            ["duration", "not recorded" if duration is None else
+             _duration(duration) + (" (this process: the run was resumed)" if report.get("resumed") else "")],
             ["data", _e(report.get("data", {}).get("folder", cfg.get("data", "?")))],
             ["commit", _e(report.get("commit", "?"))]]
     out = [f"<p id=summary-head>{head}</p>"]

@@ -207,7 +207,8 @@ def print_final_report(report: dict, best_path: Path) -> None:
         if (ci.get("baseline") or {}).get("final_difference"):
             diff = r["odir"]["final"] - r["trivial"]["odir"]["final"]
             lo, hi = ci["baseline"]["final_difference"]
-            print(f"  official final, model − trivial: {diff:+.3f} [{lo:+.2f}, {hi:+.2f}] (paired: the same resamples)")
+            print(f"  official final, model − trivial: {diff:+.3f} [{lo:+.2f}, {hi:+.2f}] "
+                  "(paired: the same resamples)")
         print(f"  {'multi-label':<24}  {'F1 micro':<19}  {'F1 macro':<19}  AUC macro")
         for label, m, key in (("model, tuned thresholds", r["tuned"], "tuned"),
                               ("model, threshold 0.5", r["at_0.5"], "at_0.5"),
@@ -217,8 +218,8 @@ def print_final_report(report: dict, best_path: Path) -> None:
         positives = (r.get("per_class") or {}).get("positives", {})
         print(f"  {'per class':<15}{'positives':>9}  {'F1, tuned':<19}  {'F1 at 0.5':<19}  AUC")
         for c in CLASSES:
-            print(f"  {c + ' ' + CLASS_NAMES[c]:<15}{positives.get(c, ''):>9}  {fig(r['tuned']['f1'][c], 'tuned', 'f1', c)}"
-                  f"  {fig(r['at_0.5']['f1'][c], 'at_0.5', 'f1', c)}  "
+            print(f"  {c + ' ' + CLASS_NAMES[c]:<15}{positives.get(c, ''):>9}  "
+                  f"{fig(r['tuned']['f1'][c], 'tuned', 'f1', c)}  {fig(r['at_0.5']['f1'][c], 'at_0.5', 'f1', c)}  "
                   f"{fig(r['at_0.5']['auc'][c], 'at_0.5', 'auc', c)}".rstrip())
         e = r["calibration_error"]
         print(f"  calibration error (all cells): ECE {e['ece_before']:.3f} → {e['ece_after']:.3f} · Brier "

@@ -231,7 +231,7 @@ def _resampled(y: np.ndarray, p: np.ndarray, thr: np.ndarray | None, w: np.ndarr
     k = y.shape[1]
     auc = np.stack([_weighted_auc(y[:, c] == 1, p[:, c], w) for c in range(k)], axis=1)  # (B, K)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without any defined AUC: nan, as multilabel_metrics
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no AUC defined: nan, as multilabel_metrics
         auc_macro = np.nanmean(auc, axis=1)
     out = _official(y, p, w)
     at_half = _counted(y, p, np.full(k, 0.5), w)
@@ -265,9 +265,9 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
 
     Patients (rows) are drawn with replacement, `resamples` times (numpy's default_rng(seed): the same inputs and
     seed give the same intervals); each figure is recomputed on every resample and its interval is the
-    ((1 - level) / 2, (1 + level) / 2) quantiles of those values. A figure undefined in a resample (a class's AUC
-    or sensitivity with no positive patient drawn, specificity with no negative, PPV with none predicted) skips
-    that resample (so does a class's F1 with no positive drawn); `used` says how many resamples such a figure had, and with fewer than `min_defined` x
+    ((1 - level) / 2, (1 + level) / 2) quantiles of those values. A figure undefined in a resample (a class's AUC,
+    sensitivity or F1 with no positive patient drawn, specificity with no negative, PPV with none predicted) skips
+    that resample; `used` says how many resamples such a figure had, and with fewer than `min_defined` x
     `resamples` it gets no interval (None).
 
     Args:

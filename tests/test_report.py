@@ -324,9 +324,11 @@ def test_run_report_is_complete(fake_run):
         rates = r["per_class"]
         for k, c in enumerate(CLASSES):
             row = classes[k + 1]
-            assert row[0].startswith(c + " ") and row[1] == str(rates["positives"][c]) and row[3] == f"{THRESHOLDS[k]:.2f}"
+            assert row[0].startswith(c + " ") and row[1] == str(rates["positives"][c])
+            assert row[3] == f"{THRESHOLDS[k]:.2f}"
             assert row[2] == f"{100 * rates['prevalence'][c]:.1f} %"
-            assert row[4:7] == [ci_text(rates[m][c], ci["per_class"][m][c]) for m in ("sensitivity", "specificity", "ppv")]
+            assert row[4:7] == [ci_text(rates[m][c], ci["per_class"][m][c])
+                                for m in ("sensitivity", "specificity", "ppv")]
             assert row[7] == ci_text(r["tuned"]["f1"][c], ci["tuned"]["f1"][c])
             assert row[8] == ci_text(r["at_0.5"]["auc"][c], ci["at_0.5"]["auc"][c])
         assert page.tables[f"{split}-calibration"][1][1:] == ["0.1200", "0.0500", "0.2000", "0.1500"]
