@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from model.metrics import format_interval
 from pipeline.constants import CLASS_NAMES, CLASSES
 from pipeline.host import write_text_atomic
 
@@ -39,7 +40,7 @@ LIMITATIONS = """\
 - Labels are per patient (from both eyes' diagnostic keywords), not per image, and carry the annotators' noise; the
   "O" (other) label mixes many conditions.
 - Rare labels (H hypertension, A AMD, and often G, C, M) have few positive test patients: their F1 and AUC have wide
-  uncertainty (the positives per label are in the table when the run's predictions CSV was found).
+  uncertainty (see their intervals, and the positives per label in the table).
 - Thresholds and the calibration were fitted on the validation split; the test split was used once, for the figures
   above. A new site should check both on its own labelled patients.
 - The official ODIR-2019 score pools all cells at threshold 0.5; it is reported as the challenge defined it and is
@@ -141,13 +142,18 @@ def _data_section(cfg: dict, report: dict | None) -> list[str]:
 
 def _figures_section(ckpt: dict, report: dict | None, no_report: str = "no report.json was found") -> list[str]:
     split = "test" if report and "test" in report else "validation" if report else None
+    ci = {}
     if split:
         r = report[split]
         title = f"## Figures on the {split} split ({r.get('patients', '?')} patients)"
         note = ("scored once, never used to choose anything" if split == "test" else
                 "optimistic: this split picked the epoch, the calibration and the thresholds")
         tuned, at_half, odir, trivial = r.get("tuned"), r.get("at_0.5"), r.get("odir"), r.get("trivial", {})
-        positives = r.get("positives")
+        positives = (r.get("per_class") or {}).get("positives") or r.get("positives")
+        ci = r.get("ci95") or {}
+        if ci:
+            note += (f"; in brackets the 95 % interval, a percentile bootstrap over the {r.get('patients', '?')} "
+                     f"patients ({ci.get('resamples')} resamples, seed {ci.get('seed')})")
     else:
         title, note = "## Figures on the validation split", f"optimistic: it picked the epoch and the thresholds; " \
                                                               f"{no_report}"
@@ -155,22 +161,39 @@ def _figures_section(ckpt: dict, report: dict | None, no_report: str = "no repor
         tuned, at_half, odir, trivial, positives = m.get("tuned"), m.get("at_0.5"), m.get("odir"), {}, None
     if not (tuned or at_half):
         return [title, "", f"No evaluation figures are stored with this checkpoint ({note}).", ""]
+
+    def fig(metrics, key, c=None, path=None):  # the figure, with its interval from ci[path][key][c] when present
+        value = (metrics or {}).get(key)
+        bounds = (ci.get(path) or {}).get(key) if path else None
+        if c is not None:
+            value, bounds = (value or {}).get(c), (bounds or {}).get(c)
+        return _num(value) if not bounds else format_interval(value, bounds)
+
+    auc_from = "at_0.5" if at_half else "tuned"
     lines = [title, "", f"({note})", "",
              "| label | | F1 (tuned threshold) | F1 (0.5) | AUC |" + (" positives |" if positives else ""),
              "|---|---|---|---|---|" + ("---|" if positives else "")]
     for c in CLASSES:
-        row = f"| {c} | {CLASS_NAMES[c]} | {_per(tuned, 'f1', c)} | {_per(at_half, 'f1', c)} | {_per(at_half or tuned, 'auc', c)} |"
+        row = (f"| {c} | {CLASS_NAMES[c]} | {fig(tuned, 'f1', c, 'tuned')} | {fig(at_half, 'f1', c, 'at_0.5')} | "
+               f"{fig(at_half or tuned, 'auc', c, auc_from)} |")
         lines.append(row + (f" {positives.get(c, '')} |" if positives else ""))
-    lines.append(f"| macro | | {_num((tuned or {}).get('f1_macro'))} | {_num((at_half or {}).get('f1_macro'))} | "
-                 f"{_num((at_half or tuned or {}).get('auc_macro'))} |" + (" |" if positives else ""))
+    lines.append(f"| macro | | {fig(tuned, 'f1_macro', path='tuned')} | {fig(at_half, 'f1_macro', path='at_0.5')} | "
+                 f"{fig(at_half or tuned, 'auc_macro', path=auc_from)} |" + (" |" if positives else ""))
     lines.append("")
     if trivial.get("at_0.5"):
         lines.append(f"Trivial predictor (always the training prevalence): F1 macro "
                      f"{_num(trivial['at_0.5'].get('f1_macro'))}, AUC macro {_num(trivial['at_0.5'].get('auc_macro'))}.")
     if odir:
-        lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa {_num(odir.get('kappa'))} · "
-                     f"F1 {_num(odir.get('f1'))} · AUC {_num(odir.get('auc'))} · final {_num(odir.get('final'))}"
-                     + (f" (trivial: {_num(trivial['odir'].get('final'))})" if trivial.get("odir") else "") + ".")
+        base = ci.get("baseline") or {}
+        lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa "
+                     f"{fig(odir, 'kappa', path='odir')} · F1 {fig(odir, 'f1', path='odir')} · AUC {fig(odir, 'auc', path='odir')} · final "
+                     f"{fig(odir, 'final', path='odir')}"
+                     + (f" (trivial: {format_interval(trivial['odir'].get('final'), base.get('final'))})"
+                        if trivial.get("odir") else "") + ".")
+        if trivial.get("odir") and base.get("final_difference"):
+            lo, hi = base["final_difference"]
+            lines.append(f"Model minus trivial, official final: {odir['final'] - trivial['odir']['final']:+.3f} "
+                         f"[{lo:+.2f}, {hi:+.2f}] (paired: the same resamples).")
     return lines + [""]
 
 

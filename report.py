@@ -1,15 +1,17 @@
 """What a person can look at to judge a model or a patient: heatmap overlays and HTML reports.
 
-    write_run_report(run_dir)                      runs/NAME/report.html (+ report_files/): data, config, curves,
-                                                   validation/test tables, ROC/PR, confusion counts, reliability,
-                                                   thresholds, a gallery of test patients with their heatmaps
+    write_run_report(run_dir)                      runs/NAME/report.html (+ report_files/): a summary, per split
+                                                   the official score and a per-class table with 95 % intervals,
+                                                   per-class ROC/PR and F1-threshold panels, confusion counts,
+                                                   reliability, curves, a gallery of test patients with heatmaps
     write_folder_report(scored, out_dir, ...)      DIR/index.html (+ files/): one row per scored patient
                                                    (`python score.py MODEL FOLDER --report DIR [--explain RUN]`)
 
 Both pages are plain HTML with a little inline CSS, no JavaScript; every image is a file beside the page, referenced
 by a relative path, so the folder can be copied and opened offline (`xdg-open runs/NAME/report.html`).
-Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are drawn on the
-image the network saw: the prepared copy squashed to img_px x img_px.
+Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are computed on the
+image the network saw (the prepared copy squashed to img_px x img_px); the run report's gallery draws them, upsampled,
+on the same prepared copy at GALLERY_PX.
 Over ~400 lines: two pages with their plots and the gallery picks; the heatmap arithmetic is model/explain.py.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASSES
+from pipeline.constants import CLASS_NAMES, CLASSES
 from pipeline.host import atomic_write
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
@@ -154,8 +156,8 @@ def _img(src: str, caption: str = "", width: int | None = None) -> str:
     return f"<figure><img src='{_e(src)}'{w} alt='{_e(caption)}'><figcaption>{_e(caption)}</figcaption></figure>"
 
 
-def _page(title: str, body: list[str]) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
+def _page(title: str, body: list[str], css: str = "") -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}{css}</style>"
             f"</head><body><h1>{_e(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -165,37 +167,73 @@ def _write_page(path: Path, text: str) -> Path:
     return path
 
 
-def _metric_rows(split: dict) -> list[list[str]]:
-    """Model at tuned thresholds / at 0.5 and the trivial predictor: F1 micro, F1 macro, AUC macro, per-class F1."""
-    rows = []
-    for label, m in (("model, tuned thresholds", split.get("tuned")), ("model, threshold 0.5", split.get("at_0.5")),
-                     ("trivial (training prevalence), 0.5", split.get("trivial", {}).get("at_0.5"))):
-        if m:
-            rows.append([_e(label), _num(m["f1_micro"]), _num(m["f1_macro"]), _num(m["auc_macro"]),
-                         *(_num(m["f1"][c]) for c in CLASSES)])
-    return rows
+def _ci(value, bounds, digits: int = 3) -> str:
+    """`0.656 <small>[0.62, 0.69]</small>`: a figure with its 95 % interval (model.metrics.format_interval)."""
+    from model.metrics import format_interval
+
+    text = format_interval(value, bounds, digits)
+    return text.replace(" [", " <span class=ci>[", 1) + "</span>" if " [" in text else text
 
 
-def _split_section(name: str, split: dict) -> list[str]:
-    """The tables of one split of report.json."""
-    key = name.lower()
-    out = [f"<h2>{_e(name)} ({split['patients']} patients)</h2>",
-           _table(["", "F1 micro", "F1 macro", "AUC macro", *(f"F1 {c}" for c in CLASSES)], _metric_rows(split),
-                  f"{key}-metrics")]
-    odir = [["model", *(_num(split["odir"][k]) for k in ("kappa", "f1", "auc", "final"))]]
+def _at(tree, *path):
+    """tree[path[0]][path[1]]... or None where a key is missing (older report.json, a split without intervals)."""
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _split_section(name: str, split: dict, thresholds: list[float]) -> list[str]:
+    """One split of report.json: the official ODIR score and the overall figures, then ONE per-class table
+    (prevalence, sensitivity, specificity, PPV, F1 at the tuned thresholds, AUC, positives), each figure with its
+    95 % interval when report.json has them."""
+    key, ci = name.lower(), split.get("ci95") or {}
+    rates = split.get("per_class") or {}
+    out = [f"<h2 id=split-{key}>{_e(name)}: {split['patients']} patients</h2>",
+           "<p class=note>" + ("Scored once with best.pt; never used to choose anything." if key == "test" else
+                               "Picked the epoch and fitted the calibration and the thresholds: optimistic.")
+           + (f" 95 % intervals: percentile bootstrap over patients ({ci['resamples']} resamples, seed {ci['seed']})."
+              if ci else "") + "</p>"]
+    odir = [["model", *(_ci(split["odir"][k], _at(ci, "odir", k)) for k in ("kappa", "f1", "auc", "final"))]]
     if split.get("trivial", {}).get("odir"):
-        odir.append(["trivial", *(_num(split["trivial"]["odir"][k]) for k in ("kappa", "f1", "auc", "final"))])
-    out.append(_table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"], odir, f"{key}-odir"))
-    auc = split.get("tuned", split.get("at_0.5", {})).get("auc", {})
-    if auc:
-        out.append(_table(["", *(f"AUC {c}" for c in CLASSES)], [["model", *(_num(auc[c]) for c in CLASSES)]],
-                          f"{key}-auc"))
+        t = split["trivial"]["odir"]
+        odir.append(["trivial (training prevalence)", *(_num(t[k]) for k in ("kappa", "f1", "auc")),
+                     _ci(t["final"], _at(ci, "baseline", "final"))])
+    out.append(_table(["official ODIR-2019 score (cells flattened, 0.5)", "kappa", "F1", "AUC", "final"], odir,
+                      f"{key}-odir"))
+    overall = []
+    for label, m, path in (("model, tuned thresholds", split.get("tuned"), "tuned"),
+                           ("model, threshold 0.5", split.get("at_0.5"), "at_0.5"),
+                           ("trivial (training prevalence), 0.5", split.get("trivial", {}).get("at_0.5"), None)):
+        if m:
+            overall.append([_e(label), *(_ci(m[k], _at(ci, path, k) if path else None)
+                                         for k in ("f1_micro", "f1_macro", "auc_macro"))])
+    out.append(_table(["multi-label (per class, then averaged)", "F1 micro", "F1 macro", "AUC macro"], overall,
+                      f"{key}-overall"))
+    tuned, auc = split.get("tuned") or split.get("at_0.5") or {}, (split.get("at_0.5") or {}).get("auc", {})
+    rows = []
+    for k, c in enumerate(CLASSES):
+        positives = _at(rates, "positives", c)
+        rows.append([f"{c} {_e(CLASS_NAMES[c])}", "n/a" if positives is None else str(positives),
+                     _pct(_at(rates, "prevalence", c)), _num(thresholds[k], 2),
+                     *(_ci(_at(rates, r, c), _at(ci, "per_class", r, c))
+                       for r in ("sensitivity", "specificity", "ppv")),
+                     _ci(_at(tuned, "f1", c), _at(ci, "tuned", "f1", c)),
+                     _ci(auc.get(c, _at(tuned, "auc", c)), _at(ci, "at_0.5", "auc", c))])
+    out.append(_table(["class", "positives", "prevalence", "threshold", "sensitivity", "specificity", "PPV", "F1",
+                       "AUC"], rows, f"{key}-classes"))
+    out.append("<p class=note>At the thresholds tuned on validation (positive when p &gt; threshold). Sensitivity: "
+               "found / positives; specificity: cleared / negatives; PPV: right / flagged; n/a where undefined. "
+               "An interval is left out when fewer than half the resamples define the figure (a rare class).</p>")
     cal = split.get("calibration_error")
     if cal:
-        out.append(_table(["calibration", "ECE before", "ECE after", "Brier before", "Brier after"],
+        out.append(_table(["calibration (all cells)", "ECE before", "ECE after", "Brier before", "Brier after"],
                           [["", *(_num(cal.get(k), 4) for k in ("ece_before", "ece_after", "brier_before",
                                                                  "brier_after"))]], f"{key}-calibration"))
     return out
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f} %"
 
 
 # ----------------------------------------------------------------------------------------------- run report
@@ -238,29 +276,107 @@ def gallery_picks(ids, y: np.ndarray, p: np.ndarray, thresholds) -> list[tuple[s
     return picks
 
 
-def _plot_curves(y, p, out: Path) -> None:
-    """ROC and precision-recall per class, side by side (classes with one label value in the split are left out)."""
+PLOT_DPI = 150
+
+
+def _save_figure(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def _class_axes(rows: int, cols: int, size=(2.9, 2.5)):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return fig, axes.ravel()
+
+
+def _plot_roc_pr(y, p, thresholds, out: Path) -> None:
+    """Per class, side by side: its ROC curve and its precision-recall curve (step-drawn, as precision is only
+    defined at the observed thresholds), the tuned threshold's operating point marked; 4 x 4 panels."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = _class_axes(4, 4, (3.1, 2.6))
     for k, c in enumerate(CLASSES):
+        roc_ax, pr_ax = axes[2 * k], axes[2 * k + 1]
+        n_pos = int(y[:, k].sum())
         if np.unique(y[:, k]).size < 2:
+            for ax in (roc_ax, pr_ax):
+                ax.text(0.5, 0.5, f"{c}: {n_pos} positives\nin {len(y)}: undefined", ha="center", va="center")
+                ax.set_axis_off()
             continue
+        pred = p[:, k] > thresholds[k]
+        tpr_at = pred[y[:, k] == 1].mean()
+        fpr_at, ppv_at = pred[y[:, k] == 0].mean(), (y[pred, k].mean() if pred.any() else np.nan)
         fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
-        a.plot(fpr, tpr, label=f"{c} AUC {roc_auc_score(y[:, k], p[:, k]):.3f}")
+        roc_ax.plot(fpr, tpr, lw=1.4)  # straight segments: tied scores move both rates at once
+        roc_ax.plot([0, 1], [0, 1], "k:", lw=0.7)
+        roc_ax.plot([fpr_at], [tpr_at], "o", color="C3", ms=5)
+        roc_ax.set(title=f"{c} ROC · AUC {roc_auc_score(y[:, k], p[:, k]):.3f}", xlim=(0, 1), ylim=(0, 1.02))
         prec, rec, _ = precision_recall_curve(y[:, k], p[:, k])
-        b.plot(rec, prec, label=f"{c} AP {average_precision_score(y[:, k], p[:, k]):.3f}")
-    a.plot([0, 1], [0, 1], "k:", lw=0.8)
-    a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC per class")
-    b.set(xlabel="recall", ylabel="precision", title="precision-recall per class", ylim=(0, 1.02))
-    a.legend(fontsize=8), b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+        pr_ax.plot(rec, prec, drawstyle="steps-post", lw=1.4, color="C2")
+        pr_ax.axhline(n_pos / len(y), color="k", ls=":", lw=0.7)  # a random ranking's precision: the prevalence
+        if np.isfinite(ppv_at):
+            pr_ax.plot([tpr_at], [ppv_at], "o", color="C3", ms=5)
+        pr_ax.set(title=f"{c} PR · AP {average_precision_score(y[:, k], p[:, k]):.3f} · {n_pos} pos",
+                  xlim=(0, 1), ylim=(0, 1.02))
+        roc_ax.set_xlabel("false positive rate", fontsize=8), roc_ax.set_ylabel("sensitivity", fontsize=8)
+        pr_ax.set_xlabel("recall", fontsize=8), pr_ax.set_ylabel("precision", fontsize=8)
+    for ax in axes:
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+    _save_figure(fig, out)
+
+
+def f1_curve(y, p, grid) -> np.ndarray:
+    """(G,) F1 of one class at each threshold of `grid` (positive when p > t; 0 when nothing is positive)."""
+    pred = p[None, :] > np.asarray(grid)[:, None]  # (G, N)
+    pos = (y == 1)[None, :]
+    tp, fp, fn = (pred & pos).sum(1), (pred & ~pos).sum(1), (~pred & pos).sum(1)
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def _plot_f1_threshold(splits: dict, thresholds, out: Path) -> None:
+    """Per class: F1 against the threshold on validation (where the threshold was tuned: its maximum over the
+    0.05 grid) and on test, the tuned threshold marked; 2 x 4 panels."""
+    grid = np.linspace(0.01, 0.99, 99)
+    fig, axes = _class_axes(2, 4, (3.3, 2.6))
+    for k, (c, ax) in enumerate(zip(CLASSES, axes)):
+        for (name, (y, p)), colour in zip(splits.items(), ("C0", "C1")):
+            ax.plot(grid, f1_curve(y[:, k], p[:, k], grid), color=colour, lw=1.4,
+                    label=f"{name} ({int(y[:, k].sum())} pos)")
+        ax.axvline(thresholds[k], color="C3", lw=1.2, label=f"tuned {thresholds[k]:.2f}")
+        ax.axvline(0.5, color="grey", lw=0.7, ls=":")
+        ax.set(title=f"{c} {CLASS_NAMES[c]}", xlim=(0, 1), ylim=(0, 1.02))
+        ax.set_xlabel("threshold", fontsize=8), ax.set_ylabel("F1", fontsize=8)
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="best")
+    _save_figure(fig, out)
+
+
+def _plot_colour_bar(out: Path) -> None:
+    """The heatmaps' scale: jet from 0 (no weight) to 1 (the map's own maximum)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 0.75))
+    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap="jet", extent=(0, 1, 0, 1))
+    ax.set_yticks([])
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+    ax.set_xlabel("heatmap weight (each map scaled to its own maximum)", fontsize=8)
+    ax.tick_params(labelsize=8)
+    _save_figure(fig, out)
 
 
 def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
@@ -283,20 +399,46 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
     a2.set_ylabel("patient × class cells per bin")
     a.set(xlabel="predicted probability", ylabel="observed frequency", title="reliability", xlim=(0, 1), ylim=(0, 1))
     a.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    _save_figure(fig, out)
 
 
-def _prepared_pairs(cfg: dict, ids: set[str]) -> dict[str, tuple[str, str]]:
-    """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed)."""
+def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
+    """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
+    the run's size or, with `px`, at that short side."""
     from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
     table, _ = find_pairs(cfg["data"])
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
     table = prepare_pairs(table, Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache(),
-                          cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
+                          px or cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
     return {str(r.id): (r.left_prepared, r.right_prepared) for r in table.itertuples() if r.status == "ok"}
+
+
+GALLERY_PX = 256  # px per eye in the run report's gallery: the prepared image, large enough to see a lesion
+ATTENTION_PX = 124  # the cross-attention maps (coarse: one value per token) beside them, smaller
+
+
+def _gallery_images(item: dict, paths: tuple[str, str], folder: Path, stem: str, rel_to: Path, px: int) -> dict:
+    """JPEGs of one explained pair (the prepared images, not the network's smaller view; the heatmaps, computed at
+    the network's size, upsampled bilinearly): {(eye, what): relative path}, what = "image" or a class name (at
+    `px`), or "attention" (at ATTENTION_PX)."""
+    from PIL import Image
+
+    files = {}
+    attended = {"left": item["attention"].get("right_to_left"), "right": item["attention"].get("left_to_right")}
+    for e, eye in enumerate(("left", "right")):
+        maps = {"image": None, **{CLASSES[k]: cams[e] for k, cams in item["cams"].items()}, "attention": attended[eye]}
+        for what, heat in maps.items():
+            if what == "attention" and heat is None:
+                continue
+            size = ATTENTION_PX if what == "attention" else px
+            view = network_view(paths[e], size)
+            if heat is not None:
+                heat = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((size, size), Image.BILINEAR))
+            path = folder / f"{stem}_{eye}_{what.replace(' ', '')}.jpg"
+            save_image(view if heat is None else overlay(view, np.clip(heat, 0, 1)), path)
+            files[eye, what] = path.relative_to(rel_to).as_posix()
+    return files
 
 
 def _gallery(run_dir: Path, files_dir: Path, ids, y, p, thresholds) -> list[str]:
@@ -306,29 +448,112 @@ def _gallery(run_dir: Path, files_dir: Path, ids, y, p, thresholds) -> list[str]
         return []
     explainer = Explainer(run_dir)
     paths = _prepared_pairs(explainer.config, {pid for _, _, pid in picks})
-    picks = [pk for pk in picks if pk[2] in paths]
+    px = max(GALLERY_PX, explainer.img_px)
+    # drawn on the photographs prepared at the gallery's size (a 64-px training copy, enlarged, shows no lesion);
+    # explained on the training copy, as the network saw it
+    run_px = explainer.config.get("prepare_px") or explainer.img_px
+    large = _prepared_pairs(explainer.config, set(paths), px) if px > run_px else paths
+    picks = [pk for pk in picks if pk[2] in paths and pk[2] in large]
     row_of = {pid: i for i, pid in enumerate(ids)}
     items = explainer.explain([paths[pid][0] for _, _, pid in picks], [paths[pid][1] for _, _, pid in picks],
                               [[CLASSES.index(c)] for c, _, _ in picks])
-    out = ["<h2>Gallery</h2><p>Per class: the most confident correct and the most confident wrong patient. "
-           "Both eyes as the network saw them, the class's Grad-CAM on each eye, and where each eye's tokens "
-           "attend in the other eye (cross-attention, averaged over heads and tokens). Red: most weight.</p>"]
+    _plot_colour_bar(files_dir / "colour_bar.png")
+    out = ["<h2 id=gallery>Gallery</h2><p class=note>Per class: the most confident correct and the most confident "
+           f"wrong patient of the split. Each eye at {px} px (the network saw it at {explainer.img_px} px) with the "
+           "class's "
+           "Grad-CAM on it; at the end, smaller, where the other eye's tokens attend in each eye (cross-attention, "
+           "averaged over heads and tokens). Each map is scaled to its own maximum: compare where, not how much, "
+           "between maps.</p>", _img("report_files/colour_bar.png", "", 416)]
     for (c, kind, pid), item in zip(picks, items):
-        files = write_heatmaps(item, files_dir, f"gallery_{c}_{kind.split()[-1]}_{pid}", run_dir)
+        files = _gallery_images(item, large[pid], files_dir, f"gallery_{c}_{kind.split()[-1]}_{_safe(pid)}", run_dir,
+                                px)
         i = row_of[pid]
         truth = ",".join(k for j, k in enumerate(CLASSES) if y[i, j]) or "none"
-        out.append(f"<h3>{_e(c)} · {_e(kind)}: patient {_e(pid)}</h3><p>p({_e(c)}) = {_num(p[i, CLASSES.index(c)])}"
-                   f" (threshold {_num(thresholds[CLASSES.index(c)])}) · true labels {_e(truth)}</p><div>"
-                   + "".join(_img(files[eye, what], f"{eye} · {label}") for eye in ("left", "right")
-                             for what, label in (("image", "image"), (c, f"Grad-CAM {c}"),
-                                                 ("attention", "attended by the other eye")))
-                   + "</div>")
+        k = CLASSES.index(c)
+        big = "".join(_img(files[eye, what], f"{eye} · {label}", px) for eye in ("left", "right")
+                      for what, label in (("image", "image"), (c, f"Grad-CAM {c}")))
+        small = "".join(_img(files[eye, "attention"], f"{eye} · attended", ATTENTION_PX) for eye in ("left", "right")
+                        if (eye, "attention") in files)
+        out.append(f"<div class=pick><h3>{_e(c)} {_e(CLASS_NAMES[c])} · {_e(kind)}: patient {_e(pid)}</h3>"
+                   f"<p>p({_e(c)}) = {_num(p[i, k])} (threshold {_num(thresholds[k], 2)}) · true labels "
+                   f"{_e(truth)}</p>{big}<div class=att>{small}</div></div>")
+    return out
+
+
+RUN_CSS = """body{max-width:1640px}.ci{color:#666;font-size:11px}#summary-head .ci{font-size:15px}
+figure{max-width:100%}figure img{max-width:100%;height:auto}p.note{color:#555;font-size:13px;max-width:1100px}
+#summary-head{font-size:20px;margin:.3em 0 .6em}#summary-head b{font-size:24px}.warn{background:#fff0c0;padding:6px}
+div.pick{margin:0 0 10px}div.pick h3{margin:.3em 0 0;font-size:15px}div.pick figure{vertical-align:top}
+div.att{display:inline-block;vertical-align:top;width:140px}div.att figure{margin:0 4px 2px}
+div.pick p{margin:.2em 0;font-size:13px}details{margin:.5em 0}"""
+
+
+def _summary(report: dict, cfg: dict) -> list[str]:
+    """The top of the run report: the headline figure (test official final vs the trivial predictor, with
+    intervals) and what the run was: preset, backbone, patients per split, date, duration."""
+    split = "test" if "test" in report else "validation"
+    r = report[split]
+    ci = r.get("ci95") or {}
+    final, trivial = r["odir"]["final"], r.get("trivial", {}).get("odir", {}).get("final")
+    head = (f"{split} official ODIR-2019 final <b>{_ci(final, _at(ci, 'odir', 'final'))}</b>"
+            + (f" · trivial predictor {_ci(trivial, _at(ci, 'baseline', 'final'))}" if trivial is not None else ""))
+    diff = _at(ci, "baseline", "final_difference")
+    if trivial is not None:
+        head += f" · difference {final - trivial:+.3f}" + (f" <span class=ci>[{diff[0]:+.2f}, {diff[1]:+.2f}]</span>"
+                                                          if diff else "")
+    head += f" ({r['patients']} patients{'' if split == 'test' else ', optimistic: no test split'})"
+    counts = report.get("counts") or {k: v for k, v in report.get("data", {}).items() if isinstance(v, int)}
+    duration = report.get("duration_s")
+    rows = [["patients", " · ".join(f"{k} {v}" for k, v in counts.items())],
+            ["preset · backbone", f"{_e(cfg.get('preset', '?'))} · {_e(cfg.get('backbone', '?'))}"
+             f"{' (ImageNet-pretrained)' if cfg.get('pretrained') else ' (from scratch)'} · "
+             f"{_e(cfg.get('img_px'))} px"],
+            ["epochs", f"{_e(cfg.get('epochs', '?'))}; best {_e(report.get('best_epoch', '?'))} by validation "
+                       f"{_e(report.get('selected_by', '?'))}"],
+            ["started · finished (UTC)", f"{_e(report.get('started', 'not recorded'))} · "
+                                         f"{_e(report.get('finished', 'not recorded'))}"],
+            ["duration", "not recorded" if duration is None else
+             _duration(duration) + (" (this process: the run was resumed)" if report.get("resumed") else "")],
+            ["data", _e(report.get("data", {}).get("folder", cfg.get("data", "?")))],
+            ["commit", _e(report.get("commit", "?"))]]
+    out = [f"<p id=summary-head>{head}</p>"]
+    data = str(report.get("data", {}).get("folder", cfg.get("data", "")))
+    if "synthetic" in Path(data).parts or (Path(data) / "COMPLETE.json").is_file():
+        out.append("<p class=warn><b>Synthetic demo data</b>: generated pictures, not patients. These figures "
+                   "test the tooling and mean nothing medically.</p>")
+    return out + [_table(["run", _e(report.get("run", ""))], rows, "summary", left_cols=2)]
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s"
+
+
+def _split_figures(run_dir: Path, report: dict) -> dict[str, tuple]:
+    """{"validation"/"test": (ids, y, p)} from the predictions CSVs; report.json's splits without per-class rates
+    or intervals (runs from before they existed) get them computed from these."""
+    from model.metrics import bootstrap_intervals, class_rates
+
+    out = {}
+    thresholds = [float(report["thresholds"][c]) for c in CLASSES]
+    for split, name in (("validation", "val"), ("test", "test")):
+        path = run_dir / f"predictions_{name}.csv"
+        if split not in report or not path.is_file():
+            continue
+        ids, y, p = read_predictions(path)
+        out[split] = (ids, y, p)
+        report[split].setdefault("per_class", class_rates(y, p, thresholds))
+        if "ci95" not in report[split]:
+            report[split]["ci95"] = bootstrap_intervals(y, p, thresholds, seed=report.get("config", {}).get("seed", 0))
     return out
 
 
 def write_run_report(run_dir) -> Path:
     """`RUN/report.html` from report.json, config.json, metrics.csv, curves.png, the predictions CSVs and best.pt.
 
+    The summary first (test official final against the trivial predictor, with 95 % intervals; patients, preset,
+    date, duration), then per split the official score and one per-class table with intervals, the per-class
+    ROC/PR and F1-versus-threshold panels, calibration, the training curves, a gallery and the config.
     Images go to `RUN/report_files/`. The gallery uses the test split (validation when the run has none) and needs
     best.pt and the run's data folder (from config.json) for the prepared images; it is skipped when either is
     missing. Returns the page's path.
@@ -347,42 +572,51 @@ def write_run_report(run_dir) -> Path:
     files_dir = run_dir / "report_files"
     files_dir.mkdir(exist_ok=True)
     thresholds = [float(report["thresholds"][c]) for c in CLASSES]
-    body = [_e(f"commit {report.get('commit', '?')} · best epoch {report.get('best_epoch', '?')}"),
-            "<h2>Data</h2>", _table(list(report["data"]), [[_e(v) for v in report["data"].values()]], "data")]
+    predictions = _split_figures(run_dir, report)
+    body = _summary(report, cfg)
     for name in ("Test", "Validation"):
         if name.lower() in report:
-            body += _split_section(name, report[name.lower()])
-    cal = report.get("calibration", {})
-    per_class = [[_e(k), *(_num(v, 3) for v in vals)] for k, vals in cal.items()
-                 if isinstance(vals, list) and len(vals) == len(CLASSES)]  # e.g. Platt's a, b
-    body += ["<h2>Thresholds and calibration</h2>",
-             _table(["", *CLASSES], [["tuned on validation", *(_num(t, 2) for t in thresholds)]], "thresholds"),
-             f"<p>Calibration of the probabilities: {_e(cal.get('method', 'none'))}</p>"]
-    if per_class:
-        body.append(_table(["parameter", *CLASSES], per_class, "calibration"))
-    if (run_dir / "curves.png").is_file():
-        body += ["<h2>Training curves</h2>", _img("curves.png", "loss and F1 per epoch (metrics.csv)")]
-    split = "test" if (run_dir / "predictions_test.csv").is_file() else "val"
-    pred_path = run_dir / f"predictions_{split}.csv"
-    if pred_path.is_file():
-        ids, y, p = read_predictions(pred_path)
-        _plot_curves(y, p, files_dir / f"roc_pr_{split}.png")
-        _plot_reliability(y, p, files_dir / f"reliability_{split}.png")
+            body += _split_section(name, report[name.lower()], thresholds)
+    split = "test" if "test" in predictions else "validation" if "validation" in predictions else None
+    if split:
+        ids, y, p = predictions[split]
+        short = "test" if split == "test" else "val"
+        _plot_roc_pr(y, p, thresholds, files_dir / f"roc_pr_{short}.png")
+        _plot_f1_threshold({s: predictions[s][1:] for s in ("validation", "test") if s in predictions}, thresholds,
+                           files_dir / "f1_threshold.png")
+        _plot_reliability(y, p, files_dir / f"reliability_{short}.png")
         counts = confusion_counts(y, p, thresholds)
-        body += [f"<h2>Per class on the {'test' if split == 'test' else 'validation'} split "
-                 f"({len(ids)} patients, {pred_path.name})</h2>",
-                 _img(f"report_files/roc_pr_{split}.png", "ROC and precision-recall per class"),
-                 _img(f"report_files/reliability_{split}.png", "reliability of the calibrated probabilities"),
+        body += [f"<h2>Curves per class on the {split} split ({len(ids)} patients)</h2>",
+                 "<p class=note>ROC and precision-recall per class; the dot is the tuned threshold's operating point, "
+                 "the dotted line chance (for PR: the prevalence).</p>",
+                 _img(f"report_files/roc_pr_{short}.png", "ROC and precision-recall per class", 1240),
+                 "<h3>F1 against the threshold</h3><p class=note>Each class's threshold was tuned on validation to "
+                 "its best F1 (0.05 grid); the test curve shows how well that choice carries over.</p>",
+                 _img("report_files/f1_threshold.png", "F1 against the threshold per class", 1240),
                  "<h3>Confusion counts at the tuned thresholds</h3>",
                  _table(["class", "threshold", "TP", "FP", "FN", "TN"],
                         [[c, _num(t, 2), *(str(counts[c][k]) for k in ("TP", "FP", "FN", "TN"))]
                          for c, t in zip(CLASSES, thresholds)], "confusion")]
-        if (run_dir / "best.pt").is_file() and cfg.get("data"):
-            body += _gallery(run_dir, files_dir, ids, y, p, thresholds)
-    body += ["<h2>Config</h2>", _table(["field", "value"], [[_e(k), _e(v)] for k, v in cfg.items()], "config",
-                                      left_cols=2)]
-    body.append(f"<p>written in {time.perf_counter() - t0:.1f} s</p>")
-    return _write_page(run_dir / "report.html", _page(f"run {report.get('run', run_dir.name)}", body))
+    cal = report.get("calibration", {})
+    per_class = [[_e(k), *(_num(v, 3) for v in vals)] for k, vals in cal.items()
+                 if isinstance(vals, list) and len(vals) == len(CLASSES)]  # e.g. Platt's a, b
+    body += ["<h2>Calibration</h2>",
+             f"<p>Calibration of the probabilities: {_e(cal.get('method', 'none'))} (fitted on validation)</p>"]
+    if per_class:
+        body.append(_table(["parameter", *CLASSES], per_class, "calibration"))
+    if split:
+        body.append(_img(f"report_files/reliability_{short}.png", f"reliability on the {split} split", 560))
+    if (run_dir / "curves.png").is_file():
+        body += ["<h2>Training curves</h2>", _img("curves.png", "per epoch, from metrics.csv; dotted: the best epoch",
+                                                  1240)]
+    if split and (run_dir / "best.pt").is_file() and cfg.get("data"):
+        ids, y, p = predictions[split]
+        body += _gallery(run_dir, files_dir, ids, y, p, thresholds)
+    body += ["<h2>Config</h2><details><summary>every setting of the run (config.json)</summary>",
+             _table(["field", "value"], [[_e(k), _e(v)] for k, v in cfg.items()], "config", left_cols=2),
+             "</details>"]
+    body.append(f"<p class=note>written in {time.perf_counter() - t0:.1f} s</p>")
+    return _write_page(run_dir / "report.html", _page(f"run {report.get('run', run_dir.name)}", body, RUN_CSS))
 
 
 # ----------------------------------------------------------------------------------------------- folder report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import re
 import shutil
@@ -16,18 +17,20 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.constants import CLASSES
+from pipeline.constants import CLASS_NAMES, CLASSES
 from pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
 
 
 class RunLog:
     """`runs/NAME/metrics.csv` (one row per epoch, rewritten atomically) and `curves.png` drawn from it; with
-    tensorboard=True also every number of the row as a TensorBoard scalar (RUN/tensorboard, x = epoch)."""
+    tensorboard=True also every number of the row as a TensorBoard scalar (RUN/tensorboard, x = epoch).
+    `select_metric`: the config's `select_metric` (f1_macro, auc_macro, loss), plotted with its best epoch marked."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, select_metric: str | None = None):
         self.dir = run_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv = run_dir / "metrics.csv"
+        self.select_metric = select_metric
         self.tb = _tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
 
     def history(self) -> list[dict]:
@@ -41,7 +44,7 @@ class RunLog:
         rows = [r for r in self.history() if keep_epochs_below is None or int(r["epoch"]) < keep_epochs_below]
         rows.append({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
         with atomic_write(self.csv, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[-1]))
+            w = csv.DictWriter(f, fieldnames=list(rows[-1]))  # rows of an older run may lack new columns: blank
             w.writeheader()
             w.writerows(rows)
         self.plot(rows)
@@ -52,23 +55,94 @@ class RunLog:
             self.tb.flush()
 
     def plot(self, rows):
-        import matplotlib
+        """curves.png (atomically): losses that compare like with like, the selection metric with the best epoch
+        marked, and the F1 / official-score curves; integer epochs."""
+        plot_curves(rows, self.dir / "curves.png", self.select_metric)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        ep = [int(r["epoch"]) for r in rows]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for key in ("train_loss", "val_loss"):
-            a.plot(ep, [float(r[key]) for r in rows], marker="o", label=key)
-        for key in ("train_f1_macro", "val_f1_macro", "val_f1_micro", "val_odir"):
-            b.plot(ep, [float(r[key]) for r in rows], marker="o", label=key)
-        a.set_xlabel("epoch"), b.set_xlabel("epoch"), a.legend(), b.legend(), b.set_ylim(0, 1)
-        a.set_title("loss"), b.set_title("F1 macro/micro at 0.5; ODIR = official score")
-        fig.tight_layout()
-        with atomic_write(self.dir / "curves.png", "wb") as f:  # a kill mid-write leaves the old picture, never 0 bytes
-            fig.savefig(f, dpi=90, format="png")
-        plt.close(fig)
+SELECT_COLUMNS = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}  # config → column
+
+
+def best_epoch(rows: list[dict], select_metric: str | None) -> int | None:
+    """The epoch train.py saved as best.pt: the first with the highest selection metric (the lowest loss)."""
+    column = SELECT_COLUMNS.get(select_metric or "")
+    values = [(_float(r.get(column)), int(r["epoch"])) for r in rows] if column else []
+    values = [(v if select_metric != "loss" else -v, e) for v, e in values if v is not None and math.isfinite(v)]
+    return max(values, key=lambda ve: (ve[0], -ve[1]))[1] if values else None
+
+
+def plot_curves(rows: list[dict], out: Path, select_metric: str | None = None) -> None:
+    """curves.png from metrics.csv rows (`curves_figure`), written atomically at 150 dpi."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, select_metric)
+    with atomic_write(out, "wb") as f:  # a reader (the report, a browser) never sees half a PNG
+        fig.savefig(f, format="png", dpi=150)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict], select_metric: str | None = None):
+    """Three panels from metrics.csv rows: loss (the training patient loss beside the validation loss: the same
+    function of the same outputs; the total with the per-eye term dashed when it differs), the selection metric
+    with its best epoch starred, and F1 macro/micro at 0.5 with the official ODIR score. Integer epochs; the best
+    epoch is a dotted line on each panel. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [int(r["epoch"]) for r in rows]
+
+    def series(key):
+        return [_float(r.get(key)) for r in rows]
+
+    def draw(ax, key, label, **kw):
+        ys = series(key)
+        pts = [(e, y) for e, y in zip(ep, ys) if y is not None and math.isfinite(y)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3.5, label=label, **kw)
+        return bool(pts)
+
+    best = best_epoch(rows, select_metric)
+    column = SELECT_COLUMNS.get(select_metric or "")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.9))
+    patient = any(r.get("train_patient_loss") not in (None, "") for r in rows)
+    draw(a, "train_patient_loss" if patient else "train_loss", "train (patient loss)" if patient else "train")
+    draw(a, "val_loss", "validation")
+    if patient and any(_float(r.get("train_loss")) != _float(r.get("train_patient_loss")) for r in rows):
+        draw(a, "train_loss", "train, with the per-eye term", ls="--", color="grey", alpha=0.7)
+    a.set(title="loss (same function: patient labels)", ylabel="loss")
+    if column and draw(b, column, f"validation {select_metric.replace('_', ' ')}", color="C3"):
+        if best is not None:
+            v = _float(next(r for r in rows if int(r["epoch"]) == best).get(column))
+            b.plot([best], [v], marker="*", ms=14, color="C3", ls="none", label=f"best: epoch {best}, {v:.3f}")
+        b.set(title=f"selection metric: validation {select_metric.replace('_', ' ')}")
+    else:
+        b.set(title="selection metric: not recorded")
+    for key, label in (("train_f1_macro", "train F1 macro"), ("val_f1_macro", "val F1 macro"),
+                       ("val_f1_micro", "val F1 micro"), ("val_odir", "val ODIR final (official)")):
+        draw(c, key, label)
+    c.set(title="F1 at 0.5 and the official ODIR score", ylim=(0, 1))
+    for ax in (a, b, c):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        if ep:
+            ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
+        if best is not None:
+            ax.axvline(best, color="k", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _float(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _tensorboard_writer(folder: Path):
@@ -97,27 +171,56 @@ def print_epoch(row: dict, header: bool):
 
 
 def print_final_report(report: dict, best_path: Path) -> None:
-    """The final figures of report.json: per split, the model at 0.5 and at the tuned thresholds beside the
-    trivial predictor (per-class F1, then per-class AUC), the official ODIR score and the calibration error."""
+    """The final figures of report.json, each with its 95 % bootstrap interval over patients when report.json has
+    them: per split, the official ODIR score of the model and of the trivial predictor (and their paired
+    difference), F1 micro/macro and AUC macro at the tuned thresholds and at 0.5, per class the positives, F1 and
+    AUC, and the calibration error."""
+    from model.metrics import format_interval
+
     cal = report["calibration"]
-    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}; probabilities "
-          f"calibrated per class ({cal['method']}) and thresholds tuned on validation")
+    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
+          f"probabilities calibrated per class ({cal['method']}) and thresholds tuned on validation")
     for split in ("validation", "test"):
         if split not in report:
             continue
         r = report[split]
+        ci = r.get("ci95") or {}
+
+        def fig(value, *path):  # "0.656 [0.62, 0.69]": the figure and its interval at ci[path...], if any
+            bounds = ci if path else None
+            for key in path:
+                bounds = (bounds or {}).get(key)
+            return f"{format_interval(value, bounds):<19}"
+
         print(f"{split} ({r['patients']} patients)"
               + ("   — scored once, never used to choose anything" if split == "test" else "   — picked the epoch, "
                  "fitted calibration and thresholds: optimistic"))
-        print(f"  {'':<30}F1 micro  F1 macro  AUC macro   " + "  ".join(f"{c:>5}" for c in CLASSES))
-        rows = (("model, tuned thresholds", r["tuned"], "f1"), ("model, threshold 0.5", r["at_0.5"], "f1"),
-                ("trivial predictor", r["trivial"]["at_0.5"], "f1"), ("model, per-class AUC", r["at_0.5"], "auc"))
-        for label, m, per in rows:
-            f1s = f"{m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}" if per == "f1" else f"{'':8}  {'':8}"
-            print(f"  {label:<30}{f1s}  {m['auc_macro']:9.3f}   " + "  ".join(f"{m[per][c]:5.3f}" for c in CLASSES))
-        for label, o in (("model", r["odir"]), ("trivial", r["trivial"]["odir"])):
-            print(f"  official ODIR score, {label:<7} (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
-                  f"AUC {o['auc']:.3f} · final {o['final']:.3f}")
+        if ci:
+            print(f"  [95 % intervals: percentile bootstrap over patients, {ci['resamples']} resamples, "
+                  f"seed {ci['seed']}]")
+        print("  official ODIR-2019 score (cells flattened, threshold 0.5)")
+        print(f"  {'':<24}  {'kappa':<19}  {'F1':<19}  {'AUC':<19}  final")
+        for label, o, key in (("model", r["odir"], "odir"), ("trivial", r["trivial"]["odir"], None)):
+            cells = [fig(o[k], key, k) if key else fig(o[k]) for k in ("kappa", "f1", "auc")]
+            final = fig(o["final"], key, "final") if key else fig(o["final"], "baseline", "final")
+            print(f"  {label:<24}  " + "  ".join(cells) + f"  {final}".rstrip())
+        if (ci.get("baseline") or {}).get("final_difference"):
+            diff = r["odir"]["final"] - r["trivial"]["odir"]["final"]
+            lo, hi = ci["baseline"]["final_difference"]
+            print(f"  official final, model − trivial: {diff:+.3f} [{lo:+.2f}, {hi:+.2f}] "
+                  "(paired: the same resamples)")
+        print(f"  {'multi-label':<24}  {'F1 micro':<19}  {'F1 macro':<19}  AUC macro")
+        for label, m, key in (("model, tuned thresholds", r["tuned"], "tuned"),
+                              ("model, threshold 0.5", r["at_0.5"], "at_0.5"),
+                              ("trivial, threshold 0.5", r["trivial"]["at_0.5"], None)):
+            cells = [fig(m[k], key, k) if key else fig(m[k]) for k in ("f1_micro", "f1_macro", "auc_macro")]
+            print(f"  {label:<24}  " + "  ".join(cells).rstrip())
+        positives = (r.get("per_class") or {}).get("positives", {})
+        print(f"  {'per class':<15}{'positives':>9}  {'F1, tuned':<19}  {'F1 at 0.5':<19}  AUC")
+        for c in CLASSES:
+            print(f"  {c + ' ' + CLASS_NAMES[c]:<15}{positives.get(c, ''):>9}  "
+                  f"{fig(r['tuned']['f1'][c], 'tuned', 'f1', c)}  {fig(r['at_0.5']['f1'][c], 'at_0.5', 'f1', c)}  "
+                  f"{fig(r['at_0.5']['auc'][c], 'at_0.5', 'auc', c)}".rstrip())
         e = r["calibration_error"]
         print(f"  calibration error (all cells): ECE {e['ece_before']:.3f} → {e['ece_after']:.3f} · Brier "
               f"{e['brier_before']:.3f} → {e['brier_after']:.3f}")

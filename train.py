@@ -145,6 +145,7 @@ def main(argv=None):
 
 
 def _main(argv=None):
+    started = time.time()  # report.json's start time and duration (of this process: a resume starts again)
     cfg = parse_config(argv, description=__doc__)  # with --resume: the run's config (+ a larger --epochs)
     resume_dir = resume_folder(cfg.resume) if cfg.resume else None
     rank, world, device = setup_distributed()
@@ -195,7 +196,8 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop), train_tab, val_tab, test_tab)
+            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started), train_tab, val_tab,
+                         test_tab)
         finally:
             stop.restore()
         if stop.signum is not None:  # stopped by a signal: say so with the shell's status (130/143), not 0
@@ -216,6 +218,7 @@ class Run:
     run_dir: Path | None
     resume_dir: Path | None
     stop: StopRequest
+    started: float = dataclasses.field(default_factory=time.time)  # time.time() when the process started
 
     @property
     def is_main(self) -> bool:
@@ -298,7 +301,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
 
     # The baseline every number is read against: always predict the training prevalence.
     trivial = evaluate(y_val, np.broadcast_to(y_train.mean(0), y_val.shape).copy())
-    log = RunLog(run.run_dir, tensorboard=cfg.tensorboard) if run.is_main else None
+    log = RunLog(run.run_dir, tensorboard=cfg.tensorboard, select_metric=cfg.select_metric) if run.is_main else None
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -344,6 +347,7 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
     cfg, device, world = run.cfg, run.device, run.world
     t0, data_s = time.perf_counter(), 0.0
     loss_sum = torch.zeros((), device=device)
+    patient_sum = torch.zeros((), device=device)  # the patient-label loss alone: what the validation loss measures
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite micro-step, no host sync
     train_probs, train_rows = [], []
     n_batches = len(loader)
@@ -359,6 +363,7 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
         eyes = eye_targets[index.to(eye_targets.device)] if eye_targets is not None else None
         loss, logits = stepper.step(left, right, labels, update, eyes)
         loss_sum += loss
+        patient_sum += stepper.loss_fn(logits.float(), labels.float())  # (an ensemble's: of its mean logits)
         micro_done += 1
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), micro0 + micro, first_bad)
         train_probs.append(torch.sigmoid(logits.float()))
@@ -385,6 +390,7 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
     epoch_s = time.perf_counter() - t0
     train_m = multilabel_metrics(torch.cat(train_rows).cpu().numpy(), torch.cat(train_probs).cpu().numpy())
     return {"epoch": epoch + 1, "step": progress.step, "train_loss": loss_sum.item() / max(1, micro_done),
+            "train_patient_loss": patient_sum.item() / max(1, micro_done),
             "train_f1_macro": train_m["f1_macro"],
             "pairs_per_s": micro_done * cfg.batch_size * world / epoch_s, "data_s": data_s,
             "data_pct": 100 * data_s / epoch_s,  # time blocked waiting for the pipeline
@@ -414,7 +420,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
            "train_f1_macro": row["train_f1_macro"], "val_f1_micro": at_half["f1_micro"],
            "val_f1_macro": at_half["f1_macro"], "val_odir": metrics["odir"]["final"],
            "val_auc_macro": at_half["auc_macro"], **{f"f1_{c}": at_half["f1"][c] for c in CLASSES},
-           **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s}
+           **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s,
+           "train_patient_loss": row["train_patient_loss"]}  # new columns at the end: readers by position keep working
     log.append(row, keep_epochs_below=row["epoch"])
     print_epoch(row, header=header)
     score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
@@ -486,10 +493,12 @@ def write_html_report(run_dir: Path) -> None:
 
 
 def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> dict:
-    """report.json (every final figure) and one predictions CSV per split (id, true labels, probabilities)."""
+    """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
+    predictions CSV per split (id, true labels, probabilities)."""
     import pandas as pd
 
     from model.calibration import apply_calibration, brier_score, expected_calibration_error
+    from model.metrics import bootstrap_intervals, class_rates
     from pipeline.host import atomic_write, write_text_atomic
     from pipeline.odir import label_matrix
 
@@ -503,23 +512,38 @@ def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> d
               "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
               "thresholds": dict(zip(CLASSES, thresholds.tolist())),
               # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
-              "calibration": ckpt.get("calibration") or {"method": "none"}}
+              "calibration": ckpt.get("calibration") or {"method": "none"},
+              "counts": {"train": len(y_train), **{k: len(t) for k, t in tables.items()}},
+              "started": _iso(run.started), "resumed": run.resume_dir is not None}
+    bootstrap_s = 0.0
     for split, table in tables.items():
         y = label_matrix(table)
         raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], report["calibration"])
         trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
+        t0 = time.perf_counter()  # the same patients resampled, seeded: the same run gives the same intervals
+        ci95 = bootstrap_intervals(y, probs, thresholds, baseline=trivial, seed=run.cfg.seed)
+        bootstrap_s += time.perf_counter() - t0
         report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
                          "trivial": evaluate(y, trivial),
                          "calibration_error": {"ece_before": expected_calibration_error(raw, y),
                                                "ece_after": expected_calibration_error(probs, y),
-                                               "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)}}
+                                               "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)},
+                         "per_class": class_rates(y, probs, thresholds), "ci95": ci95}  # at the tuned thresholds
         frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
                               **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
         with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
             frame.to_csv(f, index=False, float_format="%.8f")
+    report["bootstrap_s"] = round(bootstrap_s, 2)
+    finished = time.time()
+    report.update(finished=_iso(finished), duration_s=round(finished - run.started, 1))
     report = _plain(report)
     write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _iso(t: float) -> str:
+    """A time.time() as UTC ISO 8601 to the second: 2026-12-06T02:25:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _plain(obj):

@@ -10,6 +10,8 @@ Two definitions, never to be mixed in one table (see docs/ODIR.md):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from pipeline.constants import CLASSES
@@ -154,3 +156,182 @@ def tune_thresholds(y_true, probs, grid=DEFAULT_THRESHOLD_GRID) -> np.ndarray:
         if pos[0, :, c].any():
             out[c] = grid[order[np.argmax(f1[order, c])]]
     return out
+
+
+# ----------------------------------------------------------------------------------------------- how sure: bootstrap
+
+BOOTSTRAP_RESAMPLES = 1000
+PER_CLASS_RATES = ("sensitivity", "specificity", "ppv")  # at a threshold, per class; with F1 and AUC the report's table
+
+
+def resample_counts(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, n) int: how many times each of n patients is drawn in each bootstrap resample (n draws with
+    replacement). A resample's figure is the figure on the patients weighted by these counts."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (B, n)
+    flat = (idx + n * np.arange(resamples)[:, None]).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n)
+
+
+def _weighted_auc(pos: np.ndarray, scores: np.ndarray, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """(B,) ROC AUC of 0/1 labels `pos` (M,) under B weightings w (B, M) of the M items: the Mann-Whitney statistic
+    with each item counted w times (ties one half), nan where the positives' or the negatives' weight is 0.
+    With `rows` (M,), item m's weight is w[:, rows[m]] (the cells of a patient share the patient's weight)."""
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], pos[order]  # (M,) in score order
+    w = w[:, order if rows is None else rows[order]]  # (B, M)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # (G,) where each run of tied scores starts
+    w_pos = w * y  # (B, M)
+    pos_g = np.add.reduceat(w_pos, starts, axis=1)  # (B, G) positive weight of each run of tied scores
+    neg_g = np.add.reduceat(w - w_pos, starts, axis=1)  # (B, G) negative weight
+    below = np.cumsum(neg_g, axis=1) - neg_g  # (B, G) negative weight strictly below each run
+    n_pos, n_neg = pos_g.sum(1), neg_g.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), (pos_g * (below + 0.5 * neg_g)).sum(1) / (n_pos * n_neg), np.nan)
+
+
+def _ratio(num, den):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _counted(y: np.ndarray, p: np.ndarray, thr: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Figures at per-class thresholds under weightings w (B, N): F1 micro/macro, per-class F1, sensitivity,
+    specificity, PPV (B, K; nan where undefined: no positive, no negative, no predicted positive)."""
+    pos, pred = y == 1, p > thr[None, :]  # (N, K)
+    tp, fp = w @ (pred & pos), w @ (pred & ~pos)  # (B, K) weighted confusion counts
+    fn, tn = w @ (~pred & pos), w @ (~pred & ~pos)
+    f1 = np.nan_to_num(_ratio(2 * tp, 2 * tp + fp + fn))  # zero_division=0, as multilabel_metrics
+    stp, sfp, sfn = tp.sum(1), fp.sum(1), fn.sum(1)
+    # A class's own F1 counts as undefined in a resample that drew none of its positives (its 0 there says nothing
+    # about the model, and would drag a rare class's interval down to 0); the macro mean keeps the 0, as defined.
+    return dict(f1_micro=np.nan_to_num(_ratio(2 * stp, 2 * stp + sfp + sfn)), f1_macro=f1.mean(1),
+                f1=np.where(tp + fn > 0, f1, np.nan),
+                sensitivity=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp))
+
+
+def _official(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The official ODIR score's figures (B,) under weightings w (B, N) of the patients (`odir_score`)."""
+    n, k = y.shape
+    out = {"odir.auc": _weighted_auc(y.ravel() == 1, p.ravel(), w, rows=np.arange(n * k) // k)}  # (N*K,) cells
+    # kappa and F1 (= accuracy) from the pooled confusion counts at 0.5
+    pos, pred = (y == 1).astype(np.float64), (p > 0.5).astype(np.float64)
+    total = w.sum(1) * k
+    agree = (w @ (pos * pred + (1 - pos) * (1 - pred))).sum(1)
+    p_true, p_pred = (w @ pos).sum(1) / total, (w @ pred).sum(1) / total
+    acc = agree / total
+    chance = p_true * p_pred + (1 - p_true) * (1 - p_pred)
+    out["odir.kappa"] = _ratio(acc - chance, 1 - chance)
+    out["odir.f1"] = acc
+    out["odir.final"] = (out["odir.kappa"] + acc + out["odir.auc"]) / 3
+    return out
+
+
+def _resampled(y: np.ndarray, p: np.ndarray, thr: np.ndarray | None, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Every bootstrapped figure under weightings w (B, N) of the patients: flat name → (B,) or (B, K)."""
+    k = y.shape[1]
+    auc = np.stack([_weighted_auc(y[:, c] == 1, p[:, c], w) for c in range(k)], axis=1)  # (B, K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no AUC defined: nan, as multilabel_metrics
+        auc_macro = np.nanmean(auc, axis=1)
+    out = _official(y, p, w)
+    at_half = _counted(y, p, np.full(k, 0.5), w)
+    for name, figures in (("at_0.5", at_half), ("tuned", _counted(y, p, thr, w) if thr is not None else None)):
+        if figures is None:
+            continue
+        out.update({f"{name}.f1_micro": figures["f1_micro"], f"{name}.f1_macro": figures["f1_macro"],
+                    f"{name}.auc_macro": auc_macro, f"{name}.f1": figures["f1"], f"{name}.auc": auc})
+        if name == "tuned" or thr is None:
+            out.update({f"per_class.{r}": figures[r] for r in PER_CLASS_RATES})
+    return out
+
+
+def class_rates(y_true, probs, thresholds=0.5, classes=CLASSES) -> dict:
+    """Per class at `thresholds` (positive when prob > threshold): positives (patients), prevalence, sensitivity,
+    specificity and PPV (nan when undefined: no positive, no negative, no predicted positive)."""
+    y, p = _check(y_true, probs)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (y.shape[1],))
+    r = _counted(y, p, thr, np.ones((1, len(y))))
+    out = {"positives": dict(zip(classes, (int(v) for v in y.sum(0)))),
+           "prevalence": dict(zip(classes, (float(v) for v in y.mean(0)))) if len(y) else {}}
+    out.update({name: dict(zip(classes, (float(v) for v in r[name][0]))) for name in PER_CLASS_RATES})
+    return out
+
+
+def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0, level: float = 0.95, min_defined: float = 0.5, classes=CLASSES,
+                        chunk_cells: int = 2_000_000) -> dict:
+    """Percentile bootstrap over patients: the `level` interval of every figure of `odir_score`,
+    `multilabel_metrics` (at 0.5, and at `thresholds` when given) and `class_rates`.
+
+    Patients (rows) are drawn with replacement, `resamples` times (numpy's default_rng(seed): the same inputs and
+    seed give the same intervals); each figure is recomputed on every resample and its interval is the
+    ((1 - level) / 2, (1 + level) / 2) quantiles of those values. A figure undefined in a resample (a class's AUC,
+    sensitivity or F1 with no positive patient drawn, specificity with no negative, PPV with none predicted) skips
+    that resample; `used` says how many resamples such a figure had, and with fewer than `min_defined` x
+    `resamples` it gets no interval (None).
+
+    Args:
+        y_true: (N, K) 0/1 ground truth, one row per patient.
+        probs: (N, K) predicted probabilities.
+        thresholds: (K,) per-class thresholds for the "tuned" figures and the per-class rates (0.5 when None).
+        baseline: optional (N, K) probabilities of another predictor (the trivial one) on the same patients: its
+            official final's interval, and that of the paired difference final(probs) - final(baseline), drawn
+            from the same resamples.
+
+    Returns:
+        dict mirroring report.json's split: ``odir`` {kappa, f1, auc, final}, ``at_0.5`` and ``tuned``
+        {f1_micro, f1_macro, auc_macro, f1 {class}, auc {class}}, ``per_class`` {sensitivity, specificity, ppv:
+        {class}}, each [lo, hi] or None; ``baseline`` {final, final_difference} with `baseline`; and
+        ``resamples``, ``seed``, ``level``, ``used`` {"tuned.auc.H": n, ...: only the figures undefined in
+        some resamples}.
+    """
+    y, p = _check(y_true, probs)
+    n, k = y.shape
+    if len(classes) != k:
+        raise ValueError(f"{len(classes)} class names for {k} columns")
+    thr = None if thresholds is None else np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (k,))
+    counts = resample_counts(n, resamples, seed).astype(np.float64)  # (B, N)
+    if baseline is not None:
+        _, base = _check(y_true, baseline)
+    step = max(1, chunk_cells // max(1, n * k))  # resamples per chunk: bounds the (B, N*K) temporaries
+    parts = []
+    for s in range(0, resamples, step):
+        w = counts[s:s + step]
+        figures = _resampled(y, p, thr, w)
+        if baseline is not None:
+            base_final = _official(y, base, w)["odir.final"]
+            figures["baseline.final"] = base_final
+            figures["baseline.final_difference"] = figures["odir.final"] - base_final
+        parts.append(figures)
+    samples = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    q = ((1 - level) / 2, (1 + level) / 2)
+    out: dict = {"resamples": resamples, "seed": seed, "level": level, "used": {}}
+
+    def interval(values: np.ndarray, name: str):
+        ok = np.isfinite(values)
+        if ok.sum() < resamples:
+            out["used"][name] = int(ok.sum())
+        if ok.sum() < max(1, min_defined * resamples):
+            return None
+        lo, hi = np.quantile(values[ok], q)
+        return [float(lo), float(hi)]
+
+    for name, values in samples.items():
+        group, figure = name.rsplit(".", 1)
+        target = out.setdefault(group, {})
+        if values.ndim == 2:  # per class
+            target[figure] = {c: interval(values[:, j], f"{name}.{c}") for j, c in enumerate(classes)}
+        else:
+            target[figure] = interval(values, name)
+    return out
+
+
+def format_interval(value, ci, digits: int = 3) -> str:
+    """`0.656 [0.62, 0.69]`: a figure with its interval (one digit fewer); `n/a` for an undefined figure, the
+    figure alone when it has no interval."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    text = f"{float(value):.{digits}f}"
+    if ci:
+        text += f" [{ci[0]:.{max(1, digits - 1)}f}, {ci[1]:.{max(1, digits - 1)}f}]"
+    return text

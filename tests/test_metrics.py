@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.constants import CLASSES
-from model.metrics import multilabel_metrics, odir_score, tune_thresholds
+from model.metrics import bootstrap_intervals, multilabel_metrics, odir_score, tune_thresholds
 
 
 def _random_problem(seed=0, n=200):
@@ -133,3 +133,115 @@ def test_numpy_metrics_equal_sklearn_with_ties():
         assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
     with pytest.raises(ValueError, match="one class"):
         roc_auc(np.zeros(5), np.linspace(0, 1, 5))
+
+
+# ----------------------------------------------------------------------------------------------- bootstrap intervals
+
+
+def test_each_resample_is_the_metric_on_the_drawn_patients():
+    """The vectorised, count-weighted figures equal the plain metrics on the explicitly resampled rows (ties too)."""
+    from model.metrics import _resampled, class_rates, resample_counts
+
+    y, p = _random_problem(6, n=120)
+    p = np.round(p, 1)  # ties inside and across classes
+    thr = np.linspace(0.3, 0.65, 8)
+    counts = resample_counts(len(y), 5, seed=3)
+    figures = _resampled(y, p, thr, counts.astype(float))
+    for b in range(5):
+        rows = np.repeat(np.arange(len(y)), counts[b])  # the patients of resample b, each as often as drawn
+        o, m = odir_score(y[rows], p[rows]), multilabel_metrics(y[rows], p[rows], thr)
+        for key in ("kappa", "f1", "auc", "final"):
+            assert figures[f"odir.{key}"][b] == pytest.approx(o[key], abs=1e-12)
+        assert figures["tuned.f1_macro"][b] == pytest.approx(m["f1_macro"], abs=1e-12)
+        assert figures["tuned.f1_micro"][b] == pytest.approx(m["f1_micro"], abs=1e-12)
+        assert np.allclose(figures["tuned.auc"][b], [m["auc"][c] for c in CLASSES], equal_nan=True)
+        rates = class_rates(y[rows], p[rows], thr)
+        assert np.allclose(figures["per_class.sensitivity"][b], [rates["sensitivity"][c] for c in CLASSES],
+                           equal_nan=True)
+    assert counts.sum(1).tolist() == [len(y)] * 5
+
+
+def test_perfect_separation_collapses_the_interval_to_one():
+    rng = np.random.default_rng(7)
+    y = (rng.random((80, 8)) < 0.3).astype(int)
+    y[:2], y[2:4] = 1, 0  # every class has positives and negatives
+    p = np.where(y == 1, rng.uniform(0.6, 0.9, y.shape), rng.uniform(0.1, 0.4, y.shape))
+    ci = bootstrap_intervals(y, p, np.full(8, 0.5), resamples=200)
+    for key in ("kappa", "f1", "auc", "final"):
+        assert ci["odir"][key] == [1.0, 1.0], key
+    assert all(ci["tuned"]["auc"][c] == [1.0, 1.0] for c in CLASSES)
+    assert ci["tuned"]["f1_macro"] == [1.0, 1.0]
+
+
+def test_interval_of_a_proportion_has_the_binomial_width():
+    """Sensitivity 0.7 on 200 positive patients of 1000: the 95 % interval is about 2 x 1.96 x sqrt(.7 .3 / 200)
+    = 0.127 wide (normal approximation) and holds 0.7."""
+    y = np.zeros((1000, 8), int)
+    y[:200, 1] = 1
+    y[:, 0] = np.arange(1000) % 2  # other columns: anything with both labels
+    p = np.full(y.shape, 0.2)
+    p[:140, 1] = 0.9  # 140 of the 200 D patients detected
+    p[:, 0] = np.where(y[:, 0] == 1, 0.8, 0.3)
+    ci = bootstrap_intervals(y, p, np.full(8, 0.5), resamples=1000, seed=1)
+    lo, hi = ci["per_class"]["sensitivity"]["D"]
+    assert lo < 0.7 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.7 * 0.3 / 200), rel=0.12)
+    assert ci["per_class"]["specificity"]["D"] == [1.0, 1.0]
+
+
+def test_intervals_are_reproducible_with_a_seed():
+    y, p = _random_problem(8, n=150)
+    a = bootstrap_intervals(y, p, np.full(8, 0.4), resamples=100, seed=5)
+    assert bootstrap_intervals(y, p, np.full(8, 0.4), resamples=100, seed=5) == a
+    b = bootstrap_intervals(y, p, np.full(8, 0.4), resamples=100, seed=6)
+    assert b["odir"]["final"] != a["odir"]["final"]
+    # chunking the resamples (memory bound) does not change them
+    assert bootstrap_intervals(y, p, np.full(8, 0.4), resamples=100, seed=5, chunk_cells=1) == a
+
+
+def test_undefined_auc_skips_resamples_and_says_how_many():
+    from model.metrics import resample_counts
+
+    y, p = _random_problem(9, n=30)
+    y[:, 5] = 0
+    y[4, 5] = 1  # a single H patient: resamples without patient 4 have no H AUC
+    y[:, 4] = 0  # no A patient at all
+    ci = bootstrap_intervals(y, p, resamples=300, seed=2)
+    drawn = int((resample_counts(30, 300, seed=2)[:, 4] > 0).sum())
+    assert 0.5 * 300 < drawn < 300  # about 1 - (29/30)^30 = 64 %
+    assert ci["used"]["at_0.5.auc.H"] == drawn and ci["used"]["per_class.sensitivity.H"] == drawn
+    assert ci["at_0.5"]["auc"]["H"] is not None
+    assert ci["used"]["at_0.5.auc.A"] == 0 and ci["at_0.5"]["auc"]["A"] is None
+    assert ci["at_0.5"]["f1"]["A"] is None  # no positive: F1 is 0 by definition, and says nothing; no interval
+    assert ci["used"]["at_0.5.f1.H"] == drawn
+    assert "odir.final" not in ci["used"]
+    strict = bootstrap_intervals(y, p, resamples=300, seed=2, min_defined=0.9)
+    assert strict["at_0.5"]["auc"]["H"] is None  # too few resamples had an H patient: no interval
+
+
+def test_paired_difference_against_a_baseline():
+    y, p = _random_problem(10, n=300)
+    trivial = np.broadcast_to(y.mean(0), y.shape).copy()
+    ci = bootstrap_intervals(y, p, baseline=trivial, resamples=300)
+    diff = odir_score(y, p)["final"] - odir_score(y, trivial)["final"]
+    lo, hi = ci["baseline"]["final_difference"]
+    assert 0 < lo < diff < hi
+    assert ci["baseline"]["final"][0] < odir_score(y, trivial)["final"] < ci["baseline"]["final"][1]
+
+
+def test_format_interval():
+    from model.metrics import format_interval
+
+    assert format_interval(0.6561, [0.6204, 0.6912]) == "0.656 [0.62, 0.69]"
+    assert format_interval(0.5, None) == "0.500"
+    assert format_interval(float("nan"), [0.1, 0.2]) == "n/a"
+
+
+@pytest.mark.parametrize("n", [330, 700])
+def test_bootstrap_of_a_report_split_is_fast(n):
+    import time
+
+    y, p = _random_problem(11, n=n)
+    t0 = time.perf_counter()
+    bootstrap_intervals(y, p, np.full(8, 0.4), baseline=np.broadcast_to(y.mean(0), y.shape))
+    assert time.perf_counter() - t0 < 10  # 1.3-1.6 s and 2.7-3.2 s (B = 1000) on the 2-core CPU at load 6.4

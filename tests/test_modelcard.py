@@ -69,3 +69,23 @@ def test_card_counts_positive_test_patients_from_the_runs_predictions(tmp_path):
     card = write_model_card(tmp_path / "best.onnx", ckpt, tmp_path / "best.pt", precision="fp32", log=lambda *a: None)
     text = card.read_text()
     assert "| D | diabetes | 0.512 | 0.412 | 0.777 | 3 |" in text and "| H | hypertension | 0.512 | 0.412 | 0.777 | 1 |" in text
+
+
+def test_card_gives_each_figure_its_bootstrap_interval(tiny_checkpoint):
+    """With report.json's "ci95" (train.py's bootstrap over patients) every figure of the card carries its interval
+    (a figure without one is shown alone); the positives come from report.json's per-class counts."""
+    import torch
+
+    rep = _report()
+    ci = {"resamples": 1000, "seed": 42, "odir": {"kappa": [0.3, 0.5], "f1": [0.88, 0.92], "auc": [0.8, 0.9],
+                                                 "final": [0.69, 0.74]},
+          "tuned": {"f1": {"D": [0.45, 0.57]}, "f1_macro": [0.48, 0.55]}, "at_0.5": {"auc": {"D": [0.71, 0.84]}},
+          "baseline": {"final": [0.44, 0.5], "final_difference": [0.2, 0.29]}}
+    rep["test"].update(ci95=ci, per_class={"positives": dict(zip(CLASSES, range(8)))})
+    text = model_card(torch.load(tiny_checkpoint, weights_only=True), rep, onnx_name="best.onnx", precision="fp32")
+    assert "| D | diabetes | 0.512 [0.45, 0.57] | 0.412 | 0.777 [0.71, 0.84] | 1 |" in text
+    assert "| macro | | 0.512 [0.48, 0.55] | 0.412 | 0.777 |" in text
+    assert "kappa 0.400 [0.30, 0.50] · F1 0.900 [0.88, 0.92]" in text
+    assert "final 0.716 [0.69, 0.74] (trivial: 0.470 [0.44, 0.50])" in text
+    assert "Model minus trivial, official final: +0.246 [+0.20, +0.29]" in text
+    assert "95 % interval, a percentile bootstrap over the 331 patients (1000 resamples, seed 42)" in text

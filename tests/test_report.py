@@ -21,6 +21,7 @@ import config
 import report
 import score
 from model import multilabel_metrics, odir_score
+from model.metrics import bootstrap_intervals, class_rates, format_interval
 from model.explain import cam_peak, explain_pair, grad_cam
 from pipeline.constants import CLASSES
 from pipeline.synthetic import KEYWORD_SEP, KEYWORDS, make_synthetic_odir, read_regions
@@ -226,10 +227,13 @@ def _write_predictions(path: Path, ids, y, p) -> None:
 
 
 def _split_figures(y, p, thresholds, y_train) -> dict:
+    """A split of report.json as train.final_report writes it."""
     trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
     return {"patients": len(y), "at_0.5": multilabel_metrics(y, p), "tuned": multilabel_metrics(y, p, thresholds),
             "odir": odir_score(y, p), "trivial": {"at_0.5": multilabel_metrics(y, trivial), "odir": odir_score(y, trivial)},
-            "calibration_error": {"ece_before": 0.12, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.15}}
+            "calibration_error": {"ece_before": 0.12, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.15},
+            "per_class": class_rates(y, p, thresholds),
+            "ci95": bootstrap_intervals(y, p, thresholds, baseline=trivial, resamples=200, seed=42)}
 
 
 @pytest.fixture
@@ -246,10 +250,11 @@ def fake_run(tmp_path, synth):
         model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=2, step=4, best={"f1_macro": 0.3, "epoch": 2}),
         run / "best.pt")
     (run / "config.json").write_text(json.dumps(asdict(cfg)))
-    log = RunLog(run)
+    log = RunLog(run, select_metric="f1_macro")
     for epoch in (1, 2):
         log.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch, "train_f1_macro": 0.2 * epoch,
-                    "val_f1_macro": 0.2 * epoch, "val_f1_micro": 0.3 * epoch, "val_odir": 0.25 * epoch})
+                    "val_f1_macro": 0.2 * epoch, "val_f1_micro": 0.3 * epoch, "val_odir": 0.25 * epoch,
+                    "train_patient_loss": 0.9 / epoch})
     sheet = pd.read_excel(synth / "data.xlsx")
     y_all = sheet[list(CLASSES)].to_numpy()
     p_all = np.random.default_rng(0).uniform(0, 1, y_all.shape) * 0.6 + 0.4 * y_all  # better than chance
@@ -257,7 +262,9 @@ def fake_run(tmp_path, synth):
     thresholds = dict(zip(CLASSES, (float(t) for t in THRESHOLDS)))
     rep = {"run": "run", "commit": "abc123", "config": asdict(cfg),
            "data": {"folder": str(synth), "patients": 24, "left_out": 0, "train": 8, "val": 8, "test": 8},
-           "best_epoch": 2, "thresholds": thresholds, "calibration": {"method": "platt", "a": [1.0] * 8}}
+           "best_epoch": 2, "selected_by": "f1_macro", "thresholds": thresholds,
+           "calibration": {"method": "platt", "a": [1.0] * 8}, "counts": {"train": 8, "validation": 8, "test": 8},
+           "started": "2026-12-06T02:00:00Z", "finished": "2026-12-06T02:01:05Z", "duration_s": 65.0, "resumed": False}
     for split, rows in (("test", slice(0, 8)), ("val", slice(8, 16))):
         _write_predictions(run / f"predictions_{split}.csv", ids[rows], y_all[rows], p_all[rows])
         rep["test" if split == "test" else "validation"] = _split_figures(y_all[rows], p_all[rows], THRESHOLDS,
@@ -273,6 +280,11 @@ def _check_images_exist(page: Page, folder: Path) -> None:
         assert (folder / src).is_file(), src
 
 
+def ci_text(value, bounds) -> str:
+    """A cell with its interval as the page shows it once the tags are stripped: `0.656 [0.62, 0.69]`."""
+    return format_interval(value, bounds)
+
+
 def test_run_report_is_complete(fake_run):
     run, rep, (test_ids, y, p) = fake_run
     path = report.write_run_report(run)
@@ -281,28 +293,84 @@ def test_run_report_is_complete(fake_run):
     assert "script" not in page.tags
     _check_images_exist(page, run)
     assert "curves.png" in page.images
+    text = path.read_text()
+    # the summary comes first: the test official final against the trivial predictor, with intervals
+    t, ci = rep["test"], rep["test"]["ci95"]
+    assert text.index("id=summary-head") < text.index("id=split-test") < text.index("id=split-validation")
+    lo, hi = ci["odir"]["final"]
+    assert f"test official ODIR-2019 final <b>{t['odir']['final']:.3f} <span class=ci>[{lo:.2f}, {hi:.2f}]" in text
+    lo, hi = ci["baseline"]["final"]
+    assert f"trivial predictor {t['trivial']['odir']['final']:.3f} <span class=ci>[{lo:.2f}, {hi:.2f}]" in text
+    lo, hi = ci["baseline"]["final_difference"]
+    assert f"difference {t['odir']['final'] - t['trivial']['odir']['final']:+.3f} <span class=ci>[{lo:+.2f}, " in text
+    summary = {row[0]: row[1] for row in page.tables["summary"]}
+    assert summary["patients"] == "train 8 · validation 8 · test 8"
+    assert summary["preset · backbone"] == "demo · test_resnet (from scratch) · 64 px"
+    assert summary["duration"] == "1 min 05 s" and summary["started · finished (UTC)"].startswith("2026-12-06T02:00")
+    assert summary["epochs"].endswith("best 2 by validation f1_macro")
     for split, key in (("test", "test"), ("validation", "validation")):
-        table = page.tables[f"{split}-metrics"]
-        tuned, at_half = rep[key]["tuned"], rep[key]["at_0.5"]
-        assert table[1][1:] == [f3(tuned["f1_micro"]), f3(tuned["f1_macro"]), f3(tuned["auc_macro"]),
-                                *(f3(tuned["f1"][c]) for c in CLASSES)]
-        assert table[2][1:4] == [f3(at_half["f1_micro"]), f3(at_half["f1_macro"]), f3(at_half["auc_macro"])]
-        assert table[3][2] == f3(rep[key]["trivial"]["at_0.5"]["f1_macro"])
-        assert page.tables[f"{split}-odir"][1][1:] == [f3(rep[key]["odir"][k]) for k in ("kappa", "f1", "auc", "final")]
-        assert page.tables[f"{split}-auc"][1][1:] == [f3(rep[key]["tuned"]["auc"][c]) for c in CLASSES]
+        r, ci = rep[key], rep[key]["ci95"]
+        odir = page.tables[f"{split}-odir"]
+        assert odir[1][1:] == [ci_text(r["odir"][k], ci["odir"][k]) for k in ("kappa", "f1", "auc", "final")]
+        assert odir[2][-1] == ci_text(r["trivial"]["odir"]["final"], ci["baseline"]["final"])
+        overall = page.tables[f"{split}-overall"]
+        assert overall[1][1:] == [ci_text(r["tuned"][k], ci["tuned"][k]) for k in ("f1_micro", "f1_macro", "auc_macro")]
+        assert overall[2][1:] == [ci_text(r["at_0.5"][k], ci["at_0.5"][k]) for k in ("f1_micro", "f1_macro",
+                                                                                    "auc_macro")]
+        assert overall[3][2] == f3(r["trivial"]["at_0.5"]["f1_macro"])
+        classes = page.tables[f"{split}-classes"]
+        assert classes[0] == ["class", "positives", "prevalence", "threshold", "sensitivity", "specificity", "PPV",
+                              "F1", "AUC"]
+        rates = r["per_class"]
+        for k, c in enumerate(CLASSES):
+            row = classes[k + 1]
+            assert row[0].startswith(c + " ") and row[1] == str(rates["positives"][c])
+            assert row[3] == f"{THRESHOLDS[k]:.2f}"
+            assert row[2] == f"{100 * rates['prevalence'][c]:.1f} %"
+            assert row[4:7] == [ci_text(rates[m][c], ci["per_class"][m][c])
+                                for m in ("sensitivity", "specificity", "ppv")]
+            assert row[7] == ci_text(r["tuned"]["f1"][c], ci["tuned"]["f1"][c])
+            assert row[8] == ci_text(r["at_0.5"]["auc"][c], ci["at_0.5"]["auc"][c])
         assert page.tables[f"{split}-calibration"][1][1:] == ["0.1200", "0.0500", "0.2000", "0.1500"]
-    assert page.tables["thresholds"][1][1:] == [f"{t:.2f}" for t in THRESHOLDS]
-    assert page.tables["data"][1] == [str(v) for v in rep["data"].values()]
-    confusion = page.tables["confusion"]
+    # the per-class table holds the test rates recomputed from the predictions CSV at the tuned thresholds
     pred = p > THRESHOLDS[None, :]
+    sens_d = (pred[:, 1] & (y[:, 1] == 1)).sum() / max(1, (y[:, 1] == 1).sum())
+    assert page.tables["test-classes"][2][4].startswith("n/a" if not y[:, 1].any() else f"{sens_d:.3f}")
+    confusion = page.tables["confusion"]
     for k, c in enumerate(CLASSES):  # counts recomputed from the predictions CSV at the tuned thresholds
         tp, fp = int((pred[:, k] & (y[:, k] == 1)).sum()), int((pred[:, k] & (y[:, k] == 0)).sum())
         fn, tn = int((~pred[:, k] & (y[:, k] == 1)).sum()), int((~pred[:, k] & (y[:, k] == 0)).sum())
         assert confusion[k + 1] == [c, f"{THRESHOLDS[k]:.2f}", str(tp), str(fp), str(fn), str(tn)]
+    from PIL import Image
+
+    for name, min_width in (("roc_pr_test.png", 1500), ("f1_threshold.png", 1500), ("reliability_test.png", 700)):
+        assert f"report_files/{name}" in page.images
+        assert Image.open(run / "report_files" / name).size[0] >= min_width, name  # >= 150 dpi
     gallery = [s for s in page.images if "gallery_" in s]
     picks = report.gallery_picks(test_ids, y, p, THRESHOLDS)
     assert picks and len(gallery) == 6 * len(picks)  # per patient: 2 eyes x (image, Grad-CAM, attention)
     assert all(pid in test_ids for _, _, pid in picks)
+    eyes = [s for s in gallery if not s.endswith("_attention.jpg")]
+    assert {Image.open(run / s).size for s in eyes} == {(report.GALLERY_PX, report.GALLERY_PX)}  # >= 256 px
+    assert "report_files/colour_bar.png" in page.images
+
+
+def test_run_report_of_an_older_run_computes_the_intervals(fake_run):
+    """report.json from before the intervals (no ci95, no per_class): the page computes them from the predictions
+    CSVs, the same function with the same seed."""
+    run, rep, (_, y, p) = fake_run
+    for split in ("test", "validation"):
+        del rep[split]["ci95"], rep[split]["per_class"]
+    for key in ("counts", "started", "finished", "duration_s"):
+        del rep[key]
+    (run / "report.json").write_text(json.dumps(rep, default=float))
+    (run / "best.pt").unlink()  # no gallery: faster
+    page = Page(report.write_run_report(run))
+    ci = bootstrap_intervals(y, p, THRESHOLDS, seed=rep["config"]["seed"])
+    assert page.tables["test-odir"][1][-1] == ci_text(rep["test"]["odir"]["final"], ci["odir"]["final"])
+    assert page.tables["test-classes"][2][7] == ci_text(rep["test"]["tuned"]["f1"]["D"], ci["tuned"]["f1"]["D"])
+    summary = {row[0]: row[1] for row in page.tables["summary"]}
+    assert summary["duration"] == "not recorded" and summary["patients"].endswith("val 8 · test 8")
 
 
 def test_run_report_without_test_split_uses_validation(fake_run):
@@ -312,7 +380,7 @@ def test_run_report_without_test_split_uses_validation(fake_run):
     (run / "predictions_test.csv").unlink()
     (run / "best.pt").unlink()  # no checkpoint: no gallery, the rest is still written
     page = Page(report.write_run_report(run))
-    assert "test-metrics" not in page.tables and "validation-metrics" in page.tables
+    assert "test-classes" not in page.tables and "validation-classes" in page.tables
     assert any("roc_pr_val" in s for s in page.images) and not any("gallery_" in s for s in page.images)
     _check_images_exist(page, run)
 

@@ -59,3 +59,48 @@ def test_tensorboard_missing_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "--tensorboard: the tensorboard package is not installed (pip install tensorboard)" in capsys.readouterr().out
     log.append(_row(1))  # training goes on; the numbers are in metrics.csv
     assert (tmp_path / "metrics.csv").is_file() and not (tmp_path / "tensorboard").exists()
+
+
+def _rows(select_values, eye_term=0.1) -> list[dict]:
+    """metrics.csv rows as RunLog.history() returns them (strings), one per epoch."""
+    return [{"epoch": str(e), "train_loss": f"{0.9 / e + eye_term}", "train_patient_loss": f"{0.9 / e}",
+             "val_loss": f"{1.0 / e}", "train_f1_macro": "0.3", "val_f1_macro": "0.3", "val_f1_micro": "0.4",
+             "val_odir": "0.5", "val_auc_macro": f"{v}"} for e, v in enumerate(select_values, start=1)]
+
+
+def test_best_epoch_is_the_first_best_of_the_selection_metric():
+    rows = _rows([0.6, 0.7, 0.7, 0.65])
+    assert runlog.best_epoch(rows, "auc_macro") == 2  # ties: the first, as train.py keeps the first best.pt
+    assert runlog.best_epoch(rows, "loss") == 4  # the lowest validation loss
+    assert runlog.best_epoch(rows, None) is None
+
+
+def test_curves_have_integer_epochs_the_selection_metric_and_like_for_like_losses(tmp_path):
+    rows = _rows([0.6, 0.72, 0.7, 0.65, 0.61, 0.6, 0.6])  # 7 epochs: matplotlib would put ticks at 0.5 steps
+    fig = runlog.curves_figure(rows, "auc_macro")
+    loss, select, _ = fig.axes
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert any(list(line.get_xdata()) == [2, 2] for line in ax.get_lines())  # the best epoch's dotted line
+    labels = [line.get_label() for line in loss.get_lines()]
+    assert "train (patient loss)" in labels and "validation" in labels and "train, with the per-eye term" in labels
+    patient = next(line for line in loss.get_lines() if line.get_label() == "train (patient loss)")
+    assert list(patient.get_ydata()) == [0.9 / e for e in range(1, 8)]  # not the total with the per-eye term
+    assert "auc macro" in select.get_title()
+    assert any(line.get_label() == "best: epoch 2, 0.720" for line in select.get_lines())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    runlog.plot_curves(rows, tmp_path / "curves.png", "auc_macro")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size[0] >= 2000  # 14 in at 150 dpi
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # written through a temporary file, renamed
+
+
+def test_curves_of_an_older_run_without_the_new_columns(tmp_path):
+    rows = [{k: v for k, v in r.items() if k not in ("train_patient_loss", "val_auc_macro")} for r in _rows([0.5] * 2)]
+    fig = runlog.curves_figure(rows, "auc_macro")
+    assert [line.get_label() for line in fig.axes[0].get_lines()][:2] == ["train", "validation"]
+    assert "not recorded" in fig.axes[1].get_title()

@@ -90,6 +90,7 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
 
 
 def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_path, tiny_odir, capsys):
+    from model.metrics import format_interval
     from pipeline.split import load_split
 
     run(tmp_path, tiny_odir, "--model-ema", "--model-ema-decay", "0.5")
@@ -107,15 +108,30 @@ def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_pat
     for split in ("validation", "test"):  # every figure the console shows is the one report.json holds
         r = report[split]
         assert f"{split} ({r['patients']} patients)" in out
-        o, t = r["odir"], r["trivial"]["odir"]
-        assert (f"official ODIR score, model   (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
-                f"AUC {o['auc']:.3f} · final {o['final']:.3f}") in out
-        assert f"trivial (flattened, 0.5): kappa {t['kappa']:.3f} · F1 {t['f1']:.3f}" in out
+        o, t, ci = r["odir"], r["trivial"]["odir"], r["ci95"]
+        assert ci["resamples"] == 1000 and ci["seed"] == 42  # the run's seed: the same run, the same intervals
+
+        def cells(m, bounds, keys):  # the console's cells: the figure and its interval, 19 wide
+            return "  ".join(f"{format_interval(m[k], bounds[k] if bounds else None):<19}" for k in keys)
+
+        assert ("  model" + " " * 19 + "  " + cells(o, ci["odir"], ("kappa", "f1", "auc", "final")).rstrip()) in out
+        assert ("  trivial" + " " * 17 + "  " + cells(t, None, ("kappa", "f1", "auc")) + "  "
+                + format_interval(t["final"], ci["baseline"]["final"])) in out
+        lo, hi = ci["baseline"]["final_difference"]
+        assert f"official final, model − trivial: {o['final'] - t['final']:+.3f} [{lo:+.2f}, {hi:+.2f}]" in out
         e = r["calibration_error"]
         assert f"ECE {e['ece_before']:.3f} → {e['ece_after']:.3f}" in out
         m = r["tuned"]
-        assert (f"model, tuned thresholds       {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}   "
-                + "  ".join(f"{m['f1'][c]:5.3f}" for c in CLASSES)) in out
+        assert ("  model, tuned thresholds  " + " " + cells(m, ci["tuned"], ("f1_micro", "f1_macro", "auc_macro"))
+                .rstrip()) in out
+        assert r["per_class"]["positives"]["D"] == int(r["per_class"]["prevalence"]["D"] * r["patients"] + 0.5)
+        assert (f"  D diabetes     {r['per_class']['positives']['D']:>9}  "
+                f"{format_interval(m['f1']['D'], ci['tuned']['f1']['D']):<19}") in out
+    assert report["counts"] == {"train": len(train_ids), "validation": len(val_ids), "test": len(test_ids)}
+    assert report["started"] <= report["finished"] and 0 < report["duration_s"] < 600
+    assert 0 <= report["bootstrap_s"] < 30
+    rows = (d / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,train_loss,val_loss,") and rows[0].endswith(",train_patient_loss")
 
 
 def test_per_eye_loss_trains_the_eye_head_from_the_sheets_keywords(tmp_path, tiny_odir, capsys):
