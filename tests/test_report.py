@@ -351,7 +351,7 @@ def test_score_report_with_heatmaps(tmp_path, synth, tiny_onnx):
     for r in rows:
         cells = page.rows[f"patient-{r['ID']}"]
         assert cells[0] == r["ID"]
-        assert cells[2:10] == [f"{float(r[c]):.3f}" for c in CLASSES]
+        assert cells[2:10] == [f"{float(r[f'p_{c}']):.3f}" for c in CLASSES]
         assert cells[10:13] == [r["labels"], r["true_labels"], r["status"]]
         assert sum(f"/{r['ID']}_cam_" in "/" + s for s in page.images) >= 2  # both eyes' Grad-CAM
     assert "metrics" in page.tables and "odir" in page.tables
@@ -376,6 +376,35 @@ def test_folder_report_shows_unscored_patients(tmp_path, synth):
     assert page.rows["patient-1"][-1] == "right eye: missing file" and page.rows["patient-1"][2] == "n/a"
     assert page.rows["patient-0"][2:10] == [f"{v:.3f}" for v in probs[0]]
     assert len(page.images) == 2  # patient 0's two eyes only
+
+
+def test_folder_report_starts_with_per_class_counts_and_lists_flagged_patients_first(tmp_path, synth):
+    """Counts per class at the top (predicted positives, flagged, not scored); rows: flagged, unscored, the rest."""
+    import shutil
+
+    from pipeline.pairs import find_pairs, prepare_pairs
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for pid in range(3):
+        for eye in ("left", "right"):
+            shutil.copy(synth / "Training Images" / f"{pid}_{eye}.jpg", folder / f"{pid}_{eye}.jpg")
+    shutil.copy(synth / "Training Images" / "3_left.jpg", folder / "3_left.jpg")
+    table = prepare_pairs(find_pairs(folder)[0], tmp_path / "cache", 64, workers=1, progress=False)
+    thr = np.full(len(CLASSES), 0.5)
+    probs = {0: np.array([0.1, 0.9, 0, 0, 0, 0, 0, 0.2]), 1: np.array([0.1, 0.2, 0, 0, 0, 0, 0, 0.1]),
+             2: np.array([0.8, 0.9, 0, 0, 0, 0.6, 0, 0])}  # patient 2: normal together with D and H
+    scored = {"frame": score.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr}),
+              "table": table, "metrics": None}
+    page = Page(report.write_folder_report(scored, tmp_path / "page", thr))
+    counts = {r[0]: r for r in page.tables["counts"][1:]}
+    assert [counts[c][3] for c in CLASSES] == ["1", "2", "0", "0", "0", "1", "0", "0"]  # predicted positives
+    text = (tmp_path / "page" / "index.html").read_text()
+    assert text.index("id=counts") < text.index("id=patients")
+    assert "1 flagged" in text and "1 not scored" in text
+    order = [r[0] for r in page.tables["patients"][1:]]
+    assert order == ["2", "3", "0", "1"]  # flagged, then not scored, then the rest in ID order
+    assert page.rows["patient-2"][-1] == "ok; normal together with D,H"
 
 
 # ----------------------------------------------------------------------------------------------- the heatmaps point at the disease
