@@ -81,6 +81,7 @@ class Explainer:
         self.img_px, self.mean, self.std = int(ckpt["img_px"]), ckpt["mean"], ckpt["std"]
         self.config, self.thresholds = ckpt["config"], [float(t) for t in ckpt["thresholds"]]
         self.calibration = ckpt.get("calibration")
+        self.commit = ckpt.get("commit", "")
 
     def explain(self, left_paths, right_paths, classes, batch_size: int = 16) -> list[dict]:
         """Per pair: views (left, right uint8), probs (K,), cams {class index: (left, right) (H, W)}, attention

@@ -7,15 +7,19 @@ A plain standard-library HTTP server (Gradio is no dependency of this project, a
 to 127.0.0.1 by default: nothing is shared with other machines unless --host says so. It uses the run's best.pt
 (PyTorch on the CPU: heatmaps need gradients, which ONNX has not): the photographs are prepared exactly like
 training's (fundus crop, resize), then the page shows the calibrated probabilities against the run's thresholds,
-the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye. Images are
-inlined in the answer, nothing is stored: the uploads live in a temporary folder for the length of one request.
+the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye, with links
+to download the result (JSON, CSV). Images are inlined in the answer, nothing is stored: the uploads live in a
+temporary folder for the length of one request. Every page names the model (run, backbone, training data, commit)
+and says that it is for research use; a model trained on the synthetic demo set gets a loud warning.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import html
 import io
+import json
 import sys
 import tempfile
 from email.parser import BytesParser
@@ -25,13 +29,66 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASSES
+from pipeline.constants import CLASS_NAMES, CLASSES
 from report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
 FORM = """<form method=post action=/ enctype=multipart/form-data>
 <p>Left eye: <input type=file name=left accept=image/*> Right eye: <input type=file name=right accept=image/*>
 <input type=submit value=Explain></p></form>"""
+DISEASE = {c: name[0].upper() + name[1:] for c, name in CLASS_NAMES.items()}  # "Normal", ..., "AMD", "Other"
+STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;font-size:14px}
+.synthetic{background:#b00020;color:#fff;font-size:18px;font-weight:bold;padding:.8em 1em;margin:.6em 0}
+.note{color:#555;font-size:13px}a.download{margin-right:1em}"""
+
+
+def model_identity(run, explainer: Explainer) -> dict:
+    """What the page says about the model: run name, backbone, training data folder and patients, commit, and
+    whether it was trained on the synthetic demo set (modelcard's test)."""
+    from modelcard import _synthetic
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    cfg = explainer.config
+    patients = ""
+    try:
+        from pipeline.split import load_split
+
+        parts = load_split(folder / "split.csv")
+        patients = (f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
+                    f"test {len(parts[2])})")
+    except (OSError, ValueError):
+        pass  # a best.pt copied without its run folder: the page says less
+    return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
+            "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
+            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": _synthetic(cfg.get("data", ""))}
+
+
+def identity_html(ident: dict) -> str:
+    """The model box at the top of every page, with the research-use note and the synthetic-data warning."""
+    out = []
+    if ident["synthetic"]:
+        out.append("<div class=synthetic>Warning: this model was trained on SYNTHETIC pictures (the built-in demo "
+                   "set), not on photographs of patients. Its outputs say nothing about a real eye.</div>")
+    data = html.escape(str(ident["data"]) or "unknown") + (f" · {html.escape(ident['patients'])}"
+                                                          if ident["patients"] else "")
+    out.append(f"<div class=ident>Model: run <b>{html.escape(ident['run'])}</b> · {html.escape(ident['backbone'])} "
+               f"at {ident['img_px']} px · preset {html.escape(str(ident['preset']))} · commit "
+               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}</div>"
+               "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
+               "calibrated on the run's validation patients and compared with the thresholds tuned there.</p>")
+    return "".join(out)
+
+
+def result_links(result: dict) -> str:
+    """Download links (JSON and CSV, as data: URIs: nothing is stored on the server) of one result."""
+    as_json = json.dumps(result, indent=1)
+    rows = ["class,name,probability,threshold,predicted"] + [
+        f"{c},{DISEASE[c]},{result['probabilities'][c]:.6f},{result['thresholds'][c]:.4f},"
+        f"{int(c in result['predicted'])}" for c in CLASSES]
+    uri = lambda text, kind: f"data:{kind};base64," + base64.b64encode(text.encode()).decode()  # noqa: E731
+    return (f"<p><a class=download download='odir-result.json' href='{uri(as_json, 'application/json')}'>Download "
+            f"the result (JSON)</a><a class=download download='odir-result.csv' "
+            f"href='{uri(chr(10).join(rows) + chr(10), 'text/csv')}'>Download the result (CSV)</a></p>")
 
 
 def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
@@ -51,29 +108,41 @@ def _png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def explain_upload(explainer: Explainer, left: bytes, right: bytes) -> str:
-    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage for a bad photograph)."""
-    from pipeline.prepare import prepare_image
+def explain_upload(explainer: Explainer, left: bytes, right: bytes, identity: dict | None = None) -> str:
+    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage naming the eye, e.g.
+    "left eye: not an image", for a bad photograph); `identity` (`model_identity`) goes into the download."""
+    from pipeline.prepare import BadImage, prepare_image
 
     with tempfile.TemporaryDirectory(prefix="odir-serve-") as tmp:
         paths = []
         for eye, data in (("left", left), ("right", right)):
             src, dst = Path(tmp) / f"{eye}_upload", Path(tmp) / f"{eye}.jpg"
             src.write_bytes(data)
-            prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+            try:
+                prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+            except BadImage as e:
+                raise BadImage(f"{eye} eye: {e.reason}") from None
             paths.append(str(dst))
         probs = explainer.explain([paths[0]], [paths[1]], [[]])[0]["probs"]
         predicted = [k for k, (p, t) in enumerate(zip(probs, explainer.thresholds)) if p > t]
         item = explainer.explain([paths[0]], [paths[1]], [predicted or [int(np.argmax(probs))]])[0]
     cells = "".join(f"<td class=on>{p:.3f}</td>" if p > t else f"<td>{p:.3f}</td>"
                     for p, t in zip(item["probs"], explainer.thresholds))
-    out = ["<table id=probs><tr>" + "".join(f"<th>{c} (&gt;{t:.2f})</th>" for c, t in
-                                            zip(CLASSES, explainer.thresholds)) + f"</tr><tr>{cells}</tr></table>",
-           f"<p>predicted: {html.escape(','.join(CLASSES[k] for k in predicted) or 'nothing above its threshold')}</p>"]
+    result = {"probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, item["probs"])},
+              "thresholds": {c: round(float(t), 6) for c, t in zip(CLASSES, explainer.thresholds)},
+              "predicted": [CLASSES[k] for k in predicted], "model": identity or {}}
+    said = ", ".join(DISEASE[CLASSES[k]] for k in predicted) or "nothing above its threshold"
+    if 0 in predicted and len(predicted) > 1:
+        said += " (note: Normal means no disease, yet a disease is predicted too: look at this pair closely)"
+    out = ["<table id=probs><tr>" + "".join(f"<th>{DISEASE[c]}<br><small>{c} · threshold {t:.2f}</small></th>"
+                                            for c, t in zip(CLASSES, explainer.thresholds))
+           + f"</tr><tr>{cells}</tr></table>",
+           f"<p>Predicted: <b>{html.escape(said)}</b> (probabilities above the class's threshold are highlighted)</p>",
+           result_links(result)]
     attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
     for e, eye in enumerate(("left", "right")):
         view = item["views"][e]
-        figures = [("image", view), *((f"Grad-CAM {CLASSES[k]}", overlay(view, cams[e]))
+        figures = [("image", view), *((f"Grad-CAM {DISEASE[CLASSES[k]]}", overlay(view, cams[e]))
                                       for k, cams in item["cams"].items()),
                    ("attended by the other eye", overlay(view, attended[e]))]
         out.append(f"<h2>{eye} eye</h2><div>" + "".join(
@@ -82,11 +151,15 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes) -> str:
     return "\n".join(out)
 
 
-def make_handler(explainer: Explainer, title: str):
+def make_handler(explainer: Explainer, title: str, identity: dict | None = None):
+    """The request handler class; `identity` (`model_identity`) is shown on every page."""
+    about = identity_html(identity) if identity else ""
+
     class Handler(BaseHTTPRequestHandler):
         def _answer(self, status: int, body: str) -> None:
             page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{FORM}{body}</body></html>")
+                    f"<style>{CSS}{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{about}{FORM}{body}"
+                    f"</body></html>")
             data = page.encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -108,7 +181,7 @@ def make_handler(explainer: Explainer, title: str):
                 missing = [eye for eye in ("left", "right") if not files.get(eye)]
                 if missing:
                     return self._answer(400, f"<p class=bad>no {' or '.join(missing)} eye photograph chosen</p>")
-                self._answer(200, explain_upload(explainer, files["left"], files["right"]))
+                self._answer(200, explain_upload(explainer, files["left"], files["right"], identity))
             except (BadImage, ValueError) as e:
                 self._answer(400, f"<p class=bad>{html.escape(str(e))}</p>")
 
@@ -129,7 +202,17 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(explainer, f"odir-dual · {args.run}"))
+    identity = model_identity(args.run, explainer)
+    try:
+        server = ThreadingHTTPServer((args.host, args.port),
+                                     make_handler(explainer, f"odir-dual · {identity['run']}", identity))
+    except OSError as e:  # one line, no traceback: the port is taken, or the address is not this machine's
+        why = (f"port {args.port} is in use (choose another with --port)" if e.errno == errno.EADDRINUSE
+               else f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
+        print(f"serve.py: error: {why}", file=sys.stderr)
+        return 1
+    if identity["synthetic"]:
+        print("warning: this model was trained on the synthetic demo set, not on photographs of patients")
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -521,3 +521,72 @@ def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_web_page_names_the_model_diseases_and_eye_and_offers_a_download(synth, tiny_checkpoint):
+    """The page says which model answers (run, backbone, data, commit) and that it is for research use; the result
+    uses disease names and has JSON/CSV downloads; a bad photograph's error names its eye."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import serve
+
+    explainer = report.Explainer(tiny_checkpoint)
+    identity = serve.model_identity(tiny_checkpoint.parent, explainer)
+    assert identity["run"] == tiny_checkpoint.parent.name and identity["backbone"] == "test_convnext"
+    server = serve.ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test", identity))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    def post(files: dict):
+        boundary = "----odirtest"
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.jpg\"\r\n"
+                        f"Content-Type: image/jpeg\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items())
+        body += f"--{boundary}--\r\n".encode()
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return urllib.request.urlopen(req, timeout=120)
+
+    try:
+        form = urllib.request.urlopen(url, timeout=60).read().decode()
+        assert f"run <b>{identity['run']}</b>" in form and "test_convnext" in form and "research use only" in form
+        assert "SYNTHETIC" not in form  # the tiny checkpoint names no synthetic data folder
+        images = {eye: (synth / "Training Images" / f"0_{eye}.jpg").read_bytes() for eye in ("left", "right")}
+        answer = post(images).read().decode()
+        head = answer.split("<table id=probs>")[1].split("</table>")[0]
+        for name in ("Normal", "Diabetes", "Glaucoma", "Cataract", "AMD", "Hypertension", "Myopia", "Other"):
+            assert f"<th>{name}<br>" in head
+        uri = answer.split("download='odir-result.json' href='data:application/json;base64,")[1].split("'")[0]
+        result = json.loads(base64.b64decode(uri))
+        assert list(result["probabilities"]) == list(CLASSES) and result["model"]["run"] == identity["run"]
+        assert "download='odir-result.csv'" in answer
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post({"left": b"not a photograph\n", "right": images["right"]})
+        assert bad.value.code == 400 and "left eye: not an image" in bad.value.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_web_page_warns_loudly_about_a_synthetic_data_model():
+    import serve
+
+    ident = {"run": "demo", "backbone": "test_resnet", "img_px": 128, "data": "/x/.cache/odir-dual/synthetic/odir",
+             "patients": "600 patients", "preset": "demo", "commit": "abc", "synthetic": True}
+    assert "class=synthetic" in serve.identity_html(ident) and "SYNTHETIC" in serve.identity_html(ident)
+    assert "class=synthetic" not in serve.identity_html({**ident, "synthetic": False})
+
+
+def test_serve_takes_a_run_folder_and_a_taken_port_is_one_line(tiny_checkpoint, capsys):
+    import socket
+
+    import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main([str(tiny_checkpoint.parent), "--port", str(port)]) == 1  # the run folder loads
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"serve.py: error: port {port} is in use (choose another with --port)"]
