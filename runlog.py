@@ -81,26 +81,49 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-EPOCH_COLUMNS = {  # metrics.csv key → console title, in table order
-    "epoch": "epoch", "train_loss": "trLoss", "val_loss": "vaLoss", "train_f1_macro": "trF1ma", "val_f1_micro": "F1mi",
-    "val_f1_macro": "F1ma", "val_odir": "ODIR", **{f"f1_{c}": f"f1_{c}" for c in CLASSES},
-    "pairs_per_s": "pairs/s", "data_pct": "data%", "epoch_s": "sec"}
+# The console's epoch row (metrics.csv keeps every figure, per-class F1 included): metrics.csv key → (title, width,
+# format). Validation figures are at threshold 0.5 with the raw sigmoid, as metrics.csv.
+EPOCH_COLUMNS = {"train_loss": ("train loss", 10, ".4f"), "val_loss": ("val loss", 8, ".4f"),
+                 "val_auc_macro": ("AUC macro", 9, ".3f"), "val_f1_macro": ("F1 macro", 8, ".3f"),
+                 "val_odir": ("ODIR", 6, ".3f"), "lr": ("lr", 8, ".2e"), "epoch_s": ("sec", 7, ".1f"),
+                 "pairs_per_s": ("pairs/s", 8, ".1f"), "data_pct": ("data %", 6, ".0f")}
+SELECT_COLUMN = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}  # --select-metric
 
 
-def print_epoch(row: dict, header: bool):
-    """One line per epoch (and the titles before the first)."""
+def epoch_header(epochs: int, select_metric: str) -> list[str]:
+    """The two lines above the first epoch row: what the row holds, then the column titles."""
+    title = EPOCH_COLUMNS[SELECT_COLUMN[select_metric]][0]
+    return [f"* = new best validation {title} (--select-metric) → best.pt · at threshold 0.5 · per class: "
+            f"metrics.csv",
+            f"{'epoch':>{_epoch_width(epochs)}}  " + "  ".join(f"{t:>{w}}" for t, w, _ in EPOCH_COLUMNS.values())]
+
+
+def format_epoch(row: dict, epochs: int, best: bool = False) -> str:
+    """One epoch's row: 3/14, losses, AUC and F1 macro, ODIR, learning rate, seconds, pairs/s, data %, `*` if best."""
+    cells = [f"{row['epoch']}/{epochs}".rjust(_epoch_width(epochs))]
+    for key, (_, width, fmt) in EPOCH_COLUMNS.items():
+        value = row.get(key)
+        cells.append(f"{value:>{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}")
+    return "  ".join(cells) + ("  *" if best else "")
+
+
+def _epoch_width(epochs: int) -> int:
+    return max(5, 2 * len(str(epochs)) + 1)
+
+
+def print_epoch(row: dict, header: bool, *, epochs: int, select_metric: str = "f1_macro", best: bool = False):
+    """One line per epoch (and the explanation and titles before the first)."""
     if header:
-        print(" ".join(f"{title:>7}" for title in EPOCH_COLUMNS.values()))
-    print(" ".join(f"{row[c]:>7.3f}" if isinstance(row[c], float) else f"{row[c]:>7}" for c in EPOCH_COLUMNS),
-          flush=True)
+        print("\n".join(epoch_header(epochs, select_metric)))
+    print(format_epoch(row, epochs, best), flush=True)
 
 
 def print_final_report(report: dict, best_path: Path) -> None:
     """The final figures of report.json: per split, the model at 0.5 and at the tuned thresholds beside the
     trivial predictor (per-class F1, then per-class AUC), the official ODIR score and the calibration error."""
     cal = report["calibration"]
-    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}; probabilities "
-          f"calibrated per class ({cal['method']}) and thresholds tuned on validation")
+    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
+          f"probabilities calibrated per class ({cal['method']}) and thresholds tuned on validation")
     for split in ("validation", "test"):
         if split not in report:
             continue
@@ -108,12 +131,12 @@ def print_final_report(report: dict, best_path: Path) -> None:
         print(f"{split} ({r['patients']} patients)"
               + ("   — scored once, never used to choose anything" if split == "test" else "   — picked the epoch, "
                  "fitted calibration and thresholds: optimistic"))
-        print(f"  {'':<30}F1 micro  F1 macro  AUC macro   " + "  ".join(f"{c:>5}" for c in CLASSES))
+        print(f"  {'':<25}F1 micro  F1 macro  AUC macro  " + " ".join(f"{c:>5}" for c in CLASSES))
         rows = (("model, tuned thresholds", r["tuned"], "f1"), ("model, threshold 0.5", r["at_0.5"], "f1"),
                 ("trivial predictor", r["trivial"]["at_0.5"], "f1"), ("model, per-class AUC", r["at_0.5"], "auc"))
         for label, m, per in rows:
             f1s = f"{m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}" if per == "f1" else f"{'':8}  {'':8}"
-            print(f"  {label:<30}{f1s}  {m['auc_macro']:9.3f}   " + "  ".join(f"{m[per][c]:5.3f}" for c in CLASSES))
+            print(f"  {label:<25}{f1s}  {m['auc_macro']:9.3f}  " + " ".join(f"{m[per][c]:5.3f}" for c in CLASSES))
         for label, o in (("model", r["odir"]), ("trivial", r["trivial"]["odir"])):
             print(f"  official ODIR score, {label:<7} (flattened, 0.5): kappa {o['kappa']:.3f} · F1 {o['f1']:.3f} · "
                   f"AUC {o['auc']:.3f} · final {o['final']:.3f}")

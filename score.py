@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.host import atomic_write, printable, progress_enabled, run_cli
+from pipeline.host import ArgParser, atomic_write, printable, progress_enabled, run_cli
 from pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
 from runtime import ModelFileError, OrtRunner, load_session
 
@@ -449,7 +449,7 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python score.py", description=__doc__,
+    ap = ArgParser(prog="python score.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", metavar="RUN_OR_MODEL",
                     help="a run folder of train.py (its best.onnx) or an .onnx file written by export.py")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.constants import CLASS_NAMES, CLASSES
+from pipeline.host import ArgParser
 from report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
@@ -189,7 +190,7 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python serve.py", description=__doc__,
+    ap = ArgParser(prog="python serve.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

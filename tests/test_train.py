@@ -114,8 +114,8 @@ def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_pat
         e = r["calibration_error"]
         assert f"ECE {e['ece_before']:.3f} → {e['ece_after']:.3f}" in out
         m = r["tuned"]
-        assert (f"model, tuned thresholds       {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}   "
-                + "  ".join(f"{m['f1'][c]:5.3f}" for c in CLASSES)) in out
+        assert (f"model, tuned thresholds  {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}  "
+                + " ".join(f"{m['f1'][c]:5.3f}" for c in CLASSES)) in out
 
 
 def test_per_eye_loss_trains_the_eye_head_from_the_sheets_keywords(tmp_path, tiny_odir, capsys):
