@@ -216,8 +216,8 @@ def next_steps(run_dir: Path) -> list[str]:
     opener = {"darwin": "open", "win32": "start"}.get(sys.platform, "xdg-open")
     run = shell_path(run_dir)
     return ["next steps:",
-            f"  {tool_command('export')} {run}    # writes {run}/best.onnx, checked against PyTorch",
-            f"  {tool_command('score')} {run} FOLDER -o predictions.xlsx --report {run}/scored",
+            f"  {tool_command('export')} {run}    # the ONNX model, checked against PyTorch",
+            f"  {tool_command('score')} {run} FOLDER -o predictions.xlsx --report scored",
             "    # FOLDER: new patients' photographs ({ID}_left/_right, _L/_R or _OD/_OS) or an ODIR folder",
             f"  {opener} {run}/report.html"]
 

@@ -190,7 +190,7 @@ def test_a_finished_run_ends_with_the_next_commands_and_they_work(logged_run, tm
 
     run, python = where(run_dir), where(sys.executable)
     assert steps == [f"{python} export.py {run}",
-                     f"{python} score.py {run} FOLDER -o predictions.xlsx --report {run}/scored",
+                     f"{python} score.py {run} FOLDER -o predictions.xlsx --report scored",
                      f"xdg-open {run}/report.html"]
     assert (run_dir / "report.html").is_file()
     proc = subprocess.run(shlex.split(steps[0]), cwd=ROOT, capture_output=True, text=True, timeout=300)
