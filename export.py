@@ -333,8 +333,8 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     card = write_model_card(out, ckpt, ckpt_path, precision=precision, diffs=diffs, log=log)
     # score.py takes the run folder when the model is its best.onnx, else the file itself
     target = ckpt_path.parent if out.resolve() == (ckpt_path.parent / "best.onnx").resolve() else out
-    log(f"next: {tool_command('score')} {shell_path(target)} FOLDER -o predictions.xlsx   (FOLDER: new patients' "
-        f"photographs, or an ODIR folder)")
+    log(f"next: {tool_command('score')} {shell_path(target)} FOLDER -o predictions.xlsx\n"
+        f"  (FOLDER: new patients' photographs, or an ODIR folder)")
     return dict(path=out, card=card, exporter=used, opset=opset, precision=precision, diffs=diffs,
                 seconds=time.perf_counter() - t0)
 

@@ -432,7 +432,7 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                  for v, t in zip(probs, thr)]
         maps = "".join(_img(src, cap, thumb_px) for src, cap in heatmaps.get(str(r.ID), []))
         kind = " flag" if flagged[i] else "" if ok[i] else " bad"
-        rows.append(f"<tr id='patient-{_e(r.ID)}'><td class=l>{_e(r.ID)}</td><td class=l>{eyes}</td>"
+        rows.append(f"<tr id='patient-{_e(r.ID)}'><td class=l>{_e(r.ID)}</td><td class='l eyes'>{eyes}</td>"
                     + "".join(cells) + f"<td class=l>{_e(r.labels)}</td>"
                     + (f"<td class=l>{_e(r.true_labels)}</td>" if labelled else "")
                     + f"<td class='l{kind}'>{_e(r.status)}</td>"
@@ -445,7 +445,7 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                f"{100 * pred[:, k].mean():.0f} %" if n_ok else "n/a",
                *([str(int(table.loc[ok, c].sum()))] if labelled else [])]
               for k, (c, t) in enumerate(zip(CLASSES, thr))]
-    body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}</style>",
+    body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}td.eyes{white-space:nowrap}</style>",
             f"<p><b>{n_ok} of {len(frame)} patients scored</b>"
             + (f"; <b>{len(frame) - n_ok} not scored</b> (their status says why)" if n_ok < len(frame) else "")
             + ".</p>",

@@ -361,8 +361,8 @@ def status_summary(frame, ignored) -> list[str]:
             lines.append(f"  ... {n - ok - 10} more (status column of the predictions CSV)")
     flagged = int(frame["status"].map(is_flagged).sum()) if len(frame) else 0
     if flagged:
-        lines.append(f"flagged {flagged} of {ok} scored patients: normal (N: no disease) predicted together with a "
-                     f"disease; their status says which (\"ok; normal together with ...\")")
+        lines.append(f"flagged {flagged} of {ok} scored patients: N (no disease) predicted with a disease; status "
+                     f"\"ok; normal together with ...\"")
     if ignored:
         lines.append(printable(f"ignored {len(ignored)} file(s) that are no patient eye image: "
                      + ", ".join(f"{name} ({why})" for name, why in ignored[:10]) + (" ..." if len(ignored) > 10 else "")))

@@ -146,7 +146,7 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, identity: di
         figures = [("image", view), *((f"Grad-CAM {DISEASE[CLASSES[k]]}", overlay(view, cams[e]))
                                       for k, cams in item["cams"].items()),
                    ("attended by the other eye", overlay(view, attended[e]))]
-        out.append(f"<h2>{eye} eye</h2><div>" + "".join(
+        out.append(f"<h2>{eye.capitalize()} eye</h2><div>" + "".join(
             f"<figure><img src='{_png_uri(px)}' width=256><figcaption>{html.escape(cap)}</figcaption></figure>"
             for cap, px in figures) + "</div>")
     return "\n".join(out)

@@ -166,7 +166,7 @@ def _main(argv=None):
             log_console_to(run_dir / "train.log")  # with what was printed so far
         if is_main:
             print(f"odir-dual · commit {git_commit()} · "
-                  + " · ".join(f"{k} {v}" for k, v in library_versions().items()))
+                  + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
             print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
                   f"rank(s)")
 
