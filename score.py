@@ -7,7 +7,7 @@
 RUN_OR_MODEL: a run folder of train.py (its best.onnx, written by `python export.py RUN`) or an .onnx file.
 
 FOLDER is either a folder of photographs named by patient and eye, or an ODIR folder with its sheet (data.xlsx or
-full_df.csv + images, any layout `pipeline.odir.find_layout` knows): then the labels are known, and the multi-label
+full_df.csv + images, any layout train.py reads): then the labels are known, and the multi-label
 metrics and the official ODIR-2019 score are printed. Names understood (any case, .jpg/.jpeg/.png): `{ID}` then one
 of `_ - .` or a space, then the eye: left/right, L/R, or OD/OS (OD = right eye, OS = left eye): `12_left.jpg`,
 `106-L.jpg`, `P1_OD.png`, `7 os.JPG`. Other schemes: `--pattern`, a file name with `{id}`, `{eye}` and `*` (any
@@ -449,7 +449,9 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python score.py", description=__doc__,
+    # --help: the docstring without its paragraphs about the code (they name modules and functions)
+    ap = ArgParser(prog="python score.py", description="\n\n".join(
+                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", metavar="RUN_OR_MODEL",
                     help="a run folder of train.py (its best.onnx) or an .onnx file written by export.py")
@@ -490,6 +492,8 @@ def main(argv=None) -> int:
             args.pattern = NamePattern(args.pattern)
         except ValueError as e:
             ap.error(str(e))
+    if args.out and Path(args.out).suffix.lower() in (".xls", ".ods", ".xlsm"):
+        ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
     if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
         ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
     from pipeline.odir import SheetError

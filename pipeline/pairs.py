@@ -1,7 +1,8 @@
 """From a folder on disk to prepared (left, right) pairs: the one path that train.py, score.py, export.py's
 real-image check and the benchmarks use.
 
-    find_pairs(folder)          an ODIR folder with its sheet, or a folder of {ID}_left/{ID}_right images
+    find_pairs(folder)          an ODIR folder with its sheet, or a folder of images named by patient and eye
+                                ({ID}_left/_right, _L/_R, _OD/_OS; or a --pattern)
                                 → one row per patient: id, left, right (source paths), status, [labels]
     prepare_pairs(table, ...)   both eyes of every scorable patient prepared once (pipeline.prepare, cached)
                                 → + left_prepared, right_prepared; a bad image sets the patient's status
