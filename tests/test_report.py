@@ -545,7 +545,8 @@ def test_web_page_names_the_model_diseases_and_eye_and_offers_a_download(synth, 
         body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.jpg\"\r\n"
                         f"Content-Type: image/jpeg\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items())
         body += f"--{boundary}--\r\n".encode()
-        req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        req = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return urllib.request.urlopen(req, timeout=120)
 
     try:

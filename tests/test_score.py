@@ -337,7 +337,8 @@ def test_pattern_pairs_other_naming_schemes(tmp_path, pattern, names, expected):
     assert all(f"--pattern {pattern}" in s for s in table.loc[table["status"] != "ok", "status"])
 
 
-@pytest.mark.parametrize("bad", ["{id}.jpg", "{id}_{eye}_{eye}.jpg", "{id}_{eye:1=right}.jpg", "{id}_{eye:1=up,2=left}"])
+@pytest.mark.parametrize("bad", ["{id}.jpg", "{id}_{eye}_{eye}.jpg", "{id}_{eye:1=right}.jpg",
+                                 "{id}_{eye:1=up,2=left}"])
 def test_bad_patterns_are_refused_with_an_example(bad):
     with pytest.raises(ValueError, match="--pattern"):
         pairs.NamePattern(bad)
@@ -413,7 +414,7 @@ def test_pattern_flag_end_to_end(tiny_onnx, tmp_path):
     for pid in ("a", "b"):
         fundus(folder / f"{pid}-1.png", 1), fundus(folder / f"{pid}-2.png", 2)
     out = tmp_path / "p.csv"
-    assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out), "--pattern", "{id}-{eye:1=right,2=left}.png",
-                       "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
+    assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out), "--pattern",
+                       "{id}-{eye:1=right,2=left}.png", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
     rows = read_csv(out)
     assert [r["ID"] for r in rows] == ["a", "b"] and all(score.is_scored(r["status"]) for r in rows)
