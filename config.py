@@ -66,10 +66,10 @@ class Config:
     weight_decay: float = 2e-5  # AdamW decoupled weight decay
     warmup_epochs: float = 3.0  # linear warm-up, then cosine to zero
     clip_grad: float = 1.0  # max gradient norm; 0: off
-    patience: int = 5  # early stopping: epochs without a better validation score (select_metric); 0: off
+    patience: int = 5  # early stopping: epochs without a better validation score (--select-metric); 0: off
     select_metric: str = "f1_macro"  # picks the best epoch on validation: f1_macro (at 0.5) | auc_macro | loss
     # loss: bce_weight × BCE (positive weights (negatives/positives) per class when bce_pos_weight) + focal
-    bce_pos_weight: bool = True
+    bce_pos_weight: bool = True  # BCE positive weight per class = its negatives / positives in the training split
     focal_weight: float = 0.5  # share of the focal term; the BCE term gets 1 - focal_weight
     focal_gamma: float = 2.5  # focusing exponent; 0: alpha-weighted BCE
     focal_alpha: float = 0.3  # focal weight of the positives (negatives: 1 - alpha)
@@ -120,25 +120,65 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------- config
 
 
+# --help's sections, in order: every Config field is in exactly one (tests/test_config.py checks it).
+FLAG_GROUPS = {
+    "run and output": ("preset", "out", "name", "overwrite", "resume", "dry_run", "stop_after_steps", "tensorboard"),
+    "data": ("data", "synthetic_patients", "cache_dir", "strict", "img_px", "prepare_px", "val_fraction",
+             "test_fraction", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
+    "model": ("backbone", "backbone_args", "pretrained", "weights_file", "local_contrast", "ensemble", "embed_dim",
+              "heads", "dropout"),
+    "optimisation": ("epochs", "batch_size", "accum_steps", "lr", "backbone_lr_mult", "weight_decay",
+                     "warmup_epochs", "clip_grad", "patience", "select_metric", "model_ema", "model_ema_decay"),
+    "loss": ("bce_pos_weight", "focal_weight", "focal_gamma", "focal_alpha", "eye_loss_weight"),
+    "calibration": ("calibration",),
+    "speed": ("precision", "channels_last", "compile", "compile_mode", "regional_compile", "eval_batch_size"),
+}
+TRAIN_USAGE = "python train.py [--data DIR] [--preset {auto,seed,fast,demo,cpu}] [--config FILE] [flags]"
+TRAIN_DESCRIPTION = """Train the dual-eye ODIR network on paired fundus photographs.
+
+  python train.py                           the demo: synthetic pictures, a small network, minutes on a CPU
+  python train.py --data ODIR_FOLDER        real data (preset fast on a GPU, cpu without one)
+  python train.py --resume runs/NAME        continue a stopped run
+  torchrun --nproc-per-node N train.py ...  one process per GPU
+
+Every flag below overrides its preset. A run's folder (runs/NAME) gets config.json, the checkpoints,
+metrics.csv, train.log and report.html; at the end the console prints the commands that export and score it."""
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_of=lambda f: f"default {f.default!r}",
-                        choices: dict | None = None) -> None:
+                        choices: dict | None = None, groups: dict | None = None) -> None:
     """One flag per dataclass field (`img_px` → `--img-px`; bools get `--x/--no-x`), all defaulting to None so
     that only what the user typed comes back (see `explicit_values`). Also used by the benchmarks' settings.
 
     Args:
         help_of: field → help text.
         choices: field name → the values its flag accepts (argparse lists them in --help and refuses others).
+        groups: section title → field names: --help lists the flags by section (argparse argument groups).
     """
     choices = choices or {}
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
-                                help=help_of(f), choices=choices.get(f.name),
-                                metavar=None if f.name in choices else f.name.upper())
+    by_name = {f.name: f for f in fields(cls)}
+    sections = [(title, [by_name[n] for n in names]) for title, names in (groups or {}).items()]
+    grouped = {n for names in (groups or {}).values() for n in names}
+    sections.append((None, [f for f in fields(cls) if f.name not in grouped]))
+    for title, members in sections:
+        target = parser.add_argument_group(title) if title else parser
+        for f in members:
+            flag = "--" + f.name.replace("_", "-")
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "bool":
+                target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of(f))
+            else:
+                target.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
+                                    help=help_of(f), choices=choices.get(f.name),
+                                    metavar=None if f.name in choices else _metavar(f.name, kind))
+
+
+def _metavar(name: str, kind: str) -> str:
+    """A short placeholder for --help: N (int), X (float), DIR, FILE, RUN, JSON or NAME."""
+    if kind in ("int", "float"):
+        return "N" if kind == "int" else "X"
+    return {"data": "DIR", "out": "DIR", "cache_dir": "DIR", "resume": "RUN", "weights_file": "FILE",
+            "backbone_args": "JSON"}.get(name, "NAME")
 
 
 def explicit_values(args: argparse.Namespace) -> dict:
@@ -153,13 +193,16 @@ def parse_config(argv=None, description: str | None = None) -> Config:
     `--print-config` prints the resolved config as JSON (a valid --config file) and exits. With `--resume` the run's
     saved config is used, and only the fields in `RESUMABLE` may differ from it (see `resume_config`).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=_help_epilog())
-    parser.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
-                        "every field it names; flags given here override it")
-    parser.add_argument("--print-config", action="store_true", default=None,
-                        help="print the resolved config as JSON (usable as --config FILE) and exit")
-    add_dataclass_flags(parser, Config, _flag_help, choices=flag_choices())
+    from pipeline.host import ArgParser
+
+    parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
+                       epilog=_help_epilog())
+    files = parser.add_argument_group("config files")
+    files.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
+                       "every field it names; flags given here override it")
+    files.add_argument("--print-config", action="store_true", default=None,
+                       help="print the resolved config as JSON (usable as --config FILE) and exit")
+    add_dataclass_flags(parser, Config, _flag_help, choices=flag_choices(), groups=FLAG_GROUPS)
     explicit = explicit_values(parser.parse_args(argv))
     show = explicit.pop("print_config", False)
     from_file = read_config_file(explicit.pop("config")) if "config" in explicit else {}
@@ -307,13 +350,23 @@ def _flag_help(f) -> str:
     here = _auto_here()
     by_value: dict = {}
     for preset, values in PRESETS.items():
-        by_value.setdefault(repr(values.get(f.name, f.default)), []).append(preset + "*" * (preset == here))
-    if len(by_value) == 1 or f.name == "preset":
+        value = values.get(f.name, f.default)
+        by_value.setdefault(f"{value:.4g}" if isinstance(value, float) else repr(value), []).append(
+            preset + "*" * (preset == here))
+    if f.name == "preset" or (len(by_value) == 1 and f.default in ("", False)):
+        return _flag_names(field_comments().get(f.name, "")).replace("%", "%%")
+    if len(by_value) == 1:
         values = f"default {f.default!r}"
     else:
         values = "; ".join(f"{'/'.join(names)}: {value}" for value, names in by_value.items())
-    text = field_comments().get(f.name, "")
+    text = _flag_names(field_comments().get(f.name, ""))
     return f"{text} [{values}]".strip().replace("%", "%%")
+
+
+def _flag_names(text: str) -> str:
+    """Field names in a help text as the flags a user types: "0: same as img_px" → "0: same as --img-px"."""
+    names = "|".join(f.name for f in fields(Config) if "_" in f.name)
+    return re.sub(rf"(?<![\w-])({names})(?!\w)", lambda m: "--" + m[1].replace("_", "-"), text)
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,8 +380,8 @@ def _auto_here(has_data: bool = False) -> str | None:
 
 def _help_epilog() -> str:
     here = f"{_auto_here(False)} (with --data: {_auto_here(True)})" if _auto_here() else "unknown (no torch)"
-    return (f"[...]: the value each preset gives the flag. On this machine --preset auto (the default) is {here};\n"
-            f"* marks the preset it picks without --data, whose values run when no flag is given.\n"
+    return (f"[...]: the value each preset gives the flag. On this machine --preset auto (the default) is\n"
+            f"{here}; * marks the preset it picks without --data, whose values run when no flag is given.\n"
             f"Precedence: the preset < --config FILE < the flags given here.")
 
 
@@ -393,6 +446,31 @@ def format_config(cfg: Config) -> str:
     """The config as wrapped `name=value` lines, for the log."""
     items = " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
     return "config: " + textwrap.fill(items, 116, subsequent_indent="  ", break_on_hyphens=False)
+
+
+# Fields the console names elsewhere (the data folder, the run folder) or that name no setting of the training.
+NOT_SETTINGS = ("preset", "data", "out", "name", "overwrite", "resume", "dry_run")
+
+
+def changed_settings(cfg: Config) -> dict:
+    """Field → (value, the preset's value) for every setting that differs from `cfg.preset` (defaults ← preset)."""
+    base = Config(**{**PRESETS.get(cfg.preset, {}), "preset": cfg.preset})
+    return {f.name: (getattr(cfg, f.name), getattr(base, f.name)) for f in fields(Config)
+            if f.name not in NOT_SETTINGS and getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+def format_settings(cfg: Config, every=None, width: int = 110) -> str:
+    """One short paragraph for the console: the preset and only the settings that differ from it (`every`: the
+    file that holds every setting, named at the end)."""
+    changed = changed_settings(cfg)
+    items = [f"--{k.replace('_', '-')} {_short(v)} ({cfg.preset}: {_short(was)})" for k, (v, was) in changed.items()]
+    text = f"preset {cfg.preset}" + ("; changed: " + ", ".join(items) if items else ", no setting changed")
+    text += f"; every setting: {every}" if every else ""
+    return textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
 
 
 

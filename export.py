@@ -44,7 +44,7 @@ from torch import nn
 from checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
 from modelcard import CARD_NAME, write_model_card
 from pipeline.dali import eval_loader
-from pipeline.host import check_output, remove_stale_temporaries, run_cli
+from pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
 from pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from pipeline.split import load_split
 from runtime import ONNX_FORMAT, ort_session
@@ -337,12 +337,16 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     log(f"wrote {out} ({precision}, opset {opset}, {used} exporter, {size_mb:.1f} MB) in "
         f"{time.perf_counter() - t0:.1f} s")
     card = write_model_card(out, ckpt, ckpt_path, precision=precision, diffs=diffs, log=log)
+    # score.py takes the run folder when the model is its best.onnx, else the file itself
+    target = ckpt_path.parent if out.resolve() == (ckpt_path.parent / "best.onnx").resolve() else out
+    log(f"next: {tool_command('score')} {shell_path(target)} FOLDER -o predictions.xlsx\n"
+        f"  (FOLDER: new patients' photographs, or an ODIR folder)")
     return dict(path=out, card=card, exporter=used, opset=opset, precision=precision, diffs=diffs,
                 seconds=time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python export.py", description=__doc__,
+    ap = ArgParser(prog="python export.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt)")
     ap.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")

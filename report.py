@@ -83,6 +83,7 @@ class Explainer:
         self.img_px, self.mean, self.std = int(ckpt["img_px"]), ckpt["mean"], ckpt["std"]
         self.config, self.thresholds = ckpt["config"], [float(t) for t in ckpt["thresholds"]]
         self.calibration = ckpt.get("calibration")
+        self.commit = ckpt.get("commit", "")
 
     def explain(self, left_paths, right_paths, classes, batch_size: int = 16) -> list[dict]:
         """Per pair: views (left, right uint8), probs (K,), cams {class index: (left, right) (H, W)}, attention
@@ -626,48 +627,76 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                         thumb_px: int = 128) -> Path:
     """`DIR/index.html`: one row per patient of a scored folder (score.py's `score_folder` result).
 
-    Each row: both eyes (thumbnails), the 8 probabilities (highlighted where above the model's threshold),
-    the predicted labels, the true labels when the folder has a sheet, and the status of patients that could
-    not be scored; the metrics when labelled. With `explain_run` (a run folder or best.pt), the Grad-CAM of each
-    predicted class (the most probable one when none is) on both eyes, from the PyTorch model.
+    The page starts with the counts: per class the patients predicted positive (and the true positives when the
+    folder has a sheet), the flagged patients (status "ok; ...": normal predicted together with a disease) and those
+    not scored. Then one row per patient, flagged patients first, then the ones that could not be scored, then the
+    rest (each group in ID order): both eyes (thumbnails), the 8 probabilities (highlighted where above the model's
+    threshold), the predicted labels, the true labels when the folder has a sheet, and the status; the metrics when
+    labelled. With `explain_run` (a run folder or best.pt), the Grad-CAM of each predicted class (the most probable
+    one when none is) on both eyes, from the PyTorch model.
 
     Args:
         scored: dict with "frame" (predictions table), "table" (prepared pairs), "probs", "metrics" (text or None).
         thresholds: the model's 8 thresholds.
     """
+    from pipeline.constants import CLASS_NAMES
+
     out_dir = Path(out_dir)
     files_dir = out_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
     frame, table = scored["frame"], scored["table"]
     thr = [float(t) for t in thresholds]
     labelled = "true_labels" in frame.columns
+    status = frame["status"].astype(str)
+    flagged = status.str.startswith("ok; ").to_numpy()
+    ok = (status == "ok").to_numpy() | flagged
     heatmaps = _folder_heatmaps(frame, table, files_dir, out_dir, explain_run) if explain_run else {}
+    order = sorted(range(len(frame)), key=lambda i: (0 if flagged[i] else 2 if ok[i] else 1, i))
     rows = []
-    for i, (r, t) in enumerate(zip(frame.itertuples(index=False), table.itertuples(index=False))):
+    for i in order:
+        r, t = frame.iloc[i], table.iloc[i]
         eyes = ""
-        if r.status == "ok":
+        if ok[i]:
             for eye in ("left", "right"):
                 thumb = files_dir / f"{_safe(r.ID)}_{eye}.jpg"
-                save_image(network_view(getattr(t, f"{eye}_prepared"), thumb_px), thumb)
+                save_image(network_view(t[f"{eye}_prepared"], thumb_px), thumb)
                 eyes += _img(thumb.relative_to(out_dir).as_posix(), eye, thumb_px)
-        probs = [getattr(r, c) for c in CLASSES]
+        probs = [r[f"p_{c}"] for c in CLASSES]
         cells = [f"<td class=on>{_num(v)}</td>" if v is not None and v > t else f"<td>{_num(v)}</td>"
                  for v, t in zip(probs, thr)]
         maps = "".join(_img(src, cap, thumb_px) for src, cap in heatmaps.get(str(r.ID), []))
-        rows.append(f"<tr id='patient-{_e(r.ID)}'><td class=l>{_e(r.ID)}</td><td class=l>{eyes}</td>"
+        kind = " flag" if flagged[i] else "" if ok[i] else " bad"
+        rows.append(f"<tr id='patient-{_e(r.ID)}'><td class=l>{_e(r.ID)}</td><td class='l eyes'>{eyes}</td>"
                     + "".join(cells) + f"<td class=l>{_e(r.labels)}</td>"
                     + (f"<td class=l>{_e(r.true_labels)}</td>" if labelled else "")
-                    + f"<td class='l{'' if r.status == 'ok' else ' bad'}'>{_e(r.status)}</td>"
+                    + f"<td class='l{kind}'>{_e(r.status)}</td>"
                     + (f"<td class=l>{maps}</td>" if explain_run else "") + "</tr>")
     header = ["ID", "eyes", *(f"{c} (>{t:.2f})" for c, t in zip(CLASSES, thr)), "predicted",
               *(["true"] if labelled else []), "status", *(["Grad-CAM of the predicted classes"] if explain_run else [])]
-    n_ok = int((frame["status"] == "ok").sum())
-    body = [f"<p>{n_ok} of {len(frame)} patients scored. Probabilities above the model's threshold are "
-            "highlighted.</p>"]
+    n_ok, n_flag = int(ok.sum()), int(flagged.sum())
+    pred = frame.loc[ok, [f"pred_{c}" for c in CLASSES]].to_numpy(dtype=np.int64).reshape(-1, len(CLASSES))
+    counts = [[_e(c), _e(CLASS_NAMES[c]), f"{t:.2f}", str(int(pred[:, k].sum())),
+               f"{100 * pred[:, k].mean():.0f} %" if n_ok else "n/a",
+               *([str(int(table.loc[ok, c].sum()))] if labelled else [])]
+              for k, (c, t) in enumerate(zip(CLASSES, thr))]
+    body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}td.eyes{white-space:nowrap}</style>",
+            f"<p><b>{n_ok} of {len(frame)} patients scored</b>"
+            + (f"; <b>{len(frame) - n_ok} not scored</b> (their status says why)" if n_ok < len(frame) else "")
+            + ".</p>",
+            "<h2>Predicted per class</h2>",
+            _table(["class", "", "threshold", "predicted positive", "of scored",
+                    *(["positive in the sheet"] if labelled else [])], counts, "counts", left_cols=2)]
+    if n_flag:
+        body.append(f"<p class=flag><b>{n_flag} flagged</b> patient(s): normal (N, no disease) predicted together "
+                    "with a disease. Each class has its own threshold, so both can pass; these need a look. They "
+                    "are listed first.</p>")
     if scored.get("metrics"):
         body += ["<h2>Metrics</h2>", _folder_metrics(frame, table, thr)]
-    body.append("<table id=patients><tr>" + "".join(f"<th class=l>{_e(h)}</th>" for h in header) + "</tr>"
-                + "\n".join(rows) + "</table>")
+    body += ["<h2>Patients</h2>",
+             "<p>Flagged patients first, then those not scored, then the rest; probabilities above the model's "
+             "threshold are highlighted.</p>",
+             "<table id=patients><tr>" + "".join(f"<th class=l>{_e(h)}</th>" for h in header) + "</tr>"
+             + "\n".join(rows) + "</table>"]
     return _write_page(out_dir / "index.html", _page(title or "scored folder", body))
 
 
@@ -685,9 +714,10 @@ def _folder_metrics(frame, table, thr) -> str:
     """Metric tables of a labelled folder: multi-label at the tuned thresholds and at 0.5, and the ODIR score."""
     from model import multilabel_metrics, odir_score
 
-    ok = (frame["status"] == "ok").to_numpy()
+    status = frame["status"].astype(str)
+    ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()
     y = table.loc[ok, list(CLASSES)].to_numpy(dtype=np.int64)
-    p = frame.loc[ok, list(CLASSES)].to_numpy(dtype=np.float64)
+    p = frame.loc[ok, [f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
     rows = []
     for label, t in (("tuned thresholds", thr), ("threshold 0.5", 0.5)):
         m = multilabel_metrics(y, p, t)
@@ -705,13 +735,14 @@ def _folder_metrics(frame, table, thr) -> str:
 
 def _folder_heatmaps(frame, table, files_dir: Path, out_dir: Path, run) -> dict[str, list[tuple[str, str]]]:
     """id → [(relative PNG path, caption)]: Grad-CAM of the predicted classes (else the most probable), both eyes."""
-    ok = np.flatnonzero((frame["status"] == "ok").to_numpy())
+    status = frame["status"].astype(str)
+    ok = np.flatnonzero(((status == "ok") | status.str.startswith("ok; ")).to_numpy())
     if not len(ok):
         return {}
     explainer = Explainer(run)
     wanted = []
     for i in ok:
-        p = np.array([frame[c].iloc[i] for c in CLASSES], np.float64)
+        p = np.array([frame[f"p_{c}"].iloc[i] for c in CLASSES], np.float64)
         pred = [k for k, c in enumerate(CLASSES) if frame[f"pred_{c}"].iloc[i] == 1]
         wanted.append(pred or [int(np.argmax(p))])
     items = explainer.explain(list(table["left_prepared"].iloc[ok]), list(table["right_prepared"].iloc[ok]), wanted)

@@ -156,18 +156,41 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-EPOCH_COLUMNS = {  # metrics.csv key → console title, in table order
-    "epoch": "epoch", "train_loss": "trLoss", "val_loss": "vaLoss", "train_f1_macro": "trF1ma", "val_f1_micro": "F1mi",
-    "val_f1_macro": "F1ma", "val_odir": "ODIR", **{f"f1_{c}": f"f1_{c}" for c in CLASSES},
-    "pairs_per_s": "pairs/s", "data_pct": "data%", "epoch_s": "sec"}
+# The console's epoch row (metrics.csv keeps every figure, per-class F1 included): metrics.csv key → (title, width,
+# format). Validation figures are at threshold 0.5 with the raw sigmoid, as metrics.csv.
+EPOCH_COLUMNS = {"train_loss": ("train loss", 10, ".4f"), "val_loss": ("val loss", 8, ".4f"),
+                 "val_auc_macro": ("AUC macro", 9, ".3f"), "val_f1_macro": ("F1 macro", 8, ".3f"),
+                 "val_odir": ("ODIR", 6, ".3f"), "lr": ("lr", 8, ".2e"), "epoch_s": ("sec", 7, ".1f"),
+                 "pairs_per_s": ("pairs/s", 8, ".1f"), "data_pct": ("data %", 6, ".0f")}
+SELECT_COLUMN = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}  # --select-metric
 
 
-def print_epoch(row: dict, header: bool):
-    """One line per epoch (and the titles before the first)."""
+def epoch_header(epochs: int, select_metric: str) -> list[str]:
+    """The two lines above the first epoch row: what the row holds, then the column titles."""
+    title = EPOCH_COLUMNS[SELECT_COLUMN[select_metric]][0]
+    return [f"* = new best validation {title} (--select-metric) → best.pt · at threshold 0.5 · per class: "
+            f"metrics.csv",
+            f"{'epoch':>{_epoch_width(epochs)}}  " + "  ".join(f"{t:>{w}}" for t, w, _ in EPOCH_COLUMNS.values())]
+
+
+def format_epoch(row: dict, epochs: int, best: bool = False) -> str:
+    """One epoch's row: 3/14, losses, AUC and F1 macro, ODIR, learning rate, seconds, pairs/s, data %, `*` if best."""
+    cells = [f"{row['epoch']}/{epochs}".rjust(_epoch_width(epochs))]
+    for key, (_, width, fmt) in EPOCH_COLUMNS.items():
+        value = row.get(key)
+        cells.append(f"{value:>{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}")
+    return "  ".join(cells) + ("  *" if best else "")
+
+
+def _epoch_width(epochs: int) -> int:
+    return max(5, 2 * len(str(epochs)) + 1)
+
+
+def print_epoch(row: dict, header: bool, *, epochs: int, select_metric: str = "f1_macro", best: bool = False):
+    """One line per epoch (and the explanation and titles before the first)."""
     if header:
-        print(" ".join(f"{title:>7}" for title in EPOCH_COLUMNS.values()))
-    print(" ".join(f"{row[c]:>7.3f}" if isinstance(row[c], float) else f"{row[c]:>7}" for c in EPOCH_COLUMNS),
-          flush=True)
+        print("\n".join(epoch_header(epochs, select_metric)))
+    print(format_epoch(row, epochs, best), flush=True)
 
 
 def print_final_report(report: dict, best_path: Path) -> None:

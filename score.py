@@ -1,12 +1,18 @@
 """Score a folder of fundus photograph pairs with an exported ONNX model (onnxruntime, DALI).
 
-    python score.py model.onnx FOLDER [-o predictions.csv] [--submission] [--tta] [--batch-size 32]
-                    [--cache-dir DIR] [--provider auto|cpu|cuda] [--loader auto|dali|pil]
+    python score.py RUN_OR_MODEL FOLDER [-o predictions.csv|.xlsx] [--submission] [--tta] [--pattern P]
+                    [--batch-size 32] [--cache-dir DIR] [--provider auto|cpu|cuda] [--loader auto|dali|pil]
                     [--report DIR [--explain RUN]]     (an HTML page per folder, heatmaps from RUN/best.pt)
 
-FOLDER is either a folder of `{ID}_left.{jpg,jpeg,png}` / `{ID}_right.*` files (case-insensitive), or an ODIR
-folder with its sheet (data.xlsx or full_df.csv + images, any layout `pipeline.odir.find_layout` knows): then the
-labels are known, and the multi-label metrics and the official ODIR-2019 score are printed.
+RUN_OR_MODEL: a run folder of train.py (its best.onnx, written by `python export.py RUN`) or an .onnx file.
+
+FOLDER is either a folder of photographs named by patient and eye, or an ODIR folder with its sheet (data.xlsx or
+full_df.csv + images, any layout train.py reads): then the labels are known, and the multi-label
+metrics and the official ODIR-2019 score are printed. Names understood (any case, .jpg/.jpeg/.png): `{ID}` then one
+of `_ - .` or a space, then the eye: left/right, L/R, or OD/OS (OD = right eye, OS = left eye): `12_left.jpg`,
+`106-L.jpg`, `P1_OD.png`, `7 os.JPG`. Other schemes: `--pattern`, a file name with `{id}`, `{eye}` and `*` (any
+text), e.g. `--pattern "{id}_{eye}.jpg"` or `--pattern "{id}_{eye:1=right,2=left}.*"` (eye tokens named). An image
+that pairs with nothing is a row of its own (ID: its file name) whose status says why.
 
 Same preprocessing as validation: every image is prepared once (fundus crop, short side resized; cached under
 `--cache-dir`, default $ODIR_CACHE/prepared), then read by `pipeline.dali.eval_loader` (decoded on the GPU when torch
@@ -18,16 +24,20 @@ Light install (`pip install ".[score]"`: onnxruntime, numpy, Pillow, pandas; no 
 the images are read by `pipeline.light` (numpy + Pillow, the same preprocessing to about one grey level) and fed
 to onnxruntime with `session.run`; `--loader pil` forces that path in a full install.
 
-Output CSV (`-o`, default predictions.csv): one row per patient, sorted by ID: ID, the 8 probabilities (columns
-N D G C A H M O), pred_N .. pred_O (0/1 at the model's tuned thresholds), labels (the predicted classes, "D,H"),
-true_labels (when the folder has a sheet), status ("ok" or why the patient was not scored: a missing eye, a
-truncated/corrupt/non-image file, ...). `--submission` writes the ODIR submission format instead: exactly
+Output (`-o`, default predictions.csv; a `.xlsx` name writes an Excel workbook, any other a CSV): one row per
+patient, sorted by ID: ID, the 8 calibrated probabilities p_N .. p_O (as in the run's predictions_*.csv), pred_N ..
+pred_O (0/1 at the model's tuned thresholds), labels (the predicted classes, "D,H"), true_labels (when the folder
+has a sheet), status: "ok"; "ok; normal together with D,H" when N (no disease) is predicted beside a disease; or why
+the patient was not scored (a missing eye, a truncated/corrupt/non-image file, an unpaired image, ...). The
+thresholds and the model they belong to are recorded: in a sheet "model" of the workbook, or for a CSV in
+`NAME.thresholds.json` beside it. `--submission` writes the ODIR submission format instead: exactly
 `ID,N,D,G,C,A,H,M,O` with probabilities, scored patients only.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import sys
@@ -37,9 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASSES
-from pipeline.host import atomic_write, check_output, printable, progress_enabled, run_cli
-from pipeline.pairs import default_cache, find_pairs, prepare_pairs
+from pipeline.constants import CLASS_NAMES, CLASSES
+from pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
 from runtime import ModelFileError, OrtRunner, load_session
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
@@ -146,7 +156,7 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
         row = {"ID": r.id}
         p = probs_by_row.get(i)
         for c, v in zip(classes, p if p is not None else [None] * len(classes)):
-            row[c] = None if v is None else float(v)
+            row[f"p_{c}"] = None if v is None else float(v)
         pred = (p > thr).astype(int) if p is not None else None
         for j, c in enumerate(classes):
             row[f"pred_{c}"] = None if pred is None else int(pred[j])
@@ -154,9 +164,28 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
         if table.attrs.get("labelled"):
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
-        row["status"] = r.status
+        row["status"] = r.status if pred is None else flag_status(r.status, classes, pred)
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
+
+
+def flag_status(status: str, classes, pred) -> str:
+    """"ok", or "ok; normal together with D,H" when N (ODIR's "no disease") is predicted beside a disease: the two
+    contradict each other, so the patient needs a look (each class has its own threshold, so both can pass)."""
+    on = [c for c, v in zip(classes, pred) if v]
+    if "N" in on and len(on) > 1:
+        return f"{status}; normal together with {','.join(c for c in on if c != 'N')}"
+    return status
+
+
+def is_scored(status) -> bool:
+    """The patient has probabilities: status "ok", possibly with a flag ("ok; normal together with D")."""
+    return isinstance(status, str) and (status == "ok" or status.startswith("ok; "))
+
+
+def is_flagged(status) -> bool:
+    """Scored, with a flag that asks for a look ("ok; ...")."""
+    return isinstance(status, str) and status.startswith("ok; ")
 
 
 def write_csv(frame, path, *, submission: bool = False) -> None:
@@ -178,8 +207,8 @@ def write_csv(frame, path, *, submission: bool = False) -> None:
             # moves in its 5th decimal (enough to flip a 3-decimal figure that sits on a rounding boundary)
             if submission:
                 w.writerow(SUBMISSION_HEADER)
-                for r in frame[frame["status"] == "ok"].itertuples(index=False):
-                    w.writerow([_text_cell(r.ID), *(f"{getattr(r, c):.8f}" for c in SUBMISSION_HEADER[1:])])
+                for r in frame[frame["status"].map(is_scored)].itertuples(index=False):
+                    w.writerow([_text_cell(r.ID), *(f"{getattr(r, 'p_' + c):.8f}" for c in SUBMISSION_HEADER[1:])])
             else:
                 w.writerow(frame.columns)
                 for r in frame.itertuples(index=False):
@@ -200,6 +229,85 @@ def _text_cell(value):
         except ValueError:
             return "'" + text
     return text
+
+
+def write_xlsx(frame, path, model_info: dict) -> None:
+    """The predictions table as an Excel workbook (openpyxl): sheet "predictions" (the CSV's columns, numbers as
+    numbers), sheet "model" (the model, its tuned threshold per class, the date). Written atomically; text cells are
+    stored as text, never as formulas.
+
+    Raises:
+        ScoreError: the file cannot be written; the message names it.
+    """
+    from openpyxl import Workbook
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    def put(ws, row):
+        ws.append([None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in row])
+        for cell in ws[ws.max_row]:
+            if isinstance(cell.value, str):  # an ID "=1+2" stays text (openpyxl would store it as a formula)
+                cell.value = ILLEGAL_CHARACTERS_RE.sub("?", printable(cell.value))
+                cell.data_type = "s"
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "predictions"
+    put(ws, list(frame.columns))
+    for r in frame.itertuples(index=False):
+        put(ws, [int(v) if isinstance(v, (np.integer,)) else float(v) if isinstance(v, np.floating) else v
+                 for v in r])
+    ws.freeze_panes = "B2"
+    for c, cell in enumerate(ws[1], start=1):
+        if str(cell.value).startswith("p_"):
+            for col in ws.iter_cols(min_col=c, max_col=c, min_row=2):
+                for x in col:
+                    x.number_format = "0.0000"
+    info = wb.create_sheet("model")
+    for key, value in model_info.items():
+        if key != "thresholds":
+            put(info, [key, value if isinstance(value, (int, float)) else str(value)])
+    put(info, [])
+    put(info, ["class", "name", "threshold (a probability above it is predicted)"])
+    for c, t in model_info["thresholds"].items():
+        put(info, [c, CLASS_NAMES[c], t])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as f:
+            wb.save(f)
+    except OSError as e:
+        raise ScoreError(f"cannot write {printable(path)}: {e.strerror or e}") from None
+
+
+def thresholds_file(out) -> Path:
+    """The sidecar of a CSV output that records the thresholds: predictions.csv → predictions.thresholds.json."""
+    out = Path(out)
+    return out.with_name(out.stem + ".thresholds.json")
+
+
+def model_info(model_path, meta: dict, *, tta: bool = False) -> dict:
+    """What a result needs to be read later: the model, how it was applied, the thresholds of its pred_* columns."""
+    return {"model": printable(str(model_path)), "backbone": meta.get("backbone", ""),
+            "commit": meta.get("commit", ""), "img_px": meta.get("img_px"),
+            "trained_on": printable(str(meta.get("config", {}).get("data", ""))),
+            "probabilities": "calibrated per class on the run's validation patients" + (", TTA hflip" if tta else ""),
+            "scored_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["thresholds"])}}
+
+
+def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> list[Path]:
+    """The result in the format its name asks for (.xlsx: a workbook with the thresholds inside; else CSV plus its
+    thresholds sidecar). Returns the files written."""
+    if out.suffix.lower() == ".xlsx" and not submission:
+        write_xlsx(frame, out, info)
+        return [out]
+    write_csv(frame, out, submission=submission)
+    side = thresholds_file(out)
+    try:
+        with atomic_write(side) as f:
+            f.write(json.dumps(info, indent=1) + "\n")
+    except OSError as e:
+        raise ScoreError(f"cannot write {printable(side)}: {e.strerror or e}") from None
+    return [out, side]
 
 
 def check_writable(path) -> None:
@@ -241,15 +349,20 @@ def metrics_report(y_true, probs, thresholds, classes) -> str:
 
 def status_summary(frame, ignored) -> list[str]:
     """Lines: how many scored, the reasons of the others, the ignored files."""
-    n, ok = len(frame), int((frame["status"] == "ok").sum()) if len(frame) else 0
+    scored = frame["status"].map(is_scored) if len(frame) else frame["status"]
+    n, ok = len(frame), int(scored.sum()) if len(frame) else 0
     lines = [f"scored {ok} of {n} patients"]
     if ok < n:
-        kinds = Counter(_reason_kind(s) for s in frame.loc[frame["status"] != "ok", "status"])
+        kinds = Counter(_reason_kind(s) for s in frame.loc[~scored, "status"])
         lines[0] += f"; not scored {n - ok}: " + ", ".join(f"{v} {k}" for k, v in kinds.most_common())
-        for r in frame[frame["status"] != "ok"].head(10).itertuples(index=False):
+        for r in frame[~scored].head(10).itertuples(index=False):
             lines.append(printable(f"  ID {r.ID}: {r.status}"))
         if n - ok > 10:
             lines.append(f"  ... {n - ok - 10} more (status column of the predictions CSV)")
+    flagged = int(frame["status"].map(is_flagged).sum()) if len(frame) else 0
+    if flagged:
+        lines.append(f"flagged {flagged} of {ok} scored patients: N (no disease) predicted with a disease; status "
+                     f"\"ok; normal together with ...\"")
     if ignored:
         lines.append(printable(f"ignored {len(ignored)} file(s) that are no patient eye image: "
                      + ", ".join(f"{name} ({why})" for name, why in ignored[:10]) + (" ..." if len(ignored) > 10 else "")))
@@ -258,6 +371,8 @@ def status_summary(frame, ignored) -> list[str]:
 
 def _reason_kind(status: str) -> str:
     """'left eye: truncated JPEG (3_left.jpg)' → 'truncated JPEG'; several problems → the first."""
+    if status.startswith("not paired"):
+        return "unpaired image"
     first = status.split("; ")[0]
     kind = first.split(": ", 1)[-1]
     return re.sub(r" \([^)]*\)$", "", kind).split(":")[0]
@@ -285,14 +400,35 @@ def checked_outputs(probs: np.ndarray, ok: np.ndarray, table) -> tuple[np.ndarra
     return probs[good], ok[good]
 
 
+def resolve_model(path) -> Path:
+    """The ONNX file that `score.py RUN_OR_MODEL` means: a run folder's best.onnx, or the file itself.
+
+    Raises:
+        ModelFileError: a run folder with no best.onnx (with the export command when its best.pt exists).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "best.onnx").is_file():
+        return path / "best.onnx"
+    if (path / "best.pt").is_file():
+        raise ModelFileError(f"{printable(path)} has no best.onnx yet: run `python export.py {printable(path)}` "
+                             f"first")
+    raise ModelFileError(f"{printable(path)}: a folder with no best.onnx (not a run folder of train.py?); give a "
+                         f"run folder or an .onnx file")
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
-                 provider="auto", progress=True, workers=None, loader="auto", loader_threads=None,
+                 provider="auto", progress=True, workers=None, loader="auto", loader_threads=None, pattern=None,
                  log=print) -> dict:
-    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path."""
+    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path.
+    `model_path`: an .onnx file or a run folder (its best.onnx); `pattern`: see `pipeline.pairs.NamePattern`."""
     t0 = time.perf_counter()
+    model_path = resolve_model(model_path)
+    pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
     session, meta, provider = load_session(model_path, provider)
     if list(meta["classes"]) != list(CLASSES):
         raise ModelFileError(f"{model_path}: classes {meta['classes']} differ from this code's {list(CLASSES)}")
@@ -302,11 +438,17 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     out = Path(out or ("submission.csv" if submission else "predictions.csv"))
     check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
     check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
-    table, ignored = find_pairs(folder)
+    table, ignored = find_pairs(folder, pattern)
     if table.empty:
         found = f"; found only: {', '.join(name for name, _ in ignored[:5])}" if ignored else " (it is empty)"
-        raise ScoreError(printable(f"{folder}: no patient images to score, looked for {{ID}}_left / {{ID}}_right "
-                                   f".jpg/.jpeg/.png files or an ODIR sheet{found}"))
+        raise ScoreError(printable(f"{folder}: no patient images to score, looked for "
+                                   f"{f'--pattern {pattern}' if pattern else NAMING_HELP} .jpg/.jpeg/.png files or "
+                                   f"an ODIR sheet{found}"))
+    if table["status"].str.startswith("not paired").all():
+        raise ScoreError(printable(f"{folder}: none of its {len(table)} images is named by patient and eye ("
+                                   f"{f'--pattern {pattern}' if pattern else NAMING_HELP}), e.g. "
+                                   f"{', '.join(table['id'].head(3))}; give their naming with --pattern, e.g. "
+                                   f"--pattern \"{{id}}_{{eye}}.jpg\""))
     check_output(out, "-o", input_files(folder, table))
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
@@ -316,7 +458,7 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
                         num_threads=loader_threads)
     probs, ok = checked_outputs(probs, ok, table)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
-    write_csv(frame, out, submission=submission)
+    written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission)
     for line in status_summary(frame, ignored):
         log(line)
     report = None
@@ -324,18 +466,27 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
         report = metrics_report(y, probs, meta["thresholds"], list(CLASSES))
         log(report)
-    log(f"wrote {out} ({'ODIR submission format' if submission else 'predictions'}) in "
+    what = "ODIR submission format" if submission else "Excel workbook" if len(written) == 1 else "predictions"
+    log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
         f"{time.perf_counter() - t0:.1f} s")
     return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, out=out, provider=provider,
-                loader=loader, meta=meta)
+                loader=loader, meta=meta, model=model_path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python score.py", description=__doc__,
+    # --help: the docstring without its paragraphs about the code (they name modules and functions)
+    ap = ArgParser(prog="python score.py", description="\n\n".join(
+                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="an .onnx file written by export.py")
-    ap.add_argument("folder", help="{ID}_left/_right images, or an ODIR folder with its sheet")
-    ap.add_argument("-o", "--out", help="output CSV (default predictions.csv, submission.csv with --submission)")
+    ap.add_argument("model", metavar="RUN_OR_MODEL",
+                    help="a run folder of train.py (its best.onnx) or an .onnx file written by export.py")
+    ap.add_argument("folder", help="photographs named by patient and eye (see above), or an ODIR folder with its "
+                                   "sheet")
+    ap.add_argument("-o", "--out", help="output file: .xlsx writes an Excel workbook, any other name a CSV (default "
+                                        "predictions.csv, submission.csv with --submission)")
+    ap.add_argument("--pattern", metavar="P", help="how the images are named, when not by a common convention: a "
+                    "file name with {id}, {eye} and * (any text), e.g. \"{id}_{eye}.jpg\"; {eye:1=right,2=left} "
+                    "names the eye tokens")
     ap.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
     ap.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
@@ -361,6 +512,15 @@ def main(argv=None) -> int:
         ap.error("--explain RUN needs --report DIR")
     if args.explain and not (Path(args.explain).is_file() or (Path(args.explain) / "best.pt").is_file()):
         ap.error(f"--explain {args.explain}: no best.pt there (a run folder of train.py, or its best.pt)")
+    if args.pattern:
+        try:
+            args.pattern = NamePattern(args.pattern)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.out and Path(args.out).suffix.lower() in (".xls", ".ods", ".xlsm"):
+        ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
+    if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
+        ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
     from pipeline.odir import SheetError
     from pipeline.prepare import CacheError
 
@@ -381,13 +541,14 @@ def _score_and_report(args) -> int:
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
     scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
-                          workers=args.workers, loader=args.loader, loader_threads=args.loader_threads)
+                          workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
+                          pattern=args.pattern)
     if args.report:
         from report import write_folder_report
 
         t0 = time.perf_counter()
         page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
-                                   title=f"{args.folder} scored with {args.model}")
+                                   title=f"{args.folder} scored with {scored['model']}")
         print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 

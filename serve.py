@@ -7,8 +7,10 @@ A plain standard-library HTTP server (Gradio is no dependency of this project, a
 to 127.0.0.1 by default: nothing is shared with other machines unless --host says so. It uses the run's best.pt
 (PyTorch on the CPU: heatmaps need gradients, which ONNX has not): the photographs are prepared exactly like
 training's (fundus crop, resize), then the page shows the calibrated probabilities against the run's thresholds,
-the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye. Images are
-inlined in the answer, nothing is stored: the uploads live in a temporary folder for the length of one request.
+the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye, with links
+to download the result (JSON, CSV). Images are inlined in the answer, nothing is stored: the uploads live in a
+temporary folder for the length of one request. Every page names the model (run, backbone, training data, commit)
+and says that it is for research use; a model trained on the synthetic demo set gets a loud warning.
 
 Limits (a careless or hostile client must not take it down or mix patients): an upload of at most 64 MB with a
 valid Content-Length (else 411/400/413, the body unread), at most 40 MP per photograph (read from the image header
@@ -23,6 +25,7 @@ import base64
 import errno
 import html
 import io
+import json
 import re
 import sys
 import tempfile
@@ -34,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASSES
+from pipeline.constants import CLASS_NAMES, CLASSES
+from pipeline.host import ArgParser
 from report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
@@ -45,6 +49,59 @@ SOCKET_TIMEOUT_S = 30.0  # per blocking read/write on a connection: a stalled cl
 FORM = """<form method=post action=/ enctype=multipart/form-data>
 <p>Left eye: <input type=file name=left accept=image/*> Right eye: <input type=file name=right accept=image/*>
 <input type=submit value=Explain></p></form>"""
+DISEASE = {c: name[0].upper() + name[1:] for c, name in CLASS_NAMES.items()}  # "Normal", ..., "AMD", "Other"
+STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;font-size:14px}
+.synthetic{background:#b00020;color:#fff;font-size:18px;font-weight:bold;padding:.8em 1em;margin:.6em 0}
+.note{color:#555;font-size:13px}a.download{margin-right:1em}"""
+
+
+def model_identity(run, explainer: Explainer) -> dict:
+    """What the page says about the model: run name, backbone, training data folder and patients, commit, and
+    whether it was trained on the synthetic demo set (modelcard's test)."""
+    from modelcard import _synthetic
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    cfg = explainer.config
+    patients = ""
+    try:
+        from pipeline.split import load_split
+
+        parts = load_split(folder / "split.csv")
+        patients = (f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
+                    f"test {len(parts[2])})")
+    except (OSError, ValueError):
+        pass  # a best.pt copied without its run folder: the page says less
+    return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
+            "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
+            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": _synthetic(cfg.get("data", ""))}
+
+
+def identity_html(ident: dict) -> str:
+    """The model box at the top of every page, with the research-use note and the synthetic-data warning."""
+    out = []
+    if ident["synthetic"]:
+        out.append("<div class=synthetic>Warning: this model was trained on SYNTHETIC pictures (the built-in demo "
+                   "set), not on photographs of patients. Its outputs say nothing about a real eye.</div>")
+    data = html.escape(str(ident["data"]) or "unknown") + (f" · {html.escape(ident['patients'])}"
+                                                          if ident["patients"] else "")
+    out.append(f"<div class=ident>Model: run <b>{html.escape(ident['run'])}</b> · {html.escape(ident['backbone'])} "
+               f"at {ident['img_px']} px · preset {html.escape(str(ident['preset']))} · commit "
+               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}</div>"
+               "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
+               "calibrated on the run's validation patients and compared with the thresholds tuned there.</p>")
+    return "".join(out)
+
+
+def result_links(result: dict) -> str:
+    """Download links (JSON and CSV, as data: URIs: nothing is stored on the server) of one result."""
+    as_json = json.dumps(result, indent=1)
+    rows = ["class,name,probability,threshold,predicted"] + [
+        f"{c},{DISEASE[c]},{result['probabilities'][c]:.6f},{result['thresholds'][c]:.4f},"
+        f"{int(c in result['predicted'])}" for c in CLASSES]
+    uri = lambda text, kind: f"data:{kind};base64," + base64.b64encode(text.encode()).decode()  # noqa: E731
+    return (f"<p><a class=download download='odir-result.json' href='{uri(as_json, 'application/json')}'>Download "
+            f"the result (JSON)</a><a class=download download='odir-result.csv' "
+            f"href='{uri(chr(10).join(rows) + chr(10), 'text/csv')}'>Download the result (CSV)</a></p>")
 
 
 def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
@@ -88,8 +145,10 @@ def check_pixels(eye: str, data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
         raise BadImage(f"{eye} eye: {w}x{h} px is more than {limit / 1e6:.0f} MP; send the original photograph")
 
 
-def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: threading.Lock | None = None) -> str:
-    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage for a bad photograph).
+def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: threading.Lock | None = None,
+                   identity: dict | None = None) -> str:
+    """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage naming the eye, e.g.
+    "left eye: not an image", for a bad photograph); `identity` (`model_identity`) goes into the download.
 
     `lock`: held while the shared model runs (its Grad-CAM hooks and gradients are per model, not per thread);
     the photographs are checked and prepared outside it, in parallel."""
@@ -114,25 +173,35 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
             item = explainer.explain([paths[0]], [paths[1]], [predicted or [int(np.argmax(probs))]])[0]
     cells = "".join(f"<td class=on>{p:.3f}</td>" if p > t else f"<td>{p:.3f}</td>"
                     for p, t in zip(item["probs"], explainer.thresholds))
-    out = ["<table id=probs><tr>" + "".join(f"<th>{c} (&gt;{t:.2f})</th>" for c, t in
-                                            zip(CLASSES, explainer.thresholds)) + f"</tr><tr>{cells}</tr></table>",
-           f"<p>predicted: {html.escape(','.join(CLASSES[k] for k in predicted) or 'nothing above its threshold')}</p>"]
+    result = {"probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, item["probs"])},
+              "thresholds": {c: round(float(t), 6) for c, t in zip(CLASSES, explainer.thresholds)},
+              "predicted": [CLASSES[k] for k in predicted], "model": identity or {}}
+    said = ", ".join(DISEASE[CLASSES[k]] for k in predicted) or "nothing above its threshold"
+    if 0 in predicted and len(predicted) > 1:
+        said += " (note: Normal means no disease, yet a disease is predicted too: look at this pair closely)"
+    out = ["<table id=probs><tr>" + "".join(f"<th>{DISEASE[c]}<br><small>{c} · threshold {t:.2f}</small></th>"
+                                            for c, t in zip(CLASSES, explainer.thresholds))
+           + f"</tr><tr>{cells}</tr></table>",
+           f"<p>Predicted: <b>{html.escape(said)}</b> (probabilities above the class's threshold are highlighted)</p>",
+           result_links(result)]
     attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
     for e, eye in enumerate(("left", "right")):
         view = item["views"][e]
-        figures = [("image", view), *((f"Grad-CAM {CLASSES[k]}", overlay(view, cams[e]))
+        figures = [("image", view), *((f"Grad-CAM {DISEASE[CLASSES[k]]}", overlay(view, cams[e]))
                                       for k, cams in item["cams"].items()),
                    ("attended by the other eye", overlay(view, attended[e]))]
-        out.append(f"<h2>{eye} eye</h2><div>" + "".join(
+        out.append(f"<h2>{eye.capitalize()} eye</h2><div>" + "".join(
             f"<figure><img src='{_png_uri(px)}' width=256><figcaption>{html.escape(cap)}</figcaption></figure>"
             for cap, px in figures) + "</div>")
     return "\n".join(out)
 
 
-def make_handler(explainer: Explainer, title: str, *, max_concurrent: int = MAX_CONCURRENT,
+def make_handler(explainer: Explainer, title: str, identity: dict | None = None, *, max_concurrent: int = MAX_CONCURRENT,
                  queue_wait_s: float = QUEUE_WAIT_S, timeout_s: float = SOCKET_TIMEOUT_S,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The request handler class of one served run: one lock for the model, one semaphore for the requests."""
+    """The request handler class of one served run: one lock for the model, one semaphore for the requests;
+    `identity` (`model_identity`) is shown on every page."""
+    about = identity_html(identity) if identity else ""
     model_lock = threading.Lock()
     slots = threading.BoundedSemaphore(max_concurrent)
 
@@ -141,7 +210,8 @@ def make_handler(explainer: Explainer, title: str, *, max_concurrent: int = MAX_
 
         def _answer(self, status: int, body: str) -> None:
             page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{FORM}{body}</body></html>")
+                    f"<style>{CSS}{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{about}{FORM}{body}"
+                    f"</body></html>")
             data = page.encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -184,7 +254,7 @@ def make_handler(explainer: Explainer, title: str, *, max_concurrent: int = MAX_
                 missing = [eye for eye in ("left", "right") if not files.get(eye)]
                 if missing:
                     return self._answer(400, f"<p class=bad>no {' or '.join(missing)} eye photograph chosen</p>")
-                self._answer(200, explain_upload(explainer, files["left"], files["right"], model_lock))
+                self._answer(200, explain_upload(explainer, files["left"], files["right"], model_lock, identity))
             except (BadImage, ValueError) as e:
                 self._answer(400, f"<p class=bad>{html.escape(str(e))}</p>")
             except OSError:  # the connection: a timeout or a client gone (http.server closes it and logs one line)
@@ -199,7 +269,7 @@ def make_handler(explainer: Explainer, title: str, *, max_concurrent: int = MAX_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python serve.py", description=__doc__,
+    ap = ArgParser(prog="python serve.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -215,13 +285,17 @@ def main(argv=None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"serve.py: error: port {args.port} is not a valid port number (0-65535)", file=sys.stderr)
         return 1
+    identity = model_identity(args.run, explainer)
     try:
-        server = ThreadingHTTPServer((args.host, args.port), make_handler(explainer, f"odir-dual · {args.run}"))
-    except OSError as e:
-        why = (f"port {args.port} is in use" if e.errno == errno.EADDRINUSE else
-               f"cannot listen on {args.host} port {args.port} ({e.strerror or e})")
+        server = ThreadingHTTPServer((args.host, args.port),
+                                     make_handler(explainer, f"odir-dual · {identity['run']}", identity))
+    except OSError as e:  # one line, no traceback: the port is taken, or the address is not this machine's
+        why = (f"port {args.port} is in use (choose another with --port)" if e.errno == errno.EADDRINUSE
+               else f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
         print(f"serve.py: error: {why}", file=sys.stderr)
         return 1
+    if identity["synthetic"]:
+        print("warning: this model was trained on the synthetic demo set, not on photographs of patients")
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import (build_model, checkpoint_payload, git_commit, library_versions, load_checkpoint,
                         save_checkpoint, weights_description)
-from config import REFERENCE_BATCH, Config, format_config, parse_config, resume_folder
+from config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
 from distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
 from engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
 from pipeline.constants import CLASSES
@@ -146,8 +146,12 @@ def main(argv=None):
 
 def _main(argv=None):
     started = time.time()  # report.json's start time and duration (of this process: a resume starts again)
-    cfg = parse_config(argv, description=__doc__)  # with --resume: the run's config (+ a larger --epochs)
+    cfg = parse_config(argv)  # with --resume: the run's config (+ a larger --epochs)
     resume_dir = resume_folder(cfg.resume) if cfg.resume else None
+    if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
+        from pipeline.odir import find_layout
+
+        find_layout(cfg.data)
     rank, world, device = setup_distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -165,10 +169,10 @@ def _main(argv=None):
         if is_main and run_dir is not None:
             log_console_to(run_dir / "train.log")  # with what was printed so far
         if is_main:
-            print(f"odir-dual · commit {git_commit()} · {json.dumps(library_versions())}")
+            print(f"odir-dual · commit {git_commit()} · "
+                  + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
             print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
                   f"rank(s)")
-            print(format_config(cfg))
 
         # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
         # in the config, so --resume, export.py and the reports find the same images from any working directory.
@@ -189,6 +193,7 @@ def _main(argv=None):
             print(describe(patients))
             print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)} · test "
                   f"{len(test_tab)}")
+            print(format_settings(cfg, every=run_dir / "config.json" if run_dir else None))
         if cfg.dry_run:
             if is_main:
                 for r in left_out.itertuples():
@@ -204,7 +209,22 @@ def _main(argv=None):
             if is_main:
                 print(f"continue with: python train.py --resume {run_dir}")
             raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated
+        if is_main and result is not None:
+            print("\n".join(next_steps(run_dir)))
         return result
+
+
+def next_steps(run_dir: Path) -> list[str]:
+    """The commands that follow a finished run, with its real paths: export, score a folder, open the report."""
+    from pipeline.host import shell_path, tool_command
+
+    opener = {"darwin": "open", "win32": "start"}.get(sys.platform, "xdg-open")
+    run = shell_path(run_dir)
+    return ["next steps:",
+            f"  {tool_command('export')} {run}    # the ONNX model, checked against PyTorch",
+            f"  {tool_command('score')} {run} FOLDER -o predictions.xlsx --report scored",
+            "    # FOLDER: new patients' photographs ({ID}_left/_right, _L/_R or _OD/_OS) or an ODIR folder",
+            f"  {opener} {run}/report.html"]
 
 
 @dataclass
@@ -295,9 +315,9 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     if run.is_main:
         val_loader = eval_loader(val_tab["left"], val_tab["right"], eval_batch_pairs(len(val_tab), cfg), cfg.img_px,
                                  device, dtype=in_dtype, mean=mean, std=std, num_threads=cfg.loader_threads or None)
-        print(f"{updates_per_epoch} updates/epoch of {pairs_per_update} pairs · head lr {lr:.2e} · "
-              f"backbone lr {lr * cfg.backbone_lr_mult:.2e} · precision {amp_dtype or 'fp32'} · "
-              f"compile {cfg.compile} · channels_last {cfg.channels_last}")
+        print(f"{updates_per_epoch} updates/epoch of {pairs_per_update} pairs · lr {lr:.2e} (backbone "
+              f"{lr * cfg.backbone_lr_mult:.2e}) · {str(amp_dtype or 'fp32').replace('torch.', '')} · compile "
+              f"{cfg.compile} · channels_last {cfg.channels_last}")
 
     # The baseline every number is read against: always predict the training prevalence.
     trivial = evaluate(y_val, np.broadcast_to(y_train.mean(0), y_val.shape).copy())
@@ -423,9 +443,10 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
            **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s,
            "train_patient_loss": row["train_patient_loss"]}  # new columns at the end: readers by position keep working
     log.append(row, keep_epochs_below=row["epoch"])
-    print_epoch(row, header=header)
     score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
-    if np.isfinite(score) and score > progress.best.get("score", -math.inf):
+    better = bool(np.isfinite(score) and score > progress.best.get("score", -math.inf))
+    print_epoch(row, header=header, epochs=cfg.epochs, select_metric=cfg.select_metric, best=better)
+    if better:
         progress.best = {"score": float(score), "metric": cfg.select_metric, "epoch": row["epoch"]}
         calibration = fit_calibration(logits.numpy(), y_val, cfg.calibration)
         probs = apply_calibration(logits.numpy(), calibration)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     scored = pd.read_csv(csv).sort_values("ID")
     truth = read_patients(folder)[0].set_index("id").loc[scored["ID"]]
-    y, probs = truth[list(CLASSES)].to_numpy(int), scored[list(CLASSES)].to_numpy(float)
+    y, probs = truth[list(CLASSES)].to_numpy(int), scored[[f"p_{c}" for c in CLASSES]].to_numpy(float)
     thresholds = np.array([report["thresholds"][c] for c in CLASSES])
     ours = {"odir": odir_score(y, probs), "tuned": multilabel_metrics(y, probs, thresholds),
             "at_0.5": multilabel_metrics(y, probs)}

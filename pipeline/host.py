@@ -213,3 +213,72 @@ def progress_enabled() -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+import argparse  # noqa: E402 (kept beside the command-line helpers)
+
+
+def shell_path(path) -> str:
+    """A path as a command line the user can paste: relative to the working directory when inside it, else
+    absolute; quoted for the shell when needed."""
+    import shlex
+
+    path = Path(os.path.abspath(path))
+    try:
+        return shlex.quote(str(path.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
+
+
+def tool_command(name: str) -> str:
+    """How to run the project's tool `name` (export, score, train) from here: the interpreter running now and the
+    script beside this package (`.venv/bin/python score.py`), or `odir-score` when run as an installed command."""
+    import sys
+
+    if Path(sys.argv[0]).name.startswith("odir-"):
+        return f"odir-{name}"
+    return f"{shell_path(sys.executable)} {shell_path(Path(__file__).resolve().parents[1] / f'{name}.py')}"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as wide as the terminal up to 110 columns (descriptions keep their own line breaks)."""
+
+    def __init__(self, prog, **kwargs):
+        import shutil
+
+        width = min(110, shutil.get_terminal_size((110, 24)).columns) - 2
+        super().__init__(prog, max_help_position=32, width=width)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse for the tools: no abbreviations (`--epoch` is not silently `--epochs`), and a bad command line is
+    answered in a few lines: what was wrong, the closest flag ("did you mean --epochs?"), where to read more; not
+    the whole usage."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        import difflib
+        import sys
+
+        lines, tool = [], self.prog.split()[-1]  # "python score.py" → "score.py", as in run_cli's messages
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        unknown = [w.split("=")[0] for w in m[1].split() if w.startswith("-")] if m else []
+        flags = [o for o in self._option_string_actions if o.startswith("--")]
+        for flag in unknown:
+            close = [o for o in flags if o.startswith(flag)][:2] or difflib.get_close_matches(flag, flags, n=2,
+                                                                                                cutoff=0.6)
+            lines.append(f"{tool}: error: unknown flag {flag}" + (f"; did you mean {' or '.join(close)}?" if close
+                                                                  else ""))
+        if not unknown:
+            lines.append(f"{tool}: error: {message}")
+        command = f"python {self.prog}" if self.prog.endswith(".py") and " " not in self.prog else self.prog
+        if self.usage:
+            lines.append(f"usage: {self.format_usage().split(':', 1)[1].strip()}")
+        lines.append(f"{command} --help lists every flag")
+        sys.stderr.write(printable("\n".join(lines)) + "\n")
+        sys.exit(EXIT_USAGE)

@@ -1,7 +1,8 @@
 """From a folder on disk to prepared (left, right) pairs: the one path that train.py, score.py, export.py's
 real-image check and the benchmarks use.
 
-    find_pairs(folder)          an ODIR folder with its sheet, or a folder of {ID}_left/{ID}_right images
+    find_pairs(folder)          an ODIR folder with its sheet, or a folder of images named by patient and eye
+                                ({ID}_left/_right, _L/_R, _OD/_OS; or a --pattern)
                                 → one row per patient: id, left, right (source paths), status, [labels]
     prepare_pairs(table, ...)   both eyes of every scorable patient prepared once (pipeline.prepare, cached)
                                 → + left_prepared, right_prepared; a bad image sets the patient's status
@@ -21,8 +22,75 @@ from pipeline.odir import SheetError, find_layout, read_patients
 from pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-PAIR_NAME = re.compile(r"^(?P<id>.+)_(?P<eye>left|right)\.(?P<ext>[^.]+)$", re.IGNORECASE)
 EYES = ("left", "right")
+# The eye tokens of the common naming conventions, any case: left/right, L/R, and the ophthalmic OD (oculus dexter,
+# the right eye) / OS (oculus sinister, the left eye).
+EYE_TOKENS = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
+# {ID}{separator}{eye}.{extension}, separator one of _ - . or a space: 12_left.jpg, 106-L.jpg, P1_OD.png, 7 os.JPG
+PAIR_NAME = re.compile(r"^(?P<id>.+?)[_\-. ](?P<eye>left|right|l|r|od|os)\.(?P<ext>[^.]+)$", re.IGNORECASE)
+NAMING_HELP = "{ID}_left/_right, _L/_R or _OD/_OS (any case; separator _ - . or space)"
+
+
+class NamePattern:
+    """`score.py --pattern`: how the images of a folder are named, when the common conventions do not fit.
+
+    The pattern is a file name with placeholders, matched against the whole name, case-insensitively:
+    `{id}` (the patient ID: any text), `{eye}` (an eye token: left/right, l/r, od/os), `*` (any text, ignored);
+    everything else is literal. `{eye:A=left,B=right}` names the tokens instead. Examples:
+    `"{id}_{eye}.jpg"`, `"scan {id} ({eye}).png"`, `"{id}_{eye:1=right,2=left}_*.*"`.
+    """
+
+    def __init__(self, pattern: str):
+        self.text = pattern
+        parts = re.split(r"(\{id\}|\{eye(?::[^}]*)?\}|\*)", pattern)
+        if parts.count("{id}") != 1 or sum(p.startswith("{eye") for p in parts) != 1:
+            raise ValueError(f"--pattern {pattern!r}: needs exactly one {{id}} and one {{eye}} "
+                             f"(e.g. \"{{id}}_{{eye}}.jpg\")")
+        self.tokens = dict(EYE_TOKENS)
+        regex = ""
+        for part in parts:
+            if part == "{id}":
+                regex += "(?P<id>.+?)"
+            elif part.startswith("{eye"):
+                if ":" in part:
+                    self.tokens = self._token_map(part[5:-1], pattern)
+                regex += "(?P<eye>" + "|".join(map(re.escape, sorted(self.tokens, key=len, reverse=True))) + ")"
+            elif part == "*":
+                regex += ".*?"
+            else:
+                regex += re.escape(part)
+        self.regex = re.compile(f"^{regex}$", re.IGNORECASE)
+
+    @staticmethod
+    def _token_map(text: str, pattern: str) -> dict[str, str]:
+        tokens = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            token, _, eye = item.partition("=")
+            if eye.strip().lower() not in EYES or not token.strip():
+                raise ValueError(f"--pattern {pattern!r}: {item!r} in {{eye:...}} should be TOKEN=left or "
+                                 f"TOKEN=right")
+            tokens[token.strip().lower()] = eye.strip().lower()
+        if set(tokens.values()) != set(EYES):
+            raise ValueError(f"--pattern {pattern!r}: {{eye:...}} must name a token for each eye, e.g. "
+                             f"{{eye:1=right,2=left}}")
+        return tokens
+
+    def match(self, name: str) -> tuple[str, str] | None:
+        """(id, "left"|"right") of a file name, or None."""
+        m = self.regex.match(name)
+        return (m["id"], self.tokens[m["eye"].lower()]) if m and m["id"] else None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def match_name(name: str, pattern: NamePattern | None = None) -> tuple[str, str] | None:
+    """(patient ID, "left"|"right") that a file name encodes, or None: by `pattern` when given, else by the common
+    conventions (`PAIR_NAME`)."""
+    if pattern is not None:
+        return pattern.match(name)
+    m = PAIR_NAME.match(name)
+    return (m["id"], EYE_TOKENS[m["eye"].lower()]) if m else None
 
 
 class DataError(RuntimeError):
@@ -43,12 +111,15 @@ def _id_key(pid):
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def find_pairs(folder) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def find_pairs(folder, pattern: NamePattern | str | None = None) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The patients of a folder, one row each, sorted by ID.
 
     Args:
-        folder: an ODIR folder with a sheet (labels known), or a folder of `{ID}_left|right.{jpg,jpeg,png}` files
-            (case-insensitive; only the folder itself is read: its subfolders are listed in `ignored`).
+        folder: an ODIR folder with a sheet (labels known), or a folder of images named by a common convention
+            (`{ID}_left.jpg`, `{ID}-L.png`, `{ID}_OD.jpeg`, ...: `PAIR_NAME`; only the folder itself is read: its
+            subfolders are listed in `ignored`). An image whose name pairs with nothing becomes a row of its own
+            (ID: the file name), its status saying why.
+        pattern: a `NamePattern` (or its text) for other naming schemes; then the folder's sheet is not read.
 
     Returns:
         (table, ignored). table: columns id, left, right (source paths, None when absent), status ("ok" or why the
@@ -63,6 +134,10 @@ def find_pairs(folder) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"no such folder: {folder}")
+    if isinstance(pattern, str):
+        pattern = NamePattern(pattern)
+    if pattern is not None:
+        return _pairs_from_names(folder, pattern)
     try:
         find_layout(folder)
     except FileNotFoundError:  # no sheet: pair the images by file name
@@ -92,9 +167,10 @@ def _pairs_from_sheet(folder: Path) -> pd.DataFrame:
     return table
 
 
-def _pairs_from_names(folder: Path):
+def _pairs_from_names(folder: Path, pattern: NamePattern | None = None):
     files: dict[str, dict[str, list[str]]] = {}
-    ignored = []
+    ignored, unpaired = [], []
+    naming = f"--pattern {pattern}" if pattern else "{ID}_left/_right, _L/_R or _OD/_OS"
     with os.scandir(folder) as entries:
         for e in sorted(entries, key=lambda e: e.name):
             if e.name.startswith("."):
@@ -102,21 +178,27 @@ def _pairs_from_names(folder: Path):
             try:
                 is_dir, is_file = e.is_dir(), e.is_file()
             except OSError as err:  # a symbolic link loop, a permission: this entry only, never the whole folder
-                if PAIR_NAME.match(e.name) is None:
+                if match_name(e.name, pattern) is None:
                     ignored.append((e.name, f"cannot be read: {err.strerror or err}"))
                     continue
                 is_dir = is_file = False  # an eye: preparation gives its reason ("unreadable file: ...")
             if is_dir:
                 ignored.append((e.name + "/", "a subfolder: not searched, score it on its own"))
                 continue
-            m = PAIR_NAME.match(e.name)
-            if m is None:
-                ignored.append((e.name, "not named {ID}_left/{ID}_right." + "/".join(IMAGE_EXTS) if is_file else
-                                "not a regular file"))
+            found = match_name(e.name, pattern)
+            if found is None:
+                if not is_file:
+                    ignored.append((e.name, "not a regular file"))
+                elif Path(e.name).suffix[1:].lower() in IMAGE_EXTS:  # an image we cannot pair: a row, with the reason
+                    unpaired.append({"id": e.name, "left": None, "right": None,
+                                     "status": f"not paired: the name does not say the patient and the eye "
+                                               f"(expected {naming})"})
+                else:
+                    ignored.append((e.name, f"not an image named {naming}"))
                 continue
             # an eye that is no regular file (a FIFO, a device, a dangling link) is kept here: preparation then
             # reports it as "not a regular file" / "missing file", not this patient as missing an eye
-            files.setdefault(m["id"], {"left": [], "right": []})[m["eye"].lower()].append(e.path)
+            files.setdefault(found[0], {"left": [], "right": []})[found[1]].append(e.path)
     rows = []
     for pid, eyes in files.items():
         row, problems = {"id": pid}, []
@@ -134,7 +216,7 @@ def _pairs_from_names(folder: Path):
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["id", "left", "right", "status"])
+    table = pd.DataFrame(rows + unpaired, columns=["id", "left", "right", "status"])
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
     table.attrs["labelled"] = False
     return table, ignored

@@ -77,6 +77,52 @@ def test_help_says_what_each_flag_does_its_choices_and_preset_values(capsys):
         assert config.field_comments().get(f.name), f.name
 
 
+def test_help_is_grouped_and_says_nothing_about_the_code(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "110")
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    text = capsys.readouterr().out
+    sections = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert sections == ["options", "config files", *config.FLAG_GROUPS]
+    assert list(config.FLAG_GROUPS)[1:] == ["data", "model", "optimisation", "loss", "calibration", "speed"]
+    grouped = [name for names in config.FLAG_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in config.fields(config.Config))  # each field once
+    for note in ("Size (over", "`fit`", "`main`", "config.Config", "img_px", "select_metric ("):
+        assert note not in text, note
+    assert max(map(len, text.splitlines())) <= 110
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["--epcohs", "3"], "unknown flag --epcohs; did you mean --epochs"),
+    (["--epoch", "3"], "unknown flag --epoch; did you mean --epochs?"),  # no abbreviations: refused, not taken
+    (["--lr", "0.1", "--batchsize=4"], "unknown flag --batchsize; did you mean --batch-size"),
+])
+def test_unknown_flags_get_a_suggestion_in_a_few_lines(argv, suggestion, capsys):
+    with pytest.raises(SystemExit) as e:
+        config.parse_config(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"train.py: error: {suggestion}") and len(err) <= 4
+    assert err[-1] == "python train.py --help lists every flag"
+
+
+def test_console_names_only_the_settings_that_differ_from_the_preset():
+    cfg = config.resolve_config({"preset": "cpu", "epochs": 1, "img_px": 64, "data": "/d", "name": "x"})
+    assert config.changed_settings(cfg) == {"epochs": (1, 14), "img_px": (64, 128)}
+    text = config.format_settings(cfg, every="runs/x/config.json")
+    assert text == ("preset cpu; changed: --img-px 64 (cpu: 128), --epochs 1 (cpu: 14); every setting: "
+                    "runs/x/config.json")
+    assert config.format_settings(config.resolve_config({"preset": "seed"})) == "preset seed, no setting changed"
+
+
+def test_a_missing_data_folder_is_one_line_before_anything_else(tmp_path, capsys):
+    assert train.cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [f"train.py: error: ODIR data folder not found: "
+                                                      f"{tmp_path / 'nowhere'}"]
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------------------------- with training
 
 
@@ -128,3 +174,27 @@ def test_resume_runs_added_epochs_and_refuses_other_changes(logged_run, tmp_path
     rows = _metrics(run_dir)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[:2] == _metrics(logged_run[0])
     assert (run_dir / "train.log").read_text().count("odir-dual · commit") == 2  # the log continues
+
+
+def test_a_finished_run_ends_with_the_next_commands_and_they_work(logged_run, tmp_path):
+    """The last lines name export, score and the report with the run's real paths; the export line runs as printed."""
+    import shlex
+
+    run_dir, console = logged_run
+    lines = console.rstrip("\n").splitlines()
+    start = lines.index("next steps:")
+    steps = [line.split("#")[0].strip() for line in lines[start + 1:] if not line.strip().startswith("#")]
+    def where(path) -> str:  # as train.py writes paths: relative to its working directory (ROOT) when inside it
+        path = os.path.abspath(path)
+        return os.path.relpath(path, ROOT) if path.startswith(str(ROOT) + os.sep) else path
+
+    run, python = where(run_dir), where(sys.executable)
+    assert steps == [f"{python} export.py {run}",
+                     f"{python} score.py {run} FOLDER -o predictions.xlsx --report scored",
+                     f"xdg-open {run}/report.html"]
+    assert (run_dir / "report.html").is_file()
+    proc = subprocess.run(shlex.split(steps[0]), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "best.onnx").is_file()
+    score_line = [line for line in proc.stdout.splitlines() if "score.py" in line]
+    assert score_line and f"score.py {run} FOLDER" in score_line[-1]  # export.py names the next command too

@@ -210,7 +210,7 @@ def test_4a_undecodable_file_name_is_scored_and_written(scored):
     assert scored["status"] == 0
     text = scored["out"].read_bytes().decode("utf-8")  # valid UTF-8 throughout
     rows = {r["ID"]: r for r in csv.DictReader(text.splitlines())}
-    assert rows["3\\xff"]["status"] == "ok" and rows["3\\xff"]["N"] != ""
+    assert score.is_scored(rows["3\\xff"]["status"]) and rows["3\\xff"]["p_N"] != ""
 
 
 def test_4b_unwritable_output_fails_before_any_work(tiny_onnx, tmp_path, capsys):

@@ -36,8 +36,9 @@ def test_scored_holdout_folder_matches_the_runs_test_report(tmp_path, small_odir
     result = score.score_folder(onnx_path, folder, out=tmp_path / "p.csv", cache_dir=cache, progress=False,
                                 workers=1, log=lambda *a: None)
     scored = result["frame"]
-    assert scored["ID"].astype(int).tolist() == sorted(test_ids.tolist()) and (scored["status"] == "ok").all()
-    probs = scored[list(CLASSES)].to_numpy(dtype=float)
+    assert scored["ID"].astype(int).tolist() == sorted(test_ids.tolist())
+    assert scored["status"].map(score.is_scored).all()
+    probs = scored[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=float)
     y = result["table"][list(CLASSES)].to_numpy(dtype=int)
     expected = np.loadtxt(run / "predictions_test.csv", delimiter=",", skiprows=1)  # id, N..O, p_N..p_O
     expected = expected[np.argsort(expected[:, 0])]

@@ -88,7 +88,7 @@ def test_score_runs_without_torch_dali_or_sklearn_and_agrees(tiny_onnx, tmp_path
                               cache_dir=tmp_path / "c" / "prepared", workers=1, progress=False, log=lambda *a: None)
     rows = read_csv(tmp_path / "light.csv")
     assert [r["ID"] for r in rows] == [str(i) for i in full["frame"]["ID"]]
-    probs = np.array([[float(r[c]) for c in score.CLASSES] for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in score.CLASSES] for r in rows])
     assert np.abs(probs - full["probs"]).max() < 2e-3  # one grey level of input difference, at most
 
 

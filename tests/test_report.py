@@ -419,7 +419,7 @@ def test_score_report_with_heatmaps(tmp_path, synth, tiny_onnx):
     for r in rows:
         cells = page.rows[f"patient-{r['ID']}"]
         assert cells[0] == r["ID"]
-        assert cells[2:10] == [f"{float(r[c]):.3f}" for c in CLASSES]
+        assert cells[2:10] == [f"{float(r[f'p_{c}']):.3f}" for c in CLASSES]
         assert cells[10:13] == [r["labels"], r["true_labels"], r["status"]]
         assert sum(f"/{report._safe(r['ID'])}_cam_" in "/" + s for s in page.images) >= 2  # both eyes' Grad-CAM
     assert "metrics" in page.tables and "odir" in page.tables
@@ -444,6 +444,35 @@ def test_folder_report_shows_unscored_patients(tmp_path, synth):
     assert page.rows["patient-1"][-1] == "right eye: missing file" and page.rows["patient-1"][2] == "n/a"
     assert page.rows["patient-0"][2:10] == [f"{v:.3f}" for v in probs[0]]
     assert len(page.images) == 2  # patient 0's two eyes only
+
+
+def test_folder_report_starts_with_per_class_counts_and_lists_flagged_patients_first(tmp_path, synth):
+    """Counts per class at the top (predicted positives, flagged, not scored); rows: flagged, unscored, the rest."""
+    import shutil
+
+    from pipeline.pairs import find_pairs, prepare_pairs
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for pid in range(3):
+        for eye in ("left", "right"):
+            shutil.copy(synth / "Training Images" / f"{pid}_{eye}.jpg", folder / f"{pid}_{eye}.jpg")
+    shutil.copy(synth / "Training Images" / "3_left.jpg", folder / "3_left.jpg")
+    table = prepare_pairs(find_pairs(folder)[0], tmp_path / "cache", 64, workers=1, progress=False)
+    thr = np.full(len(CLASSES), 0.5)
+    probs = {0: np.array([0.1, 0.9, 0, 0, 0, 0, 0, 0.2]), 1: np.array([0.1, 0.2, 0, 0, 0, 0, 0, 0.1]),
+             2: np.array([0.8, 0.9, 0, 0, 0, 0.6, 0, 0])}  # patient 2: normal together with D and H
+    scored = {"frame": score.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr}),
+              "table": table, "metrics": None}
+    page = Page(report.write_folder_report(scored, tmp_path / "page", thr))
+    counts = {r[0]: r for r in page.tables["counts"][1:]}
+    assert [counts[c][3] for c in CLASSES] == ["1", "2", "0", "0", "0", "1", "0", "0"]  # predicted positives
+    text = (tmp_path / "page" / "index.html").read_text()
+    assert text.index("id=counts") < text.index("id=patients")
+    assert "1 flagged" in text and "1 not scored" in text
+    order = [r[0] for r in page.tables["patients"][1:]]
+    assert order == ["2", "3", "0", "1"]  # flagged, then not scored, then the rest in ID order
+    assert page.rows["patient-2"][-1] == "ok; normal together with D,H"
 
 
 # ----------------------------------------------------------------------------------------------- the heatmaps point at the disease
@@ -560,3 +589,73 @@ def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_web_page_names_the_model_diseases_and_eye_and_offers_a_download(synth, tiny_checkpoint):
+    """The page says which model answers (run, backbone, data, commit) and that it is for research use; the result
+    uses disease names and has JSON/CSV downloads; a bad photograph's error names its eye."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import serve
+
+    explainer = report.Explainer(tiny_checkpoint)
+    identity = serve.model_identity(tiny_checkpoint.parent, explainer)
+    assert identity["run"] == tiny_checkpoint.parent.name and identity["backbone"] == "test_convnext"
+    server = serve.ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test", identity))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    def post(files: dict):
+        boundary = "----odirtest"
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.jpg\"\r\n"
+                        f"Content-Type: image/jpeg\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items())
+        body += f"--{boundary}--\r\n".encode()
+        req = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return urllib.request.urlopen(req, timeout=120)
+
+    try:
+        form = urllib.request.urlopen(url, timeout=60).read().decode()
+        assert f"run <b>{identity['run']}</b>" in form and "test_convnext" in form and "research use only" in form
+        assert "SYNTHETIC" not in form  # the tiny checkpoint names no synthetic data folder
+        images = {eye: (synth / "Training Images" / f"0_{eye}.jpg").read_bytes() for eye in ("left", "right")}
+        answer = post(images).read().decode()
+        head = answer.split("<table id=probs>")[1].split("</table>")[0]
+        for name in ("Normal", "Diabetes", "Glaucoma", "Cataract", "AMD", "Hypertension", "Myopia", "Other"):
+            assert f"<th>{name}<br>" in head
+        uri = answer.split("download='odir-result.json' href='data:application/json;base64,")[1].split("'")[0]
+        result = json.loads(base64.b64decode(uri))
+        assert list(result["probabilities"]) == list(CLASSES) and result["model"]["run"] == identity["run"]
+        assert "download='odir-result.csv'" in answer
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post({"left": b"not a photograph\n", "right": images["right"]})
+        assert bad.value.code == 400 and "left eye: not an image" in bad.value.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_web_page_warns_loudly_about_a_synthetic_data_model():
+    import serve
+
+    ident = {"run": "demo", "backbone": "test_resnet", "img_px": 128, "data": "/x/.cache/odir-dual/synthetic/odir",
+             "patients": "600 patients", "preset": "demo", "commit": "abc", "synthetic": True}
+    assert "class=synthetic" in serve.identity_html(ident) and "SYNTHETIC" in serve.identity_html(ident)
+    assert "class=synthetic" not in serve.identity_html({**ident, "synthetic": False})
+
+
+def test_serve_takes_a_run_folder_and_a_taken_port_is_one_line(tiny_checkpoint, capsys):
+    import socket
+
+    import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main([str(tiny_checkpoint.parent), "--port", str(port)]) == 1  # the run folder loads
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"serve.py: error: port {port} is in use (choose another with --port)"]

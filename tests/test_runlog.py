@@ -104,3 +104,25 @@ def test_curves_of_an_older_run_without_the_new_columns(tmp_path):
     fig = runlog.curves_figure(rows, "auc_macro")
     assert [line.get_label() for line in fig.axes[0].get_lines()][:2] == ["train", "validation"]
     assert "not recorded" in fig.axes[1].get_title()
+
+
+@pytest.mark.parametrize("preset", ["cpu", "seed"])
+def test_epoch_row_fits_110_columns_and_marks_the_best(preset, capsys):
+    import config
+
+    cfg = config.resolve_config({"preset": preset})
+    row = {"epoch": cfg.epochs, "step": 99999, "train_loss": 12.3456, "val_loss": 10.5, "train_f1_macro": 0.5,
+           "val_f1_micro": 0.5, "val_f1_macro": 0.512, "val_odir": 0.655, "val_auc_macro": 0.75, "lr": 5e-5,
+           "pairs_per_s": 12345.6, "data_s": 1.0, "data_pct": 100.0, "epoch_s": 99999.9, "val_s": 3.0,
+           **{f"f1_{c}": 0.5 for c in "NDGCAHMO"}}
+    runlog.print_epoch(row, header=True, epochs=cfg.epochs, select_metric=cfg.select_metric, best=True)
+    runlog.print_epoch({**row, "epoch": 1}, header=False, epochs=cfg.epochs, select_metric=cfg.select_metric)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and max(map(len, lines)) <= 110, [len(line) for line in lines]
+    title = {"auc_macro": "AUC macro", "f1_macro": "F1 macro"}[cfg.select_metric]
+    assert f"new best validation {title} (--select-metric) → best.pt" in lines[0]
+    for column in ("train loss", "val loss", title, "F1 macro", "ODIR", "lr", "sec"):
+        assert column in lines[1]
+    assert lines[2].startswith(f"{cfg.epochs}/{cfg.epochs}") and lines[2].endswith("  *")
+    assert lines[3].lstrip().startswith(f"1/{cfg.epochs}") and not lines[3].endswith("*")
+    assert "0.750" in lines[2] and "5.00e-05" in lines[2] and "f1_N" not in lines[1]  # per-class: metrics.csv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -90,9 +91,9 @@ def test_round_trip_matches_pytorch_and_is_quiet(tiny_onnx, tmp_path):
 
     rows = read_csv(out)
     assert [r["ID"] for r in rows] == ["1", "3", "7", "8", "25", "100"]  # every patient, numeric ID order
-    assert list(rows[0]) == ["ID", *CLASSES, *(f"pred_{c}" for c in CLASSES), "labels", "status"]
-    assert all(r["status"] == "ok" for r in rows)
-    probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+    assert list(rows[0]) == ["ID", *(f"p_{c}" for c in CLASSES), *(f"pred_{c}" for c in CLASSES), "labels", "status"]
+    assert all(score.is_scored(r["status"]) for r in rows)
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
     table = pairs.prepare_pairs(pairs.find_pairs(folder)[0], tmp_path / "cache" / "prepared", 64, workers=1,
                                 progress=False)
     np.testing.assert_allclose(probs, reference_probs(tiny_onnx["checkpoint"], table), atol=1e-4, rtol=0)
@@ -119,13 +120,13 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tiny_onnx, tmp_path, capsys
     text = capsys.readouterr().out
     rows = {r["ID"]: r for r in read_csv(out)}
     assert list(rows) == ["1", "2", "3", "4", "5", "6", "7"]
-    assert all(rows[i]["status"] == "ok" and rows[i]["N"] for i in "123")
+    assert all(score.is_scored(rows[i]["status"]) and rows[i]["p_N"] for i in "123")
     assert rows["4"]["status"] == "left eye: truncated JPEG (4_left.jpg)"
     assert rows["5"]["status"] == "left eye: not an image (5_left.jpg)"
     assert rows["6"]["status"] == "right eye: missing file"
     assert rows["7"]["status"] == "left eye: empty file (7_left.jpg)"
     for i in "4567":  # not scored: blank probabilities and decisions
-        assert rows[i]["N"] == "" and rows[i]["pred_N"] == "" and rows[i]["labels"] == ""
+        assert rows[i]["p_N"] == "" and rows[i]["pred_N"] == "" and rows[i]["labels"] == ""
     assert "scored 3 of 7 patients; not scored 4:" in text
     assert "ID 4: left eye: truncated JPEG" in text and "ID 6: right eye: missing file" in text
     assert "notes.txt" in text and "ignored 1 file" in text
@@ -195,8 +196,8 @@ def test_tta_flag_end_to_end(tiny_onnx, tmp_path):
     common = ["--cache", str(tmp_path / "c"), "--workers", "1"]
     assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(tmp_path / "a.csv"), *common]) == 0
     assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(tmp_path / "b.csv"), "--tta", *common]) == 0
-    a = {r["ID"]: np.array([float(r[c]) for c in CLASSES]) for r in read_csv(tmp_path / "a.csv")}
-    b = {r["ID"]: np.array([float(r[c]) for c in CLASSES]) for r in read_csv(tmp_path / "b.csv")}
+    a = {r["ID"]: np.array([float(r[f"p_{c}"]) for c in CLASSES]) for r in read_csv(tmp_path / "a.csv")}
+    b = {r["ID"]: np.array([float(r[f"p_{c}"]) for c in CLASSES]) for r in read_csv(tmp_path / "b.csv")}
     assert max(np.abs(a[i] - b[i]).max() for i in "123") > 1e-5
     # a mirror-symmetric photograph stays (nearly: JPEG re-encoding of the prepared copy) mirror-symmetric
     assert np.abs(a["9"] - b["9"]).max() < 1e-3
@@ -280,3 +281,140 @@ def test_cuda_io_binding_matches_cpu(tiny_onnx, tmp_path):
     # GPU decoding (nvJPEG) and resize may differ from the CPU path by a few grey levels: a loose bound
     np.testing.assert_allclose(gpu_plain["probs"], cpu["probs"], atol=2e-2)
     assert np.abs(gpu["probs"] - gpu_plain["probs"]).max() > 0
+
+
+# ----------------------------------------------------------------------------------------------- naming, pairing
+
+
+@pytest.mark.parametrize("left, right", [
+    ("12_left.jpg", "12_right.jpg"), ("12_LEFT.JPG", "12_Right.png"),      # the ODIR convention, any case
+    ("12-L.jpg", "12-R.jpg"), ("12_l.jpeg", "12_r.jpeg"), ("12.L.png", "12.R.png"), ("12 l.jpg", "12 r.jpg"),
+    ("12_OS.jpg", "12_OD.jpg"), ("12-os.png", "12-od.png"), ("12 OS.jpg", "12 OD.jpg"),  # OD right, OS left
+    ("12.Left.jpg", "12.Right.jpg"), ("12 left.jpg", "12-right.jpg"),      # separators may differ between eyes
+])
+def test_common_naming_conventions_pair_left_and_right(tmp_path, left, right):
+    for name in (left, right):
+        (tmp_path / name).write_bytes(b"x")
+    table, ignored = pairs.find_pairs(tmp_path)
+    assert ignored == [] and table["id"].tolist() == ["12"] and table["status"].tolist() == ["ok"]
+    assert Path(table["left"][0]).name == left and Path(table["right"][0]).name == right
+
+
+def test_od_is_the_right_eye_and_ids_may_hold_separators(tmp_path):
+    for name in ("P-1_OD.jpg", "P-1_OS.jpg", "a b.c_left.png", "a b.c_right.png"):
+        (tmp_path / name).write_bytes(b"x")
+    table, _ = pairs.find_pairs(tmp_path)
+    by_id = table.set_index("id")
+    assert Path(by_id.loc["P-1", "right"]).name == "P-1_OD.jpg" and Path(by_id.loc["P-1", "left"]).name == "P-1_OS.jpg"
+    assert set(by_id.index) == {"P-1", "a b.c"} and (by_id["status"] == "ok").all()
+
+
+def test_unpaired_images_become_rows_with_their_reason(tmp_path):
+    for name in ("1_left.jpg", "1_right.jpg", "IMG_0042.jpg", "2_left.png", "scan3.JPG", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    table, ignored = pairs.find_pairs(tmp_path)
+    status = dict(zip(table["id"], table["status"]))
+    assert status["1"] == "ok" and status["2"] == "right eye: missing file"
+    for name in ("IMG_0042.jpg", "scan3.JPG"):  # images that name no eye: a row each, not just an "ignored" line
+        assert status[name].startswith("not paired: the name does not say the patient and the eye")
+        assert "_OD/_OS" in status[name]
+    assert [name for name, _ in ignored] == ["notes.txt"]  # not an image: ignored, as before
+
+
+@pytest.mark.parametrize("pattern, names, expected", [
+    ("{id}_{eye}.jpg", ["7_left.jpg", "7_right.jpg"], {"7": ("7_left.jpg", "7_right.jpg")}),
+    ("scan {id} ({eye}).*", ["scan 9 (OS).png", "scan 9 (OD).png"], {"9": ("scan 9 (OS).png", "scan 9 (OD).png")}),
+    ("{id}_{eye:1=right,2=left}_*.jpg", ["55_2_2024.jpg", "55_1_2024.jpg"], {"55": ("55_2_2024.jpg", "55_1_2024.jpg")}),
+    ("{eye}-{id}.jpg", ["L-x1.jpg", "R-x1.jpg", "x1_left.jpg"], {"x1": ("L-x1.jpg", "R-x1.jpg")}),
+])
+def test_pattern_pairs_other_naming_schemes(tmp_path, pattern, names, expected):
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    table, _ = pairs.find_pairs(tmp_path, pattern)
+    got = {r.id: (Path(r.left).name, Path(r.right).name) for r in table.itertuples() if r.status == "ok"}
+    assert got == expected
+    # a file the pattern does not describe is a row saying so, naming the pattern
+    assert all(f"--pattern {pattern}" in s for s in table.loc[table["status"] != "ok", "status"])
+
+
+@pytest.mark.parametrize("bad", ["{id}.jpg", "{id}_{eye}_{eye}.jpg", "{id}_{eye:1=right}.jpg",
+                                 "{id}_{eye:1=up,2=left}"])
+def test_bad_patterns_are_refused_with_an_example(bad):
+    with pytest.raises(ValueError, match="--pattern"):
+        pairs.NamePattern(bad)
+
+
+def test_normal_together_with_a_disease_is_flagged():
+    table = pd.DataFrame({"id": [1, 2, 3], "status": ["ok", "ok", "ok"]})
+    table.attrs["labelled"] = False
+    thr = np.full(len(CLASSES), 0.5)
+    probs = {0: np.array([0.9, 0.8, 0, 0, 0, 0.7, 0, 0]), 1: np.array([0.9, 0, 0, 0, 0, 0, 0, 0]),
+             2: np.array([0.1, 0.8, 0, 0, 0, 0, 0, 0])}
+    frame = score.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr})
+    assert frame["status"].tolist() == ["ok; normal together with D,H", "ok", "ok"]
+    lines = score.status_summary(frame, [])
+    assert lines[0] == "scored 3 of 3 patients" and lines[1].startswith("flagged 1 of 3 scored patients")
+
+
+# ----------------------------------------------------------------------------------------------- run folder, outputs
+
+
+def test_run_folder_argument_uses_its_best_onnx_or_says_to_export(tiny_onnx, tmp_path, capsys):
+    run = tiny_onnx["path"].parent
+    assert score.resolve_model(run) == run / "best.onnx"
+    folder = pair_folder(tmp_path / "images", [1, 2])
+    out = tmp_path / "pred.csv"
+    assert score.main([str(run), str(folder), "-o", str(out), "--cache-dir", str(tmp_path / "c"),
+                       "--workers", "1"]) == 0
+    assert [r["ID"] for r in read_csv(out)] == ["1", "2"]
+    only_pt = tmp_path / "run2"
+    only_pt.mkdir()
+    (only_pt / "best.pt").write_bytes(tiny_onnx["checkpoint"].read_bytes())
+    capsys.readouterr()
+    assert score.main([str(only_pt), str(folder), "-o", str(tmp_path / "p2.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"score.py: error: {only_pt} has no best.onnx yet: run `python export.py {only_pt}` first"]
+
+
+def test_xlsx_is_a_real_workbook_with_the_thresholds_and_csv_gets_a_sidecar(tiny_onnx, tmp_path):
+    from openpyxl import load_workbook
+
+    folder = pair_folder(tmp_path / "images", [3, 1])
+    for eye, seed in (("OS", 10), ("OD", 11)):  # an OD/OS-named patient
+        fundus(folder / f"P7_{eye}.jpg", seed)
+    fundus(folder / "IMG_0042.jpg", 12)  # an image that names no eye
+    common = ["--cache-dir", str(tmp_path / "c"), "--workers", "1"]
+    assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(tmp_path / "r.xlsx"), *common]) == 0
+    assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(tmp_path / "r.csv"), *common]) == 0
+    assert (tmp_path / "r.xlsx").read_bytes()[:2] == b"PK"  # a zip container, not CSV text
+    wb = load_workbook(tmp_path / "r.xlsx")
+    assert wb.sheetnames == ["predictions", "model"]
+    got = [list(r) for r in wb["predictions"].iter_rows(values_only=True)]
+    rows = read_csv(tmp_path / "r.csv")
+    assert got[0] == list(rows[0])  # the same columns as the CSV
+    assert [r[0] for r in got[1:]] == [r["ID"] for r in rows] == ["1", "3", "IMG_0042.jpg", "P7"]
+    for g, r in zip(got[1:], rows):  # numbers as numbers, the same values
+        if r["p_N"]:
+            assert all(isinstance(v, float) for v in g[1:9])
+            assert list(g[1:9]) == pytest.approx([float(r[f"p_{c}"]) for c in CLASSES], abs=1e-8)
+        else:
+            assert list(g[1:9]) == [None] * 8
+        assert g[-1] == r["status"]
+    assert rows[2]["status"].startswith("not paired") and score.is_scored(rows[3]["status"])
+    model = {r[0]: r for r in wb["model"].iter_rows(values_only=True) if r[0]}
+    assert [model[c][2] for c in CLASSES] == pytest.approx(list(THRESHOLDS))
+    side = json.loads((tmp_path / "r.thresholds.json").read_text())
+    assert list(side["thresholds"]) == list(CLASSES)
+    assert list(side["thresholds"].values()) == pytest.approx(list(THRESHOLDS))
+    assert side["model"] == str(tiny_onnx["path"])
+
+
+def test_pattern_flag_end_to_end(tiny_onnx, tmp_path):
+    folder = tmp_path / "images"
+    for pid in ("a", "b"):
+        fundus(folder / f"{pid}-1.png", 1), fundus(folder / f"{pid}-2.png", 2)
+    out = tmp_path / "p.csv"
+    assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out), "--pattern",
+                       "{id}-{eye:1=right,2=left}.png", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
+    rows = read_csv(out)
+    assert [r["ID"] for r in rows] == ["a", "b"] and all(score.is_scored(r["status"]) for r in rows)
