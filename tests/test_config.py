@@ -108,9 +108,10 @@ def test_unknown_flags_get_a_suggestion_in_a_few_lines(argv, suggestion, capsys)
 
 def test_console_names_only_the_settings_that_differ_from_the_preset():
     cfg = config.resolve_config({"preset": "cpu", "epochs": 1, "img_px": 64, "data": "/d", "name": "x"})
-    assert config.changed_settings(cfg) == {"epochs": (1, 14), "img_px": (64, 128)}
+    epochs, px = config.PRESETS["cpu"]["epochs"], config.PRESETS["cpu"]["img_px"]
+    assert config.changed_settings(cfg) == {"epochs": (1, epochs), "img_px": (64, px)}
     text = config.format_settings(cfg, every="runs/x/config.json")
-    assert text == ("preset cpu; changed: --img-px 64 (cpu: 128), --epochs 1 (cpu: 14); every setting: "
+    assert text == (f"preset cpu; changed: --img-px 64 (cpu: {px}), --epochs 1 (cpu: {epochs}); every setting: "
                     "runs/x/config.json")
     assert config.format_settings(config.resolve_config({"preset": "seed"})) == "preset seed, no setting changed"
 

@@ -123,6 +123,6 @@ def test_epoch_row_fits_110_columns_and_marks_the_best(preset, capsys):
     assert f"new best validation {title} (--select-metric) → best.pt" in lines[0]
     for column in ("train loss", "val loss", title, "F1 macro", "ODIR", "lr", "sec"):
         assert column in lines[1]
-    assert lines[2].startswith(f"{cfg.epochs}/{cfg.epochs}") and lines[2].endswith("  *")
+    assert lines[2].lstrip().startswith(f"{cfg.epochs}/{cfg.epochs}") and lines[2].endswith("  *")
     assert lines[3].lstrip().startswith(f"1/{cfg.epochs}") and not lines[3].endswith("*")
     assert "0.750" in lines[2] and "5.00e-05" in lines[2] and "f1_N" not in lines[1]  # per-class: metrics.csv
