@@ -55,7 +55,7 @@ ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
             " --model-ema-decay 0.99 --backbone-lr-mult 0.3"),
     "lite2": ("backbone tf_efficientnet_lite2 (package weights)", "--backbone tf_efficientnet_lite2" + CANDIDATE),
     "no_ema": ("− EMA", "--focal-weight 0.5 --bce-pos-weight --no-model-ema --backbone-lr-mult 0.3"),
-    "bblr1": ("backbone lr = head lr (mult 1.0)", CANDIDATE.replace("0.3", "1.0")),
+    "bblr1": ("backbone lr = head lr (mult 1.0)", CANDIDATE + " --backbone-lr-mult 1.0"),  # the last flag wins
     "chosen": ("plain BCE and − EMA together", "--backbone-lr-mult 0.3"),
     "preset": ("the cpu preset: plain BCE, − EMA, backbone lr = head lr", ""),
     "freeze4": ("stem + 4 stages frozen", "--freeze-stages 4"),
