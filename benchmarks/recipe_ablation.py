@@ -42,23 +42,22 @@ class Settings:
 
 
 # Round 4 (issue 18): the cpu preset on ImageNet features (EfficientNet-Lite0 from its PyPI package). Rows were
-# screened at `--extra "--img-px 128 --epochs 3"` (a tenth of the preset's compute) on 2 seeds, against the
-# candidate below (the preset before round 4 chose plain BCE and dropped the EMA); "preset" is the preset itself.
-# Round 3's rows (from-scratch test_resnet) are in benchmarks/results/recipe_ablation_round3.json (commit 76065f4).
-CANDIDATE = " --focal-weight 0.5 --bce-pos-weight --model-ema --model-ema-decay 0.99 --backbone-lr-mult 0.3"
+# screened at `--extra "--img-px 128 --epochs 3"` (a tenth of the preset's compute) on 2 seeds, one factor at a time
+# against the candidate (the preset with the backbone at 0.3× the head's learning rate). Round 3's rows (from-scratch
+# test_resnet) are in benchmarks/results/recipe_ablation_round3.json (commit 76065f4).
+LR03 = " --backbone-lr-mult 0.3"
 ROWS = {  # key: (what changes, train.py flags on top of the cpu preset)
-    "base": ("candidate: lite0, stem + 2 stages frozen, per-eye ×2, BCE+focal, EMA", CANDIDATE),
-    "no_eye": ("− per-eye loss", "--eye-loss-weight 0" + CANDIDATE),
-    "contrast": ("+ local contrast 1/60 (round 3's first layer)", "--local-contrast 0.0167" + CANDIDATE),
-    "no_freeze": ("− freezing (the whole backbone trained)", "--freeze-stages 0" + CANDIDATE),
-    "bce": ("plain BCE (no focal term, no positive weights)", "--focal-weight 0 --no-bce-pos-weight --model-ema"
-            " --model-ema-decay 0.99 --backbone-lr-mult 0.3"),
-    "lite2": ("backbone tf_efficientnet_lite2 (package weights)", "--backbone tf_efficientnet_lite2" + CANDIDATE),
-    "no_ema": ("− EMA", "--focal-weight 0.5 --bce-pos-weight --no-model-ema --backbone-lr-mult 0.3"),
-    "bblr1": ("backbone lr = head lr (mult 1.0)", CANDIDATE + " --backbone-lr-mult 1.0"),  # the last flag wins
-    "chosen": ("plain BCE and − EMA together", "--backbone-lr-mult 0.3"),
-    "preset": ("the cpu preset: plain BCE, − EMA, backbone lr = head lr", ""),
-    "freeze4": ("stem + 4 stages frozen", "--freeze-stages 4"),
+    "base": ("candidate: lite0, 2 stages frozen, per-eye ×2, EMA, backbone lr 0.3×", LR03.strip()),
+    "no_eye": ("− per-eye loss", "--eye-loss-weight 0" + LR03),
+    "contrast": ("+ local contrast 1/60 (round 3's first layer)", "--local-contrast 0.0167" + LR03),
+    "no_freeze": ("− freezing (the whole backbone trained)", "--freeze-stages 0" + LR03),
+    "bce": ("plain BCE (no focal term, no positive weights)", "--focal-weight 0 --no-bce-pos-weight" + LR03),
+    "lite2": ("backbone tf_efficientnet_lite2 (package weights)", "--backbone tf_efficientnet_lite2" + LR03),
+    "no_ema": ("− EMA", "--no-model-ema" + LR03),
+    "chosen": ("plain BCE and − EMA together", "--focal-weight 0 --no-bce-pos-weight --no-model-ema" + LR03),
+    "bce_noema_lr1": ("plain BCE, − EMA, backbone lr = head lr", "--focal-weight 0 --no-bce-pos-weight --no-model-ema"),
+    "preset": ("backbone lr = head lr: the cpu preset", ""),
+    "freeze4": ("stem + 4 stages frozen", "--freeze-stages 4" + LR03),
     "scratch": ("no pretrained weights (lite0 from random, nothing frozen)", "--no-pretrained --freeze-stages 0"),
 }
 FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"]["kappa"]),
