@@ -132,7 +132,7 @@ def weights_description(cfg: Config) -> str:
         from model.pretrained import WEIGHT_PACKAGES
 
         dist = WEIGHT_PACKAGES[cfg.backbone.split(".")[0]][0]
-        return f"ImageNet, from the installed package {dist} ({Path(path).name})"
+        return f"ImageNet, from the installed package {dist}"
     return f"from the file {path}" if source == "file" else f"ImageNet, timm's download of {cfg.backbone}"
 
 

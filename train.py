@@ -278,8 +278,9 @@ def fit(run: Run, train_tab, val_tab, test_tab):
         print(f"model: {cfg.backbone} dual-eye" + (f" · ensemble of {cfg.ensemble}" if cfg.ensemble > 1 else "")
               + f" · {count_parameters(model) / 1e6:.1f}M parameters ({backbone / 1e6:.1f}M in the backbone"
               + ("s" if cfg.ensemble > 1 else "") + ")"
-              + (f" · {count_parameters(model, trainable_only=True) / 1e6:.1f}M trained" if cfg.freeze_stages else ""))
-        print(f"backbone weights: {weights_description(cfg)}" + (f" · input normalised with mean {mean}, std {std}"))
+              + (f" · stem + {cfg.freeze_stages} stages frozen" if cfg.freeze_stages else ""))
+        print(f"backbone weights: {weights_description(cfg)}")
+        print(f"input normalised as the weights expect: mean {mean}, std {std}")
     pairs_per_update = cfg.batch_size * cfg.accum_steps * run.world
     lr = cfg.lr * math.sqrt(pairs_per_update / REFERENCE_BATCH)
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)
