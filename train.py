@@ -148,6 +148,9 @@ def _main(argv=None):
     started = time.time()  # report.json's start time and duration (of this process: a resume starts again)
     cfg = parse_config(argv)  # with --resume: the run's config (+ a larger --epochs)
     resume_dir = resume_folder(cfg.resume) if cfg.resume else None
+    if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
+        raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
+                             "(no '/', '..' or absolute path)")
     if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
         from pipeline.odir import find_layout
 
@@ -156,9 +159,6 @@ def _main(argv=None):
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
 
-    if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
-        raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
-                             "(no '/', '..' or absolute path)")
     run_dir = None
     if not cfg.dry_run:
         run_dir = resume_dir or Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))

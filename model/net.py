@@ -12,6 +12,7 @@ The model returns logits (no sigmoid) and does no I/O; the loss lives in model/l
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import timm
@@ -230,14 +231,19 @@ class DualEyeNet(nn.Module):
         from timm.utils.model import freeze
 
         names = [name for name, _ in self.backbone.named_children()]
-        body = next((n for n in ("blocks", "stages") if n in names), None)
-        if body is None:
-            raise ValueError(f"--freeze-stages: {self.config['backbone']} has no `blocks` or `stages` to freeze")
-        count = len(getattr(self.backbone, body))
-        if stages > count:
-            raise ValueError(f"--freeze-stages {stages}: {self.config['backbone']} has {count} stages")
-        stem = names[:names.index(body)]
-        freeze(self.backbone, stem + [f"{body}.{i}" for i in range(stages)])
+        body = next((n for n in ("blocks", "stages") if n in names), None)  # EfficientNet, MobileNet; ConvNeXt
+        if body is not None:
+            stage_names = [f"{body}.{i}" for i in range(len(getattr(self.backbone, body)))]
+            first = names.index(body)
+        else:  # ResNet-style: layer1, layer2, ...
+            stage_names = [n for n in names if re.fullmatch(r"layer\d+", n)]
+            first = names.index(stage_names[0]) if stage_names else 0
+        if not stage_names:
+            raise ValueError(f"--freeze-stages: {self.config['backbone']} has no `blocks`, `stages` or `layerN` to "
+                             "freeze")
+        if stages > len(stage_names):
+            raise ValueError(f"--freeze-stages {stages}: {self.config['backbone']} has {len(stage_names)} stages")
+        freeze(self.backbone, names[:first] + stage_names[:stages])  # the stem, then the first stages
         self.config["freeze_stages"] = stages
 
     def head_parameters(self) -> Iterator[nn.Parameter]:

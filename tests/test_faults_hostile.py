@@ -408,7 +408,7 @@ def test_6e_busy_or_invalid_port_is_one_line(tmp_path, capsys):
         busy.listen()
         port = busy.getsockname()[1]
         assert serve.main([str(ckpt), "--port", str(port)]) == 1
-        assert one_error_line(capsys.readouterr().err, "serve.py") == f"serve.py: error: port {port} is in use"
+        assert one_error_line(capsys.readouterr().err, "serve.py").startswith(f"serve.py: error: port {port} is in use")
     assert serve.main([str(ckpt), "--port", "70000"]) == 1
     assert "port 70000 is not a valid port number" in one_error_line(capsys.readouterr().err, "serve.py")
 
@@ -466,7 +466,8 @@ def test_4_report_file_names_are_unique_per_patient(tmp_path):
             paths[eye] = tmp_path / "prep" / f"{len(table)}_{eye}.jpg"
             paths[eye].parent.mkdir(exist_ok=True)
             Image.new("RGB", (64, 64), colour).save(paths[eye])
-        rows.append({"ID": pid, **{c: 0.1 for c in "NDGCAHMO"}, "labels": "", "status": "ok"})
+        rows.append({"ID": pid, **{f"p_{c}": 0.1 for c in "NDGCAHMO"}, **{f"pred_{c}": 0 for c in "NDGCAHMO"},
+                     "labels": "", "status": "ok"})
         table.append({"id": pid, "left_prepared": str(paths["left"]), "right_prepared": str(paths["right"])})
     scored = {"frame": pd.DataFrame(rows, dtype=object), "table": pd.DataFrame(table), "metrics": None}
     page = write_folder_report(scored, tmp_path / "rep", [0.5] * 8).read_text()
@@ -566,7 +567,7 @@ def test_7b_final_report_names_its_checkpoint(tmp_path):
     ckpt = checkpoint.read_checkpoint(make_checkpoint(tmp_path / "best.pt", seed=3))
     rng = np.random.default_rng(0)
     val = pd.DataFrame({"id": range(12), **{c: rng.integers(0, 2, 12) for c in "NDGCAHMO"}})
-    run = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(data="x"))
+    run = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(data="x", seed=0), started=0.0, resume_dir=None)
     report = train.final_report(run, ckpt, {"validation": val}, {"validation": rng.normal(size=(12, 8))},
                                 rng.integers(0, 2, (30, 8)))
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -592,9 +593,9 @@ def test_8a_non_finite_or_out_of_range_outputs_are_never_ok(tiny_onnx, tmp_path,
     assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out), "--cache-dir", str(tmp_path / "c"),
                        "--workers", "1"]) == 0
     rows = {r["ID"]: r for r in read_csv(out)}
-    assert rows["1"]["status"] == "model output not finite (NaN or infinite probability)" and rows["1"]["N"] == ""
-    assert rows["2"]["status"] == "model output outside [0, 1]" and rows["2"]["N"] == ""
-    assert rows["3"]["status"] == "ok" and float(rows["3"]["N"]) <= 1
+    assert rows["1"]["status"] == "model output not finite (NaN or infinite probability)" and rows["1"]["p_N"] == ""
+    assert rows["2"]["status"] == "model output outside [0, 1]" and rows["2"]["p_N"] == ""
+    assert rows["3"]["status"].startswith("ok") and float(rows["3"]["p_N"]) <= 1
     assert "scored 1 of 3 patients" in capsys.readouterr().out
 
 

@@ -230,3 +230,24 @@ def test_an_ensemble_averages_its_members_and_trains_each_on_its_own_loss():
         solo.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     for g, s in zip(grads, solo):
         torch.testing.assert_close(g, s / 2, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,first_stage", [("test_resnet", "layer1"), ("test_convnext", "stages.0"),
+                                              ("test_efficientnet", "blocks.0")])
+def test_freeze_stages_stops_gradients_and_batch_norm_statistics(name, first_stage):
+    """--freeze-stages N: the stem and the first N stages get no gradient and keep their batch-norm statistics; the
+    later stages and the head still learn. More stages than the backbone has is an error naming it."""
+    net = DualEyeNet(name, embed_dim=32, heads=4)
+    net.freeze_stages(1)
+    frozen = {n for n, p in net.backbone.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(first_stage) or not n.split(".")[0].startswith(("layer", "stages", "blocks"))
+                          for n in frozen)
+    assert any(p.requires_grad for p in net.backbone.parameters()) and all(p.requires_grad for p in net.head_parameters())
+    buffers = {n: b.clone() for n, b in net.backbone.named_buffers() if n.startswith(first_stage)}
+    assert buffers or name == "test_convnext"  # ConvNeXt has LayerNorms: no statistics to keep
+    net.train()
+    x = torch.randn(2, 3, 64, 64)
+    net(x, x).sum().backward()
+    assert all(torch.equal(b, dict(net.backbone.named_buffers())[n]) for n, b in buffers.items())
+    with pytest.raises(ValueError, match="has .* stages"):
+        DualEyeNet(name, embed_dim=32, heads=4).freeze_stages(99)
