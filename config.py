@@ -444,12 +444,6 @@ def _json(text: str, where: str):
         raise SystemExit(f"{where}: not valid JSON ({e})") from None
 
 
-def format_config(cfg: Config) -> str:
-    """The config as wrapped `name=value` lines, for the log."""
-    items = " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
-    return "config: " + textwrap.fill(items, 116, subsequent_indent="  ", break_on_hyphens=False)
-
-
 # Fields the console names elsewhere (the data folder, the run folder) or that name no setting of the training.
 NOT_SETTINGS = ("preset", "data", "out", "name", "overwrite", "resume", "dry_run")
 
