@@ -14,6 +14,7 @@ from pathlib import Path
 from model.metrics import format_interval
 from pipeline.constants import CLASS_NAMES, CLASSES
 from pipeline.host import write_text_atomic
+from pipeline.synthetic import is_synthetic
 
 CARD_NAME = "MODEL_CARD.md"
 
@@ -67,7 +68,7 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
              f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8). Training commit "
              f"`{ckpt.get('commit', 'unknown')}`, checkpoint epoch {ckpt.get('epoch', '?')}."
              + (f" Backbone's initial weights: {ckpt['weights']}." if ckpt.get("weights") else ""), ""]
-    if _synthetic(cfg.get("data", "")):
+    if is_synthetic(cfg.get("data", "")):
         lines += ["> **Trained on the synthetic demo set** (generated pictures, not photographs of patients): a "
                   "demonstration of the tooling with no medical meaning at all.", ""]
     lines += ["## Intended use", "", INTENDED, "", "## Not intended for", "", NOT_INTENDED, ""]
@@ -182,11 +183,13 @@ def _figures_section(ckpt: dict, report: dict | None, no_report: str = "no repor
     lines.append("")
     if trivial.get("at_0.5"):
         lines.append(f"Trivial predictor (always the training prevalence): F1 macro "
-                     f"{_num(trivial['at_0.5'].get('f1_macro'))}, AUC macro {_num(trivial['at_0.5'].get('auc_macro'))}.")
+                     f"{_num(trivial['at_0.5'].get('f1_macro'))}, AUC macro "
+                     f"{_num(trivial['at_0.5'].get('auc_macro'))}.")
     if odir:
         base = ci.get("baseline") or {}
         lines.append(f"Official ODIR-2019 score (all cells pooled, threshold 0.5): kappa "
-                     f"{fig(odir, 'kappa', path='odir')} · F1 {fig(odir, 'f1', path='odir')} · AUC {fig(odir, 'auc', path='odir')} · final "
+                     f"{fig(odir, 'kappa', path='odir')} · F1 {fig(odir, 'f1', path='odir')} · AUC "
+                     f"{fig(odir, 'auc', path='odir')} · final "
                      f"{fig(odir, 'final', path='odir')}"
                      + (f" (trivial: {format_interval(trivial['odir'].get('final'), base.get('final'))})"
                         if trivial.get("odir") else "") + ".")
@@ -233,11 +236,6 @@ def _positives(predictions_csv: Path) -> dict:
     with open(predictions_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     return {c: sum(int(float(r[c])) for r in rows) for c in CLASSES if rows and c in rows[0]}
-
-
-def _synthetic(data: str) -> bool:
-    folder = Path(str(data))
-    return bool(data) and ("synthetic" in folder.parts or (folder / "COMPLETE.json").is_file())
 
 
 def _per(metrics: dict | None, key: str, c: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.constants import CLASS_NAMES, CLASSES
+from pipeline.synthetic import is_synthetic
 from pipeline.host import atomic_write
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
@@ -519,7 +520,7 @@ def _summary(report: dict, cfg: dict) -> list[str]:
             ["commit", _e(report.get("commit", "?"))]]
     out = [f"<p id=summary-head>{head}</p>"]
     data = str(report.get("data", {}).get("folder", cfg.get("data", "")))
-    if "synthetic" in Path(data).parts or (Path(data) / "COMPLETE.json").is_file():
+    if is_synthetic(data):
         out.append("<p class=warn><b>Synthetic demo data</b>: generated pictures, not patients. These figures "
                    "test the tooling and mean nothing medically.</p>")
     return out + [_table(["run", _e(report.get("run", ""))], rows, "summary", left_cols=2)]
@@ -639,8 +640,6 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
         scored: dict with "frame" (predictions table), "table" (prepared pairs), "probs", "metrics" (text or None).
         thresholds: the model's 8 thresholds.
     """
-    from pipeline.constants import CLASS_NAMES
-
     out_dir = Path(out_dir)
     files_dir = out_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -672,7 +671,8 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                     + f"<td class='l{kind}'>{_e(r.status)}</td>"
                     + (f"<td class=l>{maps}</td>" if explain_run else "") + "</tr>")
     header = ["ID", "eyes", *(f"{c} (>{t:.2f})" for c, t in zip(CLASSES, thr)), "predicted",
-              *(["true"] if labelled else []), "status", *(["Grad-CAM of the predicted classes"] if explain_run else [])]
+              *(["true"] if labelled else []), "status",
+              *(["Grad-CAM of the predicted classes"] if explain_run else [])]
     n_ok, n_flag = int(ok.sum()), int(flagged.sum())
     pred = frame.loc[ok, [f"pred_{c}" for c in CLASSES]].to_numpy(dtype=np.int64).reshape(-1, len(CLASSES))
     counts = [[_e(c), _e(CLASS_NAMES[c]), f"{t:.2f}", str(int(pred[:, k].sum())),

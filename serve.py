@@ -58,7 +58,7 @@ STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;
 def model_identity(run, explainer: Explainer) -> dict:
     """What the page says about the model: run name, backbone, training data folder and patients, commit, and
     whether it was trained on the synthetic demo set (modelcard's test)."""
-    from modelcard import _synthetic
+    from pipeline.synthetic import is_synthetic
 
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     cfg = explainer.config
@@ -73,7 +73,7 @@ def model_identity(run, explainer: Explainer) -> dict:
         pass  # a best.pt copied without its run folder: the page says less
     return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
             "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
-            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": _synthetic(cfg.get("data", ""))}
+            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", ""))}
 
 
 def identity_html(ident: dict) -> str:
@@ -196,7 +196,8 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
     return "\n".join(out)
 
 
-def make_handler(explainer: Explainer, title: str, identity: dict | None = None, *, max_concurrent: int = MAX_CONCURRENT,
+def make_handler(explainer: Explainer, title: str, identity: dict | None = None, *,
+                 max_concurrent: int = MAX_CONCURRENT,
                  queue_wait_s: float = QUEUE_WAIT_S, timeout_s: float = SOCKET_TIMEOUT_S,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
     """The request handler class of one served run: one lock for the model, one semaphore for the requests;

@@ -2,10 +2,12 @@
 command-line tools end (exit statuses, one-line errors, SIGTERM as an exception)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 
@@ -192,7 +194,6 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
         interrupted: what the user should know after a Ctrl-C / SIGTERM (what was kept, how to go on).
     """
     import signal
-    import sys
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -210,13 +211,10 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
 
 def progress_enabled() -> bool:
     """Progress bars only on a terminal: a redirected log gets the result lines, not carriage returns."""
-    import sys
-
     return sys.stderr.isatty()
 
 
 # ----------------------------------------------------------------------------------------------- the command line
-import argparse  # noqa: E402 (kept beside the command-line helpers)
 
 
 def shell_path(path) -> str:
@@ -234,8 +232,6 @@ def shell_path(path) -> str:
 def tool_command(name: str) -> str:
     """How to run the project's tool `name` (export, score, train) from here: the interpreter running now and the
     script beside this package (`.venv/bin/python score.py`), or `odir-score` when run as an installed command."""
-    import sys
-
     if Path(sys.argv[0]).name.startswith("odir-"):
         return f"odir-{name}"
     return f"{shell_path(sys.executable)} {shell_path(Path(__file__).resolve().parents[1] / f'{name}.py')}"
@@ -263,7 +259,6 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message):
         import difflib
-        import sys
 
         lines, tool = [], self.prog.split()[-1]  # "python score.py" → "score.py", as in run_cli's messages
         m = re.match(r"unrecognized arguments: (.*)", message)

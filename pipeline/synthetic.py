@@ -58,6 +58,13 @@ SHEET_NAME = "data.xlsx"
 REGIONS_NAME = "regions.csv"  # where the localised signs are drawn: id, eye, class, sign, x_px, y_px, r_px
 REGION_COLUMNS = ("id", "eye", "class", "sign", "x_px", "y_px", "r_px")
 MARKER_NAME = "COMPLETE.json"  # written last by ensure_synthetic_odir: its presence means the set is whole
+
+
+def is_synthetic(data) -> bool:
+    """Whether a data folder is the generated demo set (its marker, or a `synthetic` folder on its path): reports,
+    the model card and serve.py warn that its figures mean nothing medically."""
+    folder = pathlib.Path(str(data))
+    return bool(str(data)) and ("synthetic" in folder.parts or (folder / MARKER_NAME).is_file())
 KEYWORD_SEP = "，"  # full-width comma, as in the real sheet
 NORMAL_KEYWORD = "normal fundus"
 # Keywords per disease class (real ODIR vocabulary); the first one is drawn most often.
