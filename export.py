@@ -71,7 +71,7 @@ class ProbsAndLogits(nn.Module):
         super().__init__()
         self.net = net
         k = net.config["num_classes"]
-        cal = calibration if calibration and calibration.get("method", "none") != "none" else None
+        cal = calibration if calibration and "a" in calibration else None
         self.register_buffer("scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
         self.register_buffer("shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
 

@@ -425,7 +425,7 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
     the moving average is what is validated and saved."""
     from model import tune_thresholds
-    from model.calibration import apply_calibration, fit_calibration
+    from model.calibration import apply_calibration, fit_calibration, with_odir_offset
 
     cfg = run.cfg
     weights = progress.ema.module if progress.ema is not None else model
@@ -450,6 +450,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     if better:
         progress.best = {"score": float(score), "metric": cfg.select_metric, "epoch": row["epoch"]}
         calibration = fit_calibration(logits.numpy(), y_val, cfg.calibration)
+        if cfg.odir_offset:
+            calibration = with_odir_offset(calibration, logits.numpy(), y_val)
         probs = apply_calibration(logits.numpy(), calibration)
         progress.thresholds = tune_thresholds(y_val, probs)
         metrics = evaluate(y_val, probs, progress.thresholds)

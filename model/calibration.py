@@ -9,12 +9,17 @@ without touching the ranking within a class (the maps are increasing):
     temperature:  p = sigmoid(z / T_k)          (Guo et al. 2017, per class; keeps 0 at 0.5)
     none:         p = sigmoid(z)
 
+`with_odir_offset` then shifts every class's logits by one number so that 0.5, the official score's cut, falls
+where the official final is best on validation.
+
 Both are fitted by minimising the validation log-loss with damped Newton steps (a 2×2 or 1×1 system per class), with
 a small ridge so that a class with few positives cannot drive a slope to infinity.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from model.metrics import odir_score
 
 METHODS = ("platt", "temperature", "none")
 RIDGE = 1e-3  # L2 penalty on (a - 1, b) per validation patient: a class with 3 positives stays finite
@@ -71,10 +76,26 @@ def _fit_one(z: np.ndarray, y: np.ndarray, *, with_bias: bool, iterations: int) 
     return float(theta[0]), float(theta[1]) if with_bias else 0.0
 
 
+def with_odir_offset(calibration: dict, logits, labels) -> dict:
+    """`calibration` plus one logit shift for every class, chosen on these (validation) logits to maximise the
+    official ODIR final. Why: the official score marks a cell positive when its probability exceeds 0.5, while a
+    log-loss fit puts the best cut for the pooled kappa elsewhere (about 0.35 on real ODIR patients); shifting the
+    logits moves that cut to 0.5 and leaves the ranking, hence every AUC, unchanged. The shift is folded into `b`,
+    so every consumer (ONNX, score.py) outputs the shifted probabilities; `odir_offset` records it."""
+    probs = apply_calibration(logits, calibration)
+    cuts = sorted(np.round(np.arange(0.05, 0.951, 0.01), 2), key=lambda t: abs(t - 0.5))  # ties: the smaller shift
+    finals = [odir_score(labels, probs, float(t))["final"] for t in cuts]
+    cut = float(cuts[int(np.argmax(finals))])
+    offset = -float(np.log(cut / (1 - cut)))  # sigmoid(x + offset) > 0.5  ⇔  sigmoid(x) > cut
+    b = [float(v) + offset for v in calibration["b"]]
+    return {**calibration, "b": b, "odir_offset": offset, "odir_cut": cut}
+
+
 def apply_calibration(logits, calibration: dict | None) -> np.ndarray:
-    """Calibrated probabilities (N, K) from logits (N, K); None or method "none" is the plain sigmoid."""
+    """Calibrated probabilities (N, K) from logits (N, K); without (a, b) (None, or a checkpoint from before
+    calibration) the plain sigmoid."""
     z = np.asarray(logits, np.float64)
-    if not calibration or calibration.get("method", "none") == "none":
+    if not calibration or "a" not in calibration:
         return _sigmoid(z)
     return _sigmoid(np.asarray(calibration["a"]) * z + np.asarray(calibration["b"]))
 

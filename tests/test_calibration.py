@@ -58,3 +58,21 @@ def test_ece_of_perfect_and_of_worst_predictions():
     assert expected_calibration_error(y.astype(float), y) == 0.0
     assert expected_calibration_error(1.0 - y, y) == 1.0
     assert brier_score(np.full((2, 2), 0.5), y) == 0.25
+
+
+def test_odir_offset_moves_the_official_cut_to_its_best_place_and_keeps_the_ranking():
+    from model.calibration import with_odir_offset
+    from model.metrics import odir_score
+
+    logits, labels, _ = miscalibrated()
+    fit, held = slice(0, 1500), slice(1500, None)
+    platt = fit_calibration(logits[fit], labels[fit], "platt")
+    shifted = with_odir_offset(platt, logits[fit], labels[fit])
+    before, after = (apply_calibration(logits[fit], c) for c in (platt, shifted))
+    best_cut = max(odir_score(labels[fit], before, t)["final"] for t in np.arange(0.05, 0.951, 0.01))
+    assert odir_score(labels[fit], after)["final"] == pytest.approx(best_cut)  # at the official 0.5
+    assert shifted["odir_cut"] != 0.5 and np.allclose(np.array(shifted["b"]) - platt["b"], shifted["odir_offset"])
+    assert np.array_equal(np.argsort(after.ravel(), kind="stable"), np.argsort(before.ravel(), kind="stable"))
+    # chosen on "validation", it also helps patients it did not see
+    unseen = [odir_score(labels[held], apply_calibration(logits[held], c))["final"] for c in (platt, shifted)]
+    assert unseen[1] > unseen[0] + 0.005
