@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
-from modelcard import CARD_NAME, write_model_card
-from pipeline.dali import eval_loader
-from pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
-from pipeline.pairs import default_cache, find_pairs, prepare_pairs
-from pipeline.split import load_split
-from runtime import ONNX_FORMAT, ort_session
+from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
+from odir_dual.pipeline.dali import eval_loader
+from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
+from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
+from odir_dual.pipeline.split import load_split
+from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
 
 DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime 1.31 runs up to 23
 FP32_TOL = 1e-4  # max |Δ probability|, onnxruntime fp32 vs PyTorch fp32
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")
-    from pipeline.odir import SheetError
+    from odir_dual.pipeline.odir import SheetError
 
     return run_cli(lambda: export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset,
                                   check_images=args.check_images, exporter=args.exporter) and 0,

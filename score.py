@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
-from pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
-from runtime import ModelFileError, OrtRunner, load_session
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
+from odir_dual.deploy.runtime import ModelFileError, OrtRunner, load_session
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula (OWASP)
@@ -118,7 +118,7 @@ def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=Non
     """(left, right, index) batches from DALI: torch tensors on `device`, index as numpy."""
     import torch
 
-    from pipeline.dali import eval_loader
+    from odir_dual.pipeline.dali import eval_loader
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if meta["input_dtype"] == "float16" else torch.float32
@@ -130,7 +130,7 @@ def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=Non
 
 def _pil_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
     """(left, right, index) numpy batches from numpy + Pillow (`device` is unused: decoding is on the CPU)."""
-    from pipeline.light import pil_batches
+    from odir_dual.pipeline.light import pil_batches
 
     dtype = np.float16 if meta["input_dtype"] == "float16" else np.float32
     yield from pil_batches(left, right, batch_size, meta["img_px"], mean=meta["mean"], std=meta["std"],
@@ -330,7 +330,7 @@ def check_writable(path) -> None:
 
 def metrics_report(y_true, probs, thresholds, classes) -> str:
     """Multi-label metrics (at the tuned thresholds and at 0.5) and the official ODIR-2019 score, as text."""
-    from model import multilabel_metrics, odir_score
+    from odir_dual.model import multilabel_metrics, odir_score
 
     lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class; not the ODIR score):",
              "                      F1 micro  F1 macro  AUC macro  " + "  ".join(f"{c:>5}" for c in classes)]
@@ -383,7 +383,7 @@ def input_files(folder, table) -> list[tuple[str, str]]:
     path equal to one of them is refused: `pipeline.host.check_output`)."""
     files = [("input image", p) for eye in ("left", "right") for p in table[eye] if isinstance(p, str)]
     if table.attrs.get("labelled"):
-        from pipeline.odir import find_layout
+        from odir_dual.pipeline.odir import find_layout
 
         files.append(("annotation sheet", str(find_layout(folder)[0])))
     return files
@@ -521,8 +521,8 @@ def main(argv=None) -> int:
         ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
     if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
         ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
-    from pipeline.odir import SheetError
-    from pipeline.prepare import CacheError
+    from odir_dual.pipeline.odir import SheetError
+    from odir_dual.pipeline.prepare import CacheError
 
     return run_cli(lambda: _score_and_report(args),
                    "score.py", errors=(ModelFileError, SheetError, ScoreError, CacheError),
@@ -544,7 +544,7 @@ def _score_and_report(args) -> int:
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
                           pattern=args.pattern)
     if args.report:
-        from report import write_folder_report
+        from odir_dual.deploy.report import write_folder_report
 
         t0 = time.perf_counter()
         page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.host import ArgParser
-from report import CSS, Explainer, overlay
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.host import ArgParser
+from odir_dual.deploy.report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
 MAX_IMAGE_PIXELS = 40_000_000  # per photograph (ODIR originals: up to ~14 MP); checked in the header, before decoding
@@ -58,13 +58,13 @@ STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;
 def model_identity(run, explainer: Explainer) -> dict:
     """What the page says about the model: run name, backbone, training data folder and patients, commit, and
     whether it was trained on the synthetic demo set (modelcard's test)."""
-    from pipeline.synthetic import is_synthetic
+    from odir_dual.pipeline.synthetic import is_synthetic
 
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     cfg = explainer.config
     patients = ""
     try:
-        from pipeline.split import load_split
+        from odir_dual.pipeline.split import load_split
 
         parts = load_split(folder / "split.csv")
         patients = (f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
@@ -128,7 +128,7 @@ def check_pixels(eye: str, data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
 
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.prepare import BadImage
+    from odir_dual.pipeline.prepare import BadImage
 
     try:
         with warnings.catch_warnings():
@@ -154,7 +154,7 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
     the photographs are checked and prepared outside it, in parallel."""
     import contextlib
 
-    from pipeline.prepare import BadImage, prepare_image
+    from odir_dual.pipeline.prepare import BadImage, prepare_image
 
     with tempfile.TemporaryDirectory(prefix="odir-serve-") as tmp:
         paths = []
@@ -229,7 +229,7 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
             self._answer(status, f"<p class=bad>{html.escape(text)}</p>")
 
         def do_POST(self):  # noqa: N802
-            from pipeline.prepare import BadImage
+            from odir_dual.pipeline.prepare import BadImage
 
             length = self.headers.get("Content-Length")
             if length is None or self.headers.get("Transfer-Encoding"):
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
-    from checkpoint import CheckpointError
+    from odir_dual.training.checkpoint import CheckpointError
 
     try:
         explainer = Explainer(args.run)

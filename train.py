@@ -27,14 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (build_model, checkpoint_payload, git_commit, library_versions, load_checkpoint,
-                        save_checkpoint, weights_description)
-from config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
-from distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
-from engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from pipeline.constants import CLASSES
-from pipeline.host import Terminated, progress_enabled
-from runlog import RunFolderError, RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
+from odir_dual.training.checkpoint import (build_model, checkpoint_payload, git_commit, library_versions,
+                                            load_checkpoint, saved_run_config,
+                                            save_checkpoint, weights_description)
+from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
+from odir_dual.training.distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
+from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.host import Terminated, progress_enabled
+from odir_dual.training.runlog import RunFolderError, RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
 
 
 class StopRequest:
@@ -65,8 +66,8 @@ def data_folder(cfg: Config, is_main: bool) -> Path:
     """The ODIR folder to train on; the synthetic demo set (generated once, cached) when --data is not given."""
     if cfg.data:
         return Path(cfg.data)
-    from pipeline.host import cache_root
-    from pipeline.synthetic import ensure_synthetic_odir
+    from odir_dual.pipeline.host import cache_root
+    from odir_dual.pipeline.synthetic import ensure_synthetic_odir
 
     root = cache_root() / "synthetic"
     if is_main:
@@ -78,7 +79,7 @@ def data_folder(cfg: Config, is_main: bool) -> Path:
 
 def load_data(cfg: Config, folder: Path, is_main: bool):
     """(patients, left_out): rank 0 prepares the images, the others then find them up to date."""
-    from pipeline.pairs import load_prepared
+    from odir_dual.pipeline.pairs import load_prepared
 
     kwargs = dict(cache_dir=cfg.cache_dir or None, strict=cfg.strict)
     if is_main:
@@ -92,8 +93,8 @@ def load_data(cfg: Config, folder: Path, is_main: bool):
 def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | None):
     """(train, validation, test) tables: a seeded multi-label stratified split (test empty with --test-fraction 0),
     saved as split.csv; reloaded from the run folder when resuming."""
-    from pipeline.odir import label_matrix
-    from pipeline.split import load_split, save_split, three_way_split
+    from odir_dual.pipeline.odir import label_matrix
+    from odir_dual.pipeline.split import load_split, save_split, three_way_split
 
     if resume_dir is not None:
         ids = load_split(resume_dir / "split.csv")
@@ -112,7 +113,7 @@ def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | 
 
 def check_one_batch(train_tab, usable: int, cfg: Config, world: int) -> None:
     """Stop with a message (before any training) when the training split cannot fill one optimizer update."""
-    from pipeline.sampling import steps_per_epoch
+    from odir_dual.pipeline.sampling import steps_per_epoch
 
     try:
         steps_per_epoch(len(train_tab), cfg.batch_size, world, cfg.accum_steps)
@@ -127,7 +128,7 @@ def check_one_batch(train_tab, usable: int, cfg: Config, world: int) -> None:
 
 def evaluate(y_true, probs, thresholds=None) -> dict:
     """Multi-label metrics (2-D F1/AUC) and the official ODIR score, both at 0.5 and at tuned thresholds."""
-    from model import multilabel_metrics, odir_score
+    from odir_dual.model import multilabel_metrics, odir_score
 
     out = {"at_0.5": multilabel_metrics(y_true, probs, 0.5), "odir": odir_score(y_true, probs)}
     if thresholds is not None:
@@ -146,13 +147,13 @@ def main(argv=None):
 
 def _main(argv=None):
     started = time.time()  # report.json's start time and duration (of this process: a resume starts again)
-    cfg = parse_config(argv)  # with --resume: the run's config (+ a larger --epochs)
+    cfg = parse_config(argv, saved_config=saved_run_config)  # with --resume: the run's config (+ a larger --epochs)
     resume_dir = resume_folder(cfg.resume) if cfg.resume else None
     if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
                              "(no '/', '..' or absolute path)")
     if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
-        from pipeline.odir import find_layout
+        from odir_dual.pipeline.odir import find_layout
 
         find_layout(cfg.data)
     rank, world, device = setup_distributed()
@@ -181,8 +182,8 @@ def _main(argv=None):
         train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
         check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
-            from pipeline.odir import describe
-            from pipeline.pairs import left_out_summary
+            from odir_dual.pipeline.odir import describe
+            from odir_dual.pipeline.pairs import left_out_summary
 
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
@@ -216,7 +217,7 @@ def _main(argv=None):
 
 def next_steps(run_dir: Path) -> list[str]:
     """The commands that follow a finished run, with its real paths: export, score a folder, open the report."""
-    from pipeline.host import shell_path, tool_command
+    from odir_dual.pipeline.host import shell_path, tool_command
 
     opener = {"darwin": "open", "win32": "start"}.get(sys.platform, "xdg-open")
     run = shell_path(run_dir)
@@ -261,9 +262,9 @@ class Progress:
 def fit(run: Run, train_tab, val_tab, test_tab):
     """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
     report of best.pt on validation and test."""
-    from model import backbone_norm, count_parameters, pos_weights_from_labels
-    from pipeline.dali import Augment, eval_loader, train_loader
-    from pipeline.odir import label_matrix
+    from odir_dual.model import backbone_norm, count_parameters, pos_weights_from_labels
+    from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
+    from odir_dual.pipeline.odir import label_matrix
 
     cfg, device = run.cfg, run.device
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -349,7 +350,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
 
 def per_eye_targets(train_tab, device, verbose: bool) -> torch.Tensor:
     """(N, 2, K) per-eye labels of the training patients from their diagnostic keywords, NaN where unusable."""
-    from pipeline.keywords import eye_label_matrix
+    from odir_dual.pipeline.keywords import eye_label_matrix
 
     labels, usable = eye_label_matrix(train_tab)
     labels[~usable] = np.nan
@@ -363,7 +364,7 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
                 eye_targets: torch.Tensor | None = None) -> dict:
     """One pass over this rank's share (shorter right after a resume); returns the epoch's training figures.
     `eye_targets`: the training table's per-eye labels (`per_eye_targets`), when the per-eye loss is on."""
-    from model import multilabel_metrics
+    from odir_dual.model import multilabel_metrics
 
     cfg, device, world = run.cfg, run.device, run.world
     t0, data_s = time.perf_counter(), 0.0
@@ -424,8 +425,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     the calibration fitted and the thresholds tuned on these validation logits.
     `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
     the moving average is what is validated and saved."""
-    from model import tune_thresholds
-    from model.calibration import apply_calibration, fit_calibration, with_odir_offset
+    from odir_dual.model import tune_thresholds
+    from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 
     cfg = run.cfg
     weights = progress.ema.module if progress.ema is not None else model
@@ -476,8 +477,8 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
     predictions_{val,test}.csv and printed."""
-    from checkpoint import model_from_checkpoint
-    from pipeline.dali import eval_loader
+    from odir_dual.training.checkpoint import model_from_checkpoint
+    from odir_dual.pipeline.dali import eval_loader
 
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
@@ -508,7 +509,7 @@ def write_html_report(run_dir: Path) -> None:
         return
     t0 = time.perf_counter()
     try:
-        from report import write_run_report
+        from odir_dual.deploy.report import write_run_report
 
         path = write_run_report(run_dir)
         print(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
@@ -521,13 +522,13 @@ def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> d
     predictions CSV per split (id, true labels, probabilities)."""
     import pandas as pd
 
-    from model.calibration import apply_calibration, brier_score, expected_calibration_error
-    from model.metrics import bootstrap_intervals, class_rates
-    from pipeline.host import atomic_write, write_text_atomic
-    from pipeline.odir import label_matrix
+    from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
+    from odir_dual.model.metrics import bootstrap_intervals, class_rates
+    from odir_dual.pipeline.host import atomic_write, write_text_atomic
+    from odir_dual.pipeline.odir import label_matrix
 
     thresholds = np.asarray(ckpt["thresholds"])
-    from checkpoint import weights_digest
+    from odir_dual.training.checkpoint import weights_digest
 
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
               # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
@@ -593,21 +594,25 @@ def _progress_bar(total, epoch, epochs):
 def cli(argv=None) -> int:
     """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
     file, row, column or flag, an interruption says what was kept."""
-    from checkpoint import CheckpointError
-    from pipeline.host import run_cli
-    from pipeline.odir import SheetError
-    from pipeline.pairs import DataError
-    from pipeline.prepare import CacheError
-    from runlog import RunFolderError
+    from odir_dual.training.checkpoint import CheckpointError
+    from odir_dual.pipeline.host import run_cli
+    from odir_dual.pipeline.odir import SheetError
+    from odir_dual.pipeline.pairs import DataError
+    from odir_dual.pipeline.prepare import CacheError
+    from odir_dual.training.runlog import RunFolderError
 
     return run_cli(lambda: main(argv) and None, "train.py",
                    errors=(DataError, SheetError, CheckpointError, RunFolderError, CacheError),
                    interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """`python train.py` and the `odir-train` command: the exit status, with the process group shut down."""
     try:
-        status = cli()
+        return cli()
     finally:
         shutdown()
-    sys.exit(status)
+
+
+if __name__ == "__main__":
+    sys.exit(console())

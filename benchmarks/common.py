@@ -27,7 +27,7 @@ REAL_ODIR = ROOT.parent / "shared" / "data" / "odir5k-256"
 if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` import the project's packages
     sys.path.insert(0, str(ROOT))
 
-from pipeline.host import atomic_write, cache_root, usable_cores  # noqa: E402  (re-exported for the scripts)
+from odir_dual.pipeline.host import atomic_write, cache_root, usable_cores  # noqa: E402  (re-exported for the scripts)
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -42,7 +42,7 @@ def settings_from_cli(cls, gpu_overrides: dict, argv=None, description: str = ""
     """
     import torch
 
-    from config import add_dataclass_flags, explicit_values
+    from odir_dual.training.config import add_dataclass_flags, explicit_values
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -95,7 +95,7 @@ def header(device=None) -> dict:
     else:
         info["gpu"] = None
     try:
-        from checkpoint import git_commit
+        from odir_dual.training.checkpoint import git_commit
 
         info["commit"] = git_commit()
     except Exception:  # noqa: BLE001
@@ -223,7 +223,7 @@ def real_odir() -> Path | None:
 
 def synthetic_odir(n_patients: int, min_px: int, max_px: int, seed: int = 0) -> Path:
     """A synthetic ODIR folder, generated once into the project cache ($ODIR_CACHE/synthetic, as train.py)."""
-    from pipeline.synthetic import ensure_synthetic_odir
+    from odir_dual.pipeline.synthetic import ensure_synthetic_odir
 
     return ensure_synthetic_odir(cache_root() / "synthetic", n_patients=n_patients, seed=seed, min_px=min_px,
                                  max_px=max_px)
@@ -234,7 +234,7 @@ def prepared_table(folder, short_px: int, n_patients: int | None = None, workers
 
     Returns (table, original_table): left/right point at the prepared copies, resp. at the source files.
     """
-    from pipeline.pairs import default_cache, find_pairs, prepare_pairs
+    from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
     table, _ = find_pairs(folder)
     table = table[table["status"] == "ok"]

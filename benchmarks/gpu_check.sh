@@ -23,6 +23,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The code imports `odir_dual.…`; on a host without the project installed (`pip install -e .`), a link named
+# odir_dual → this clone on PYTHONPATH stands in for the install.
+if ! "$PY" -c "import odir_dual.pipeline.constants" 2>/dev/null; then
+  LINK_DIR=$(mktemp -d); ln -s "$PWD" "$LINK_DIR/odir_dual"; export PYTHONPATH="$LINK_DIR${PYTHONPATH:+:$PYTHONPATH}"
+fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-465}  # whole script, seconds (8 min less a margin); end_to_end gets the rest
 STAGES=",${GPU_CHECK_STAGES:-tests,loader,train_step,candidates,infer,end_to_end},"
 CANDIDATE_ROWS=${GPU_CHECK_CANDIDATES:-candidates}

@@ -22,10 +22,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT  # noqa: E402
-from model import multilabel_metrics, odir_score  # noqa: E402
-from pipeline.constants import CLASSES  # noqa: E402
-from pipeline.odir import read_patients, subset_folder  # noqa: E402
-from pipeline.split import load_split  # noqa: E402
+from odir_dual.model import multilabel_metrics, odir_score  # noqa: E402
+from odir_dual.pipeline.constants import CLASSES  # noqa: E402
+from odir_dual.pipeline.odir import read_patients, subset_folder  # noqa: E402
+from odir_dual.pipeline.split import load_split  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (add_ratios, header, print_header, print_table, settings_from_cli,  # noqa: E402
                                sync, usable_cores, write_results)
-from pipeline.constants import NUM_CLASSES  # noqa: E402
+from odir_dual.pipeline.constants import NUM_CLASSES  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -58,8 +58,8 @@ COLUMNS = [("setting", "setting", "{}"), ("pairs_per_s", "pairs/s", "{:.1f}"), (
 
 # ---------------------------------------------------------------------------------------------------- runners
 def build_net(s: Settings):
-    from checkpoint import build_model
-    from config import resolve_config
+    from odir_dual.training.checkpoint import build_model
+    from odir_dual.training.config import resolve_config
 
     cfg = resolve_config({"backbone": s.backbone, "pretrained": False, "img_px": s.img_px,
                           "embed_dim": s.embed_dim, "heads": s.heads})
@@ -84,8 +84,8 @@ def ort_runner(net, s: Settings, left, right, device, fp16: bool, tmp: Path):
     import onnx
     import torch
 
-    import export
-    from runtime import ort_session
+    from odir_dual import export
+    from odir_dual.deploy.runtime import ort_session
 
     t0 = time.perf_counter()
     proto, used, _ = export.to_onnx_proto(net.float().to(memory_format=torch.contiguous_format), s.img_px,

@@ -56,7 +56,7 @@ def time_dali(table, s: Settings, device) -> dict:
     """images/s of pipeline.dali.train_loader (weighted sampling, augmentation), as train.py builds it."""
     import torch
 
-    from pipeline.dali import Augment, train_loader
+    from odir_dual.pipeline.dali import Augment, train_loader
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # what train.py feeds AMP / fp32
     loader = train_loader(table, s.batch_size, s.img_px, device, augment=Augment(), seed=s.seed,
@@ -74,8 +74,8 @@ def time_dali(table, s: Settings, device) -> dict:
 
 def time_reference(table, s: Settings, device) -> dict:
     """images/s of pipeline.reference.reference_loader (PIL decode + torchvision), batches moved to device."""
-    from pipeline.odir import label_matrix
-    from pipeline.reference import reference_loader
+    from odir_dual.pipeline.odir import label_matrix
+    from odir_dual.pipeline.reference import reference_loader
 
     warmup = max(s.warmup, 2 * s.workers + 1)  # DataLoader prefetches 2 batches per worker: drain that first
     need = s.batch_size * (warmup + s.batches)  # one epoch of the sampler must cover every batch drawn

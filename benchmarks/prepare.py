@@ -22,7 +22,7 @@ import PIL
 from PIL import Image, ImageChops, ImageDraw, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline.prepare as P  # noqa: E402
+import odir_dual.pipeline.prepare as P  # noqa: E402
 from benchmarks.common import cpu_model  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- settings

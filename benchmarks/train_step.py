@@ -49,7 +49,7 @@ from benchmarks.common import (Stopwatch, add_ratios, header, peak_memory_mib, p
 import torch  # noqa: E402
 
 from benchmarks.candidates import VARIANTS as CANDIDATE_VARIANTS, MasterWeights, apply_variant  # noqa: E402
-from pipeline.constants import NUM_CLASSES  # noqa: E402
+from odir_dual.pipeline.constants import NUM_CLASSES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -185,9 +185,9 @@ class Trainer:
     trainer starts from the same initial weights (seeded), whatever its row changes."""
 
     def __init__(self, s: Settings, device, sp: Spec):
-        from checkpoint import build_model
-        from config import REFERENCE_BATCH, Config
-        from engine import make_optimizer, make_stepper
+        from odir_dual.training.checkpoint import build_model
+        from odir_dual.training.config import REFERENCE_BATCH, Config
+        from odir_dual.training.engine import make_optimizer, make_stepper
 
         self.device, self.accum, self.spec = device, sp.accum, sp
         self.cfg = Config(backbone=s.backbone, pretrained=False, img_px=s.img_px, channels_last=sp.channels_last,
@@ -335,13 +335,13 @@ def _batches(t: Trainer, data, batch, table, s: Settings, device, n_steps, pool)
         fixed = t.synthetic_batch(batch, pool)
         return (lambda: fixed), (lambda: None)
     if data == "dali":
-        from pipeline.dali import Augment, train_loader
+        from odir_dual.pipeline.dali import Augment, train_loader
 
         loader = train_loader(table, batch, s.img_px, device, augment=Augment(), seed=s.seed, dtype=t.in_dtype,
                               num_threads=s.dali_threads or None)
         return (lambda: loader.next_batch()[:3]), (lambda: None)
-    from pipeline.odir import label_matrix
-    from pipeline.reference import reference_loader
+    from odir_dual.pipeline.odir import label_matrix
+    from odir_dual.pipeline.reference import reference_loader
 
     need = batch * n_steps
     reps = -(-need // len(table))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.metrics import odir_score
+from odir_dual.model.metrics import odir_score
 
 METHODS = ("platt", "temperature", "none")
 RIDGE = 1e-3  # L2 penalty on (a - 1, b) per validation patient: a class with 3 positives stays finite

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.net import DualEyeEnsemble
+from odir_dual.model.net import DualEyeEnsemble
 
 
 @dataclass

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from pipeline.constants import CLASSES
+from odir_dual.pipeline.constants import CLASSES
 
 DEFAULT_THRESHOLD_GRID = tuple(np.round(np.linspace(0.05, 0.95, 19), 6))  # 0.05 steps, contains 0.5 exactly
 

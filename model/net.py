@@ -20,7 +20,7 @@ from timm.data import resolve_model_data_config
 import torch
 from torch import nn
 
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from odir_dual.pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def backbone_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

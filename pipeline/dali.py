@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from pipeline.host import usable_cores
-from pipeline.sampling import epoch_order, rank_positions, rarity_weights, steps_per_epoch
+from odir_dual.pipeline.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from odir_dual.pipeline.host import usable_cores
+from odir_dual.pipeline.sampling import epoch_order, rank_positions, rarity_weights, steps_per_epoch
 
 EYES = ("left", "right")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.constants import CLASSES
+from odir_dual.pipeline.constants import CLASSES
 
 # Notes on the image, not findings: they make an eye neither normal nor diseased.
 NOT_FINDINGS = frozenset({"lens dust", "optic disk photographically invisible", "low image quality",

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.host import usable_cores
+from odir_dual.pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from odir_dual.pipeline.host import usable_cores
 
 RESAMPLE = Image.Resampling.BILINEAR  # = DALI's antialiased linear resize (see the module docstring)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
 # sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
 OPTIONAL = {"Patient Age": "age", "Patient Sex": "sex",

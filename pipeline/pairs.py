@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.host import cache_root
-from pipeline.odir import SheetError, find_layout, read_patients
-from pipeline.prepare import prepare_table
+from odir_dual.pipeline.host import cache_root
+from odir_dual.pipeline.odir import SheetError, find_layout, read_patients
+from odir_dual.pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 EYES = ("left", "right")

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.host import atomic_write, cache_root, progress_enabled, usable_cores, write_text_atomic
+from odir_dual.pipeline.host import atomic_write, cache_root, progress_enabled, usable_cores, write_text_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
     import pandas as pd
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from pipeline.odir import read_patients
+    from odir_dual.pipeline.odir import read_patients
 
     patients, missing = read_patients(args.data)
     workers = args.workers or usable_cores()
@@ -578,8 +578,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.host import run_cli
-    from pipeline.odir import SheetError
+    from odir_dual.pipeline.host import run_cli
+    from odir_dual.pipeline.odir import SheetError
 
     sys.exit(run_cli(main, "python -m pipeline.prepare", errors=(SheetError, CacheError),
                      interrupted="the images prepared so far are kept; run again to go on"))

@@ -12,8 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms as T
 
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.sampling import rarity_weights
+from odir_dual.pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from odir_dual.pipeline.sampling import rarity_weights
 
 
 def seed_transforms(img_px: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:

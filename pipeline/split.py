@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.host import atomic_write
+from odir_dual.pipeline.host import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
 

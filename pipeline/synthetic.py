@@ -48,8 +48,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from pipeline.constants import CLASSES
-from pipeline.host import atomic_write, progress_enabled, usable_cores
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.host import atomic_write, progress_enabled, usable_cores
 
 COLUMNS = ("ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
            "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *CLASSES)

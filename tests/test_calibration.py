@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from model.calibration import apply_calibration, brier_score, expected_calibration_error, fit_calibration
+from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error, fit_calibration
 
 
 def miscalibrated(n=3000, k=8, seed=0):
@@ -61,8 +61,8 @@ def test_ece_of_perfect_and_of_worst_predictions():
 
 
 def test_odir_offset_moves_the_official_cut_to_its_best_place_and_keeps_the_ranking():
-    from model.calibration import with_odir_offset
-    from model.metrics import odir_score
+    from odir_dual.model.calibration import with_odir_offset
+    from odir_dual.model.metrics import odir_score
 
     logits, labels, _ = miscalibrated()
     fit, held = slice(0, 1500), slice(1500, None)

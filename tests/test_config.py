@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import train
+from odir_dual.training import config
+from odir_dual import train
 from test_train import TINY, tiny_odir  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

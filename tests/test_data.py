@@ -3,13 +3,13 @@ import shutil
 
 import pytest
 
-from pipeline.pairs import DataError, left_out_summary, load_prepared
+from odir_dual.pipeline.pairs import DataError, left_out_summary, load_prepared
 
 
 @pytest.fixture()
 def damaged_odir(tmp_path):
     """A 12-patient synthetic ODIR folder with one truncated JPEG, one text file named .jpg, one missing eye."""
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     root = make_synthetic_odir(tmp_path / "odir", n_patients=12, seed=3, min_px=64, max_px=96, workers=1)
     images = root / "Training Images"

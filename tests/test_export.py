@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import config
-import export
-import runtime
-from pipeline.constants import CLASSES
+from odir_dual.training import checkpoint
+from odir_dual.training import config
+from odir_dual import export
+from odir_dual.deploy import runtime
+from odir_dual.pipeline.constants import CLASSES
 
 THRESHOLDS = np.round(np.linspace(0.3, 0.65, len(CLASSES)), 3)  # distinct per class, so a mix-up shows
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -223,7 +223,7 @@ def test_real_image_check_uses_the_runs_recorded_data_folder(tmp_path):
 
 
 def test_onnx_probs_are_the_checkpoints_calibrated_probabilities(tmp_path):
-    from model.calibration import apply_calibration
+    from odir_dual.model.calibration import apply_calibration
 
     path = make_checkpoint(tmp_path / "run" / "best.pt")
     ckpt = torch.load(path, weights_only=True)

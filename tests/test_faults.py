@@ -31,15 +31,15 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import export
-import runtime
-import score
-import train
-from pipeline.host import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
-from pipeline.odir import SheetError, read_patients
-from pipeline.prepare import prepare_paths
-from runlog import RunFolderError, run_folder
+from odir_dual.training import checkpoint
+from odir_dual import export
+from odir_dual.deploy import runtime
+from odir_dual import score
+from odir_dual import train
+from odir_dual.pipeline.host import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
+from odir_dual.pipeline.odir import SheetError, read_patients
+from odir_dual.pipeline.prepare import prepare_paths
+from odir_dual.training.runlog import RunFolderError, run_folder
 from test_export import make_checkpoint, tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
 from test_odir import make_dataset, small, write_sheet
 from test_score import fundus, pair_folder, read_csv
@@ -53,7 +53,7 @@ SYS_READ_ONLY = Path("/sys")  # read-only even for root (tests here may run as r
 @pytest.fixture(scope="module")
 def tiny_odir(tmp_path_factory):
     """A 24-patient synthetic ODIR folder (data.xlsx + images), 64-96 px."""
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     return make_synthetic_odir(tmp_path_factory.mktemp("odir"), n_patients=24, seed=3, min_px=64, max_px=96,
                                workers=1)
@@ -276,7 +276,7 @@ def test_8e_formula_ids_are_escaped_in_the_csv(scored):
 
 
 def test_8f_subfolders_are_reported(scored):
-    from pipeline.pairs import find_pairs
+    from odir_dual.pipeline.pairs import find_pairs
 
     _, ignored = find_pairs(scored["out"].parent / "images")
     assert ("more/", "a subfolder: not searched, score it on its own") in ignored

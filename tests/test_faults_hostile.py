@@ -34,18 +34,18 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import export
-import modelcard
-import runtime
-import score
-import serve
-import train
-from pipeline.host import EXIT_BAD_INPUT, OutputError, check_output, remove_stale_temporaries
-from pipeline.odir import SheetError, read_patients
-from pipeline.pairs import find_pairs, prepare_pairs
-from pipeline.prepare import prepare_paths
-from runlog import MARKER_NAME, RunFolderError, RunLog, run_folder
+from odir_dual.training import checkpoint
+from odir_dual import export
+from odir_dual.deploy import modelcard
+from odir_dual.deploy import runtime
+from odir_dual import score
+from odir_dual import serve
+from odir_dual import train
+from odir_dual.pipeline.host import EXIT_BAD_INPUT, OutputError, check_output, remove_stale_temporaries
+from odir_dual.pipeline.odir import SheetError, read_patients
+from odir_dual.pipeline.pairs import find_pairs, prepare_pairs
+from odir_dual.pipeline.prepare import prepare_paths
+from odir_dual.training.runlog import MARKER_NAME, RunFolderError, RunLog, run_folder
 from test_export import make_checkpoint, tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
 from test_faults import TINY_TRAIN, onnx_model
 from test_odir import make_dataset, small, write_sheet
@@ -235,12 +235,12 @@ def test_2a_overwrite_deletes_only_what_a_run_writes(tmp_path, capsys):
 
 
 def test_2b_a_run_killed_before_its_first_checkpoint_can_be_overwritten_not_resumed(tmp_path, capsys):
-    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from pathlib import Path; from runlog import run_folder\n"
+    code = ("import sys, os; from pathlib import Path; from odir_dual.training.runlog import run_folder\n"
             "with run_folder(Path(sys.argv[1])) as f:\n"
             "    (f / 'train.log').write_text('preparing images...')\n"
             "    os.kill(os.getpid(), 9)\n")
     run = tmp_path / "runs" / "run"
-    subprocess.run([sys.executable, "-c", code, str(run), str(Path(train.__file__).parent)], check=False)
+    subprocess.run([sys.executable, "-c", code, str(run)], check=False)
     assert sorted(p.name for p in run.iterdir()) == [".lock", MARKER_NAME, "train.log"]  # what a kill -9 leaves
     assert train.cli(["--resume", str(run)]) == EXIT_BAD_INPUT
     line = one_error_line(capsys.readouterr().err, "train.py")
@@ -362,14 +362,14 @@ def png_header_only(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("size, message", [((8000, 6000), "8000x6000 px is more than 40 MP"),
                                            ((30000, 30000), "too many pixels")])
 def test_6b_pixel_count_is_bounded_before_decoding(explainer, tmp_path, monkeypatch, size, message):
-    import pipeline.prepare
+    from odir_dual.pipeline import prepare
 
     left, right = patient_photos(0, tmp_path)
 
     def never(*a, **kw):
         raise AssertionError("decoded: the pixel count must be checked in the header, before")
 
-    monkeypatch.setattr(pipeline.prepare, "prepare_image", never)
+    monkeypatch.setattr(prepare, "prepare_image", never)
     with Server(explainer) as srv:
         status, page = post(srv.port, {"left": png_header_only(*size), "right": right})
     assert status == 400 and "left eye: " in page and message in page
@@ -455,7 +455,7 @@ def test_3b_load_test_200_requests_4_at_a_time(explainer, tmp_path):
 
 
 def test_4_report_file_names_are_unique_per_patient(tmp_path):
-    from report import write_folder_report
+    from odir_dual.deploy.report import write_folder_report
 
     ids = ["7 x", "7.x", "7_x"]
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]

@@ -30,8 +30,8 @@ ORT_ATOL = 1e-3
 def pairs(tmp_path_factory):
     """(left paths, right paths): the real 256-px ODIR subset when present, else synthetic originals of
     mixed sizes (up to 2592 px wide, so the hardware JPEG decoder gets large images too)."""
-    from pipeline.odir import read_patients
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.pipeline.odir import read_patients
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     if (ODIR256 / "data.xlsx").is_file():
         patients, _ = read_patients(ODIR256)
@@ -44,7 +44,7 @@ def pairs(tmp_path_factory):
 
 
 def test_gpu_decoding_matches_cpu_decoding(pairs):
-    from pipeline.dali import eval_loader
+    from odir_dual.pipeline.dali import eval_loader
 
     left, right = pairs
     gpu = eval_loader(left, right, 8, IMG_PX, "cuda", dtype=torch.float32)
@@ -65,9 +65,9 @@ def test_gpu_decoding_matches_cpu_decoding(pairs):
 def test_fast_preset_trains_compiled_bf16_on_gpu(tmp_path):
     """train.py itself, fast preset (bf16 autocast, channels_last, torch.compile, DALI GPU decoding), one epoch
     of a tiny backbone: the run finishes, validates, writes best.pt, and its loss is finite."""
-    import engine
-    import train
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.training import engine
+    from odir_dual import train
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     assert engine.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16, "this GPU has no bf16"
     data = make_synthetic_odir(tmp_path / "odir", n_patients=40, seed=5, min_px=96, max_px=192, workers=2)
@@ -85,7 +85,7 @@ def test_fast_preset_trains_compiled_bf16_on_gpu(tmp_path):
 
 def _tiny_onnx(path):
     """A tiny DualEyeNet in eval mode exported to ONNX (batch dimension dynamic); returns the model."""
-    from model import DualEyeNet
+    from odir_dual.model import DualEyeNet
 
     model = DualEyeNet("test_convnext", embed_dim=32, heads=4).eval()
     x = (torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))

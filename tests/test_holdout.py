@@ -5,18 +5,18 @@ import json
 import numpy as np
 import pytest
 
-import export
-import score
-import train
-from model import odir_score
-from pipeline.constants import CLASSES
-from pipeline.odir import subset_folder
-from pipeline.split import load_split
+from odir_dual import export
+from odir_dual import score
+from odir_dual import train
+from odir_dual.model import odir_score
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.odir import subset_folder
+from odir_dual.pipeline.split import load_split
 
 
 @pytest.fixture(scope="module")
 def small_odir(tmp_path_factory):
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     return make_synthetic_odir(tmp_path_factory.mktemp("odir"), n_patients=80, seed=2, min_px=64, max_px=96,
                                workers=1)

@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from engine import eye_loss
-from model import DualEyeNet
-from pipeline.constants import CLASSES
-from pipeline.keywords import eye_label_matrix, eye_labels, keyword_class
+from odir_dual.training.engine import eye_loss
+from odir_dual.model import DualEyeNet
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.keywords import eye_label_matrix, eye_labels, keyword_class
 
 
 def letters(v) -> str:
@@ -54,7 +54,7 @@ def test_the_eyes_union_must_reproduce_the_patient_labels():
 
 
 def test_real_sheet_keywords_reproduce_every_patients_labels(odir256):
-    from pipeline.odir import read_patients
+    from odir_dual.pipeline.odir import read_patients
 
     table, _ = read_patients(odir256)
     labels, usable = eye_label_matrix(table)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.constants import IMAGENET_STD
-from pipeline.dali import eval_loader
-from pipeline.light import load_eye, pil_batches
+from odir_dual.pipeline.constants import IMAGENET_STD
+from odir_dual.pipeline.dali import eval_loader
+from odir_dual.pipeline.light import load_eye, pil_batches
 from test_export import tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
 from test_score import pair_folder, read_csv
 
@@ -78,7 +78,7 @@ def run_without_heavy_libraries(args, cache: Path) -> subprocess.CompletedProces
 
 
 def test_score_runs_without_torch_dali_or_sklearn_and_agrees(tiny_onnx, tmp_path):
-    import score
+    from odir_dual import score
 
     folder = pair_folder(tmp_path / "images", [4, 2, 9, 13, 5, 6, 7])
     light = run_without_heavy_libraries([tiny_onnx["path"], folder, "-o", tmp_path / "light.csv"], tmp_path / "c")

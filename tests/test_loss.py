@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.loss import focal_loss, hybrid_loss, pos_weights_from_labels
+from odir_dual.model.loss import focal_loss, hybrid_loss, pos_weights_from_labels
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.constants import CLASSES
-from model.metrics import bootstrap_intervals, multilabel_metrics, odir_score, tune_thresholds
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.model.metrics import bootstrap_intervals, multilabel_metrics, odir_score, tune_thresholds
 
 
 def _random_problem(seed=0, n=200):
@@ -119,7 +119,7 @@ def test_numpy_metrics_equal_sklearn_with_ties():
     # the metrics are numpy-only (the light scoring install has no sklearn); held to sklearn's definitions
     from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-    from model.metrics import cohen_kappa, roc_auc
+    from odir_dual.model.metrics import cohen_kappa, roc_auc
 
     for seed in range(3):
         y, p = _random_problem(seed, n=300)
@@ -140,7 +140,7 @@ def test_numpy_metrics_equal_sklearn_with_ties():
 
 def test_each_resample_is_the_metric_on_the_drawn_patients():
     """The vectorised, count-weighted figures equal the plain metrics on the explicitly resampled rows (ties too)."""
-    from model.metrics import _resampled, class_rates, resample_counts
+    from odir_dual.model.metrics import _resampled, class_rates, resample_counts
 
     y, p = _random_problem(6, n=120)
     p = np.round(p, 1)  # ties inside and across classes
@@ -200,7 +200,7 @@ def test_intervals_are_reproducible_with_a_seed():
 
 
 def test_undefined_auc_skips_resamples_and_says_how_many():
-    from model.metrics import resample_counts
+    from odir_dual.model.metrics import resample_counts
 
     y, p = _random_problem(9, n=30)
     y[:, 5] = 0
@@ -230,7 +230,7 @@ def test_paired_difference_against_a_baseline():
 
 
 def test_format_interval():
-    from model.metrics import format_interval
+    from odir_dual.model.metrics import format_interval
 
     assert format_interval(0.6561, [0.6204, 0.6912]) == "0.656 [0.62, 0.69]"
     assert format_interval(0.5, None) == "0.500"

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from model.net import DualEyeNet, backbone_norm, count_parameters
+from odir_dual.model.net import DualEyeNet, backbone_norm, count_parameters
 
 PX = 64  # stride-32 backbones give 2x2 = 4 tokens per eye
 TINY = dict(embed_dim=32, heads=8, dropout=0.0)
@@ -180,7 +180,7 @@ def test_convnext_small_parameter_count():
 
 
 def test_local_contrast_keeps_edges_and_drops_the_illumination():
-    from model.net import LocalContrast
+    from odir_dual.model.net import LocalContrast
 
     layer = LocalContrast(sigma_px=2.0)
     ramp = torch.linspace(-2, 2, 64).expand(1, 3, 64, 64)  # a slow brightness gradient across the photograph
@@ -195,9 +195,9 @@ def test_local_contrast_keeps_edges_and_drops_the_illumination():
 def test_an_ensemble_averages_its_members_and_trains_each_on_its_own_loss():
     """The output is the mean of the members' logits; one training step gives each member exactly the gradient of
     its own loss (halved: the loss is the members' mean), as two separate runs on the same batch would."""
-    import config
-    import engine
-    from model.net import DualEyeEnsemble
+    from odir_dual.training import config
+    from odir_dual.training import engine
+    from odir_dual.model.net import DualEyeEnsemble
 
     torch.manual_seed(0)
     members = [DualEyeNet("test_resnet", eye_head=True, **TINY) for _ in range(2)]

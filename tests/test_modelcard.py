@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from modelcard import CARD_NAME, model_card
-from pipeline.constants import CLASSES
+from odir_dual.deploy.modelcard import CARD_NAME, model_card
+from odir_dual.pipeline.constants import CLASSES
 from test_export import THRESHOLDS, tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
 
 SECTIONS = ("## Intended use", "## Not intended for", "## Training data", "## Thresholds", "## Calibration",
@@ -55,8 +55,8 @@ def test_card_reports_test_figures_per_class_from_report_json(tiny_checkpoint):
 def test_card_counts_positive_test_patients_from_the_runs_predictions(tmp_path):
     import torch
 
-    from checkpoint import weights_digest
-    from modelcard import write_model_card
+    from odir_dual.training.checkpoint import weights_digest
+    from odir_dual.deploy.modelcard import write_model_card
 
     ckpt = {"config": {"backbone": "resnet18"}, "thresholds": THRESHOLDS.tolist(), "img_px": 64, "epoch": 9,
             "model": {"w": torch.arange(4.0)}}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.odir import CLASSES, SheetError, describe, find_layout, label_matrix, read_patients
+from odir_dual.pipeline.odir import CLASSES, SheetError, describe, find_layout, label_matrix, read_patients
 
 COLUMNS = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
            "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *CLASSES]

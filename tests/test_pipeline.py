@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.constants import CLASSES
-from pipeline.dali import Augment, PairSource, eval_loader, train_loader
-from pipeline.reference import reference_loader
-from pipeline.sampling import epoch_order, rarity_weights, steps_per_epoch
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.dali import Augment, PairSource, eval_loader, train_loader
+from odir_dual.pipeline.reference import reference_loader
+from odir_dual.pipeline.sampling import epoch_order, rarity_weights, steps_per_epoch
 
 IMG_PX = 64
 
@@ -141,7 +141,7 @@ PARITY_P99_ABS = 0.05
 
 
 def test_validation_output_matches_reference_loader_on_real_images(odir256):
-    from pipeline.odir import read_patients
+    from odir_dual.pipeline.odir import read_patients
 
     patients, _ = read_patients(odir256)
     sub = patients.head(16)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile
 
-import pipeline.prepare as P
-from pipeline.prepare import (BadImage, cache_path, crop_fundus, fundus_box, prepare_image, prepare_paths,
+import odir_dual.pipeline.prepare as P
+from odir_dual.pipeline.prepare import (BadImage, cache_path, crop_fundus, fundus_box, prepare_image, prepare_paths,
                               prepare_table)
 
 ORANGE = (215, 105, 40)
@@ -367,7 +367,7 @@ def test_cli_prints_a_summary_and_writes_the_problems(tmp_path, monkeypatch, cap
                              "right": [str(save(fundus(seed=1), d / "1_r.jpg")),
                                        str(save(fundus(seed=2), d / "2_r.jpg"))]})
     missing = pd.DataFrame({"id": [3], "eye": ["right"], "path": [str(d / "3_r.jpg")], "reason": ["missing file"]})
-    monkeypatch.setattr("pipeline.odir.read_patients", lambda data_dir: (patients, missing))
+    monkeypatch.setattr("odir_dual.pipeline.odir.read_patients", lambda data_dir: (patients, missing))
     argv = ["--data", str(d), "--cache", str(tmp_path / "c"), "--short-px", "64", "--workers", "1", "--no-progress"]
     assert P.main(argv) == 0
     text = capsys.readouterr().out

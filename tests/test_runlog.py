@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import runlog
+from odir_dual.training import runlog
 
 
 def test_console_log_writes_what_a_terminal_would_show(tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_curves_of_an_older_run_without_the_new_columns(tmp_path):
 
 @pytest.mark.parametrize("preset", ["cpu", "seed"])
 def test_epoch_row_fits_110_columns_and_marks_the_best(preset, capsys):
-    import config
+    from odir_dual.training import config
 
     cfg = config.resolve_config({"preset": preset})
     row = {"epoch": cfg.epochs, "step": 99999, "train_loss": 12.3456, "val_loss": 10.5, "train_f1_macro": 0.5,

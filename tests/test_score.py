@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import runtime
-import score
-from pipeline import pairs
-from pipeline.constants import CLASSES
+from odir_dual.deploy import runtime
+from odir_dual import score
+from odir_dual.pipeline import pairs
+from odir_dual.pipeline.constants import CLASSES
 from test_export import MEAN, STD, THRESHOLDS, tiny_checkpoint, tiny_net, tiny_onnx  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def reference_probs(ckpt_path: Path, table: pd.DataFrame, batch_size: int = 3) -> np.ndarray:
     """PyTorch probabilities of the ok patients of a prepared table, through the same DALI loader as score.py."""
-    from pipeline.dali import eval_loader
+    from odir_dual.pipeline.dali import eval_loader
 
     ok = table[table["status"] == "ok"]
     net = tiny_net(ckpt_path)
@@ -166,9 +166,9 @@ class _FakeLoader:
 
 
 def _tta_probs(monkeypatch, session, meta, left, right, tta):
-    import pipeline.dali
+    from odir_dual.pipeline import dali
 
-    monkeypatch.setattr(pipeline.dali, "eval_loader", lambda *a, **k: _FakeLoader(left, right, 2))
+    monkeypatch.setattr(dali, "eval_loader", lambda *a, **k: _FakeLoader(left, right, 2))
     return score.score_pairs(session, meta, ["x"] * len(left), ["y"] * len(left), batch_size=2, tta=tta,
                              device="cpu", progress=False)
 

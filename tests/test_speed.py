@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import config
-import engine
-from checkpoint import build_model
-from config import Config
+from odir_dual.training import config
+from odir_dual.training import engine
+from odir_dual.training.checkpoint import build_model
+from odir_dual.training.config import Config
 
 
 def tiny_model(backbone="test_convnext"):

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.split import load_split, save_split, stratified_split, three_way_split
+from odir_dual.pipeline.split import load_split, save_split, stratified_split, three_way_split
 
 TOLERANCE = 0.03  # |validation prevalence - overall prevalence| allowed for a class with >= 50 positives
 
@@ -21,7 +21,7 @@ def synthetic_labels(n=2000, seed=0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def real_labels(odir256):
-    from pipeline.odir import label_matrix, read_patients
+    from odir_dual.pipeline.odir import label_matrix, read_patients
     return label_matrix(read_patients(odir256 / "full_df.csv")[0])
 
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.constants import CLASSES
-from pipeline.synthetic import (COLUMNS, IMAGE_DIR, KEYWORD_SEP, KEYWORDS, MARKER_NAME, NORMAL_KEYWORD,
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.synthetic import (COLUMNS, IMAGE_DIR, KEYWORD_SEP, KEYWORDS, MARKER_NAME, NORMAL_KEYWORD,
                                 SHEET_NAME, ensure_synthetic_odir, make_synthetic_odir)
 
 MIN_PX, MAX_PX = 160, 260  # small images keep the suite fast; the drawing is the same at any size

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import config
-import engine
-import train
-from pipeline.constants import CLASSES
+from odir_dual.training import checkpoint
+from odir_dual.training import config
+from odir_dual.training import engine
+from odir_dual import train
+from odir_dual.pipeline.constants import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32",
@@ -23,7 +23,7 @@ TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--e
 
 @pytest.fixture(scope="module")
 def tiny_odir(tmp_path_factory):
-    from pipeline.synthetic import make_synthetic_odir
+    from odir_dual.pipeline.synthetic import make_synthetic_odir
 
     return make_synthetic_odir(tmp_path_factory.mktemp("odir"), n_patients=48, seed=1, min_px=64, max_px=96,
                                workers=1)
@@ -90,8 +90,8 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
 
 
 def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_path, tiny_odir, capsys):
-    from model.metrics import format_interval
-    from pipeline.split import load_split
+    from odir_dual.model.metrics import format_interval
+    from odir_dual.pipeline.split import load_split
 
     run(tmp_path, tiny_odir, "--model-ema", "--model-ema-decay", "0.5")
     out = capsys.readouterr().out
@@ -165,9 +165,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_odir):
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
-    import model.loss
+    from odir_dual.model import loss as model_loss
 
-    real = model.loss.hybrid_loss
+    real = model_loss.hybrid_loss
     calls = {"n": 0}
 
     def poisoned(logits, targets, pos_weight, **kw):
@@ -175,7 +175,7 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
         loss = real(logits, targets, pos_weight, **kw)
         return loss * float("nan") if calls["n"] == 7 and logits.requires_grad else loss
 
-    monkeypatch.setattr(model.loss, "hybrid_loss", poisoned)
+    monkeypatch.setattr(model_loss, "hybrid_loss", poisoned)
     with pytest.raises(SystemExit, match=r"epoch 2, update 7"):
         run(tmp_path, tiny_odir)
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1  # the good one is kept

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from config import Config, backbone_args, config_from_dict
-from model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
-from pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
-from pipeline.host import atomic_write
+from odir_dual.training.config import Config, backbone_args, config_from_dict, resume_folder
+from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
+from odir_dual.pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
+from odir_dual.pipeline.host import atomic_write
 
 FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
 REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
@@ -72,7 +72,7 @@ def library_versions() -> dict:
 def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
     """The network of a config (train.py, export.py and the benchmarks all build it here), its backbone's
     ImageNet weights loaded from where `weights_source` says."""
-    from model import DualEyeEnsemble, DualEyeNet
+    from odir_dual.model import DualEyeEnsemble, DualEyeNet
 
     pretrained = cfg.pretrained if pretrained is None else pretrained
     source, path = weights_source(cfg) if pretrained else ("none", None)
@@ -323,3 +323,17 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
         raise CheckpointError(f"{path}: weights do not fit the saved config "
                               f"({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+def saved_run_config(resume: str) -> dict:
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt).
+
+    Raises:
+        CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
+            line naming the file.
+    """
+    last = resume_folder(resume) / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
+                              f"no run folder); start it again with --overwrite")
+    return read_checkpoint(last)["config"]  # a damaged or foreign last.pt: one line naming it

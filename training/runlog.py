@@ -17,8 +17,8 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
 
 
 class RunLog:
@@ -198,7 +198,7 @@ def print_final_report(report: dict, best_path: Path) -> None:
     them: per split, the official ODIR score of the model and of the trivial predictor (and their paired
     difference), F1 micro/macro and AUC macro at the tuned thresholds and at 0.5, per class the positives, F1 and
     AUC, and the calibration error."""
-    from model.metrics import format_interval
+    from odir_dual.model.metrics import format_interval
 
     cal = report["calibration"]
     print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"

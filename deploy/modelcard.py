@@ -11,10 +11,10 @@ import json
 import math
 from pathlib import Path
 
-from model.metrics import format_interval
-from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.host import write_text_atomic
-from pipeline.synthetic import is_synthetic
+from odir_dual.model.metrics import format_interval
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.host import write_text_atomic
+from odir_dual.pipeline.synthetic import is_synthetic
 
 CARD_NAME = "MODEL_CARD.md"
 
@@ -110,7 +110,7 @@ def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict |
     named = report.get("checkpoint") if isinstance(report, dict) else None
     if not isinstance(named, dict):
         return None, "report.json names no checkpoint (written by an older version), so it may be another model's"
-    from checkpoint import weights_digest
+    from odir_dual.training.checkpoint import weights_digest
 
     if named.get("file") != ckpt_path.name or named.get("epoch") != ckpt.get("epoch") or \
             named.get("weights") != weights_digest(ckpt.get("model") or {}):

@@ -191,14 +191,16 @@ def explicit_values(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def parse_config(argv=None, description: str | None = None) -> Config:
+def parse_config(argv=None, description: str | None = None, saved_config=None) -> Config:
     """Flags generated from Config's fields: defaults ← preset ← `--config FILE` ← explicit flags.
 
     `--config FILE` reads a run's config.json (or a YAML file with the same keys, when pyyaml is installed);
     `--print-config` prints the resolved config as JSON (a valid --config file) and exits. With `--resume` the run's
     saved config is used, and only the fields in `RESUMABLE` may differ from it (see `resume_config`).
+    `saved_config`: `--resume`'s value → that run's saved config (checkpoint.saved_run_config; passed in because
+    reading a checkpoint is the checkpoint module's job, which imports this one).
     """
-    from pipeline.host import ArgParser
+    from odir_dual.pipeline.host import ArgParser
 
     parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
                        epilog=_help_epilog())
@@ -212,7 +214,7 @@ def parse_config(argv=None, description: str | None = None) -> Config:
     show = explicit.pop("print_config", False)
     from_file = read_config_file(explicit.pop("config")) if "config" in explicit else {}
     if explicit.get("resume"):
-        cfg = resume_config(saved_run_config(explicit["resume"]), {**from_file, **explicit})
+        cfg = resume_config(saved_config(explicit["resume"]), {**from_file, **explicit})
     else:
         cfg = resolve_config({**from_file, **explicit})
     if show:
@@ -273,22 +275,6 @@ def resume_folder(resume: str) -> Path:
     """The run folder that `--resume` names (the folder itself, or a checkpoint in it)."""
     path = Path(resume)
     return path.parent if path.suffix == ".pt" else path
-
-
-def saved_run_config(resume: str) -> dict:
-    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt).
-
-    Raises:
-        checkpoint.CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
-            line naming the file.
-    """
-    from checkpoint import CheckpointError, read_checkpoint
-
-    last = resume_folder(resume) / "last.pt"
-    if not last.is_file():
-        raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
-                              f"no run folder); start it again with --overwrite")
-    return read_checkpoint(last)["config"]  # a damaged or foreign last.pt: one line naming it
 
 
 def resume_config(saved: dict, explicit: dict) -> Config:

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from config import Config
-from model.net import DualEyeEnsemble, networks
-from pipeline.constants import CLASSES
+from odir_dual.training.config import Config
+from odir_dual.model.net import DualEyeEnsemble, networks
+from odir_dual.pipeline.constants import CLASSES
 
 
 # ----------------------------------------------------------------------------------------------- schedule, precision
@@ -107,7 +107,7 @@ class Stepper:
 
 def loss_function(cfg: Config, pos_weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(logits, labels) → the configured hybrid loss: (1 - focal_weight) × BCE + focal_weight × focal."""
-    from model import loss
+    from odir_dual.model import loss
 
     return functools.partial(loss.hybrid_loss, pos_weight=pos_weight if cfg.bce_pos_weight else None,
                              bce_weight=1.0 - cfg.focal_weight, focal_weight=cfg.focal_weight,
@@ -153,7 +153,7 @@ def persist_compile_cache() -> None:
     project cache folder instead of /tmp, so a second run of the same configuration loads its kernels instead of
     compiling them. A folder the user chose with TORCHINDUCTOR_CACHE_DIR is left alone; Inductor's own default
     is not a choice: `import timm` already writes it into the environment (/tmp/torchinductor_USER)."""
-    from pipeline.host import cache_root
+    from odir_dual.pipeline.host import cache_root
 
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import CLASS_NAMES, CLASSES
-from pipeline.synthetic import is_synthetic
-from pipeline.host import atomic_write
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.synthetic import is_synthetic
+from odir_dual.pipeline.host import atomic_write
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}th{background:#f3f3f3}
@@ -77,7 +77,7 @@ class Explainer:
     calibrated as training calibrated them (the ones its thresholds apply to)."""
 
     def __init__(self, run):
-        from checkpoint import model_from_checkpoint, read_checkpoint
+        from odir_dual.training.checkpoint import model_from_checkpoint, read_checkpoint
 
         ckpt = read_checkpoint(run)
         self.model = model_from_checkpoint(ckpt, run)
@@ -93,8 +93,8 @@ class Explainer:
         Args:
             classes: per pair, the class indices to explain (Grad-CAM costs one backward pass per class and batch).
         """
-        from model.calibration import apply_calibration
-        from model.explain import explain_pair
+        from odir_dual.model.calibration import apply_calibration
+        from odir_dual.model.explain import explain_pair
 
         out = []
         for s in range(0, len(left_paths), batch_size):
@@ -171,7 +171,7 @@ def _write_page(path: Path, text: str) -> Path:
 
 def _ci(value, bounds, digits: int = 3) -> str:
     """`0.656 <small>[0.62, 0.69]</small>`: a figure with its 95 % interval (model.metrics.format_interval)."""
-    from model.metrics import format_interval
+    from odir_dual.model.metrics import format_interval
 
     text = format_interval(value, bounds, digits)
     return text.replace(" [", " <span class=ci>[", 1) + "</span>" if " [" in text else text
@@ -407,7 +407,7 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
 def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
     """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
     the run's size or, with `px`, at that short side."""
-    from pipeline.pairs import default_cache, find_pairs, prepare_pairs
+    from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
     table, _ = find_pairs(cfg["data"])
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
@@ -534,7 +534,7 @@ def _duration(seconds: float) -> str:
 def _split_figures(run_dir: Path, report: dict) -> dict[str, tuple]:
     """{"validation"/"test": (ids, y, p)} from the predictions CSVs; report.json's splits without per-class rates
     or intervals (runs from before they existed) get them computed from these."""
-    from model.metrics import bootstrap_intervals, class_rates
+    from odir_dual.model.metrics import bootstrap_intervals, class_rates
 
     out = {}
     thresholds = [float(report["thresholds"][c]) for c in CLASSES]
@@ -712,7 +712,7 @@ def _safe(pid) -> str:
 
 def _folder_metrics(frame, table, thr) -> str:
     """Metric tables of a labelled folder: multi-label at the tuned thresholds and at 0.5, and the ODIR score."""
-    from model import multilabel_metrics, odir_score
+    from odir_dual.model import multilabel_metrics, odir_score
 
     status = frame["status"].astype(str)
     ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import MAX_IMG_PX, MAX_PREPARE_PX
-from pipeline.host import usable_cores
+from odir_dual.pipeline.constants import MAX_IMG_PX, MAX_PREPARE_PX
+from odir_dual.pipeline.host import usable_cores
 
 ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of every ONNX file export.py writes
 
