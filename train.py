@@ -1,16 +1,9 @@
 """Train the dual-eye ODIR network: `python train.py` (a CPU demo on synthetic fundus images) or
-`python train.py --data ODIR_FOLDER [--preset seed|fast|demo] [--flags]`.
-
-Multi-GPU: `torchrun --nproc-per-node N train.py --data ...` (each rank reads its own shard; only rank 0 writes).
-Every flag is a field of `config.Config`; `--help` says what each does, its choices and each preset's value.
-`--config RUN/config.json` reruns an experiment (flags override it), `--print-config` shows the resolved config.
-Everything printed also goes to RUN/train.log.
+`python train.py --data ODIR_FOLDER [--preset seed|fast|demo|cpu] [--flags]`; `torchrun --nproc-per-node N
+train.py ...` for several GPUs (only rank 0 writes). `--help` lists every flag.
 
 Read top to bottom: `main` sets up (config, devices, data, split), `fit` builds the model and loops over epochs:
 `train_epoch` (the steps), `validate` (metrics, best.pt), `save_last` (last.pt), then `report_best`.
-Size (over ~400 lines): the loop plus what belongs to one training process's lifecycle (claiming and releasing
-the run folder, the log, signals, resume checks); the step itself is `engine.py`, the formats `checkpoint.py`
-and `runlog.py`. The run-folder lifecycle is the next piece to move out if this file grows again.
 """
 from __future__ import annotations
 
@@ -26,114 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
 
-from odir_dual.training.checkpoint import (build_model, checkpoint_payload, git_commit, library_versions,
-                                            load_checkpoint, saved_run_config,
-                                            save_checkpoint, weights_description)
-from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
-from odir_dual.training.distributed import barrier, broadcast_flag, check_replicas, setup_distributed, shutdown
-from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
+from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
+                             tune_thresholds)
+from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.pipeline.constants import CLASSES
-from odir_dual.pipeline.host import Terminated, progress_enabled
-from odir_dual.training.runlog import RunFolderError, RunLog, console_log, log_console_to, print_epoch, print_final_report, run_folder
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next update, after writing last.pt."""
-
-    def __init__(self):
-        self.requested = False
-        self.signum: int | None = None  # the signal that asked, if one did
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        """Give the caller its own handlers back (train.main may run inside a larger program or a test)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this update (with torchrun: at the end of this "
-              "epoch), writing last.pt; again to stop at once", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def data_folder(cfg: Config, is_main: bool) -> Path:
-    """The ODIR folder to train on; the synthetic demo set (generated once, cached) when --data is not given."""
-    if cfg.data:
-        return Path(cfg.data)
-    from odir_dual.pipeline.host import cache_root
-    from odir_dual.pipeline.synthetic import ensure_synthetic_odir
-
-    root = cache_root() / "synthetic"
-    if is_main:
-        print(f"no --data given: using the synthetic ODIR demo set ({cfg.synthetic_patients} patients) in {root}")
-        ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)
-    barrier()
-    return ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)  # rank 0: a cache hit by now
-
-
-def load_data(cfg: Config, folder: Path, is_main: bool):
-    """(patients, left_out): rank 0 prepares the images, the others then find them up to date."""
-    from odir_dual.pipeline.pairs import load_prepared
-
-    kwargs = dict(cache_dir=cfg.cache_dir or None, strict=cfg.strict)
-    if is_main:
-        result = load_prepared(folder, cfg.prepare_px or cfg.img_px, progress=True, **kwargs)
-    barrier()
-    if not is_main:
-        result = load_prepared(folder, cfg.prepare_px or cfg.img_px, progress=False, **kwargs)
-    return result
-
-
-def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | None):
-    """(train, validation, test) tables: a seeded multi-label stratified split (test empty with --test-fraction 0),
-    saved as split.csv; reloaded from the run folder when resuming."""
-    from odir_dual.pipeline.odir import label_matrix
-    from odir_dual.pipeline.split import load_split, save_split, three_way_split
-
-    if resume_dir is not None:
-        ids = load_split(resume_dir / "split.csv")
-    else:
-        parts = three_way_split(label_matrix(patients), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        ids = [patients["id"].to_numpy()[p] for p in parts]
-        if run_dir is not None:
-            save_split(run_dir / "split.csv", *ids)
-    by_id = patients.set_index("id", drop=False)
-    missing = set(np.concatenate(ids).tolist()) - set(by_id.index)
-    if missing:
-        raise SystemExit(f"split.csv names {len(missing)} patient(s) that are no longer usable, e.g. "
-                         f"{sorted(missing)[:5]}: was the data changed since the run started?")
-    return tuple(by_id.loc[part].reset_index(drop=True) for part in ids)
-
-
-def check_one_batch(train_tab, usable: int, cfg: Config, world: int) -> None:
-    """Stop with a message (before any training) when the training split cannot fill one optimizer update."""
-    from odir_dual.pipeline.sampling import steps_per_epoch
-
-    try:
-        steps_per_epoch(len(train_tab), cfg.batch_size, world, cfg.accum_steps)
-    except ValueError:
-        raise SystemExit(f"error: {len(train_tab)} training patients (of {usable} usable) cannot fill one update of "
-                         f"--batch-size {cfg.batch_size} × --accum-steps {cfg.accum_steps} × {world} rank(s): use a "
-                         f"smaller --batch-size or more data") from None
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(y_true, probs, thresholds=None) -> dict:
-    """Multi-label metrics (2-D F1/AUC) and the official ODIR score, both at 0.5 and at tuned thresholds."""
-    from odir_dual.model import multilabel_metrics, odir_score
-
-    out = {"at_0.5": multilabel_metrics(y_true, probs, 0.5), "odir": odir_score(y_true, probs)}
-    if thresholds is not None:
-        out["tuned"] = multilabel_metrics(y_true, probs, thresholds)
-    return out
+from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
+from odir_dual.pipeline.host import Terminated, progress_enabled, run_cli
+from odir_dual.pipeline.odir import SheetError, describe, find_layout, label_matrix
+from odir_dual.pipeline.pairs import DataError, left_out_summary
+from odir_dual.pipeline.prepare import CacheError
+from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpoint_payload, git_commit,
+                                           library_versions, load_checkpoint, model_from_checkpoint,
+                                           save_checkpoint, saved_run_config, weights_description)
+from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
+from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
+from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
+                                            shutdown)
+from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
+from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
+from odir_dual.training.runlog import (RunFolderError, RunLog, console_log, log_console_to, next_steps, print_epoch,
+                                       print_final_report, run_folder)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -153,8 +61,6 @@ def _main(argv=None):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
                              "(no '/', '..' or absolute path)")
     if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
-        from odir_dual.pipeline.odir import find_layout
-
         find_layout(cfg.data)
     rank, world, device = setup_distributed()
     is_main = rank == 0
@@ -182,9 +88,6 @@ def _main(argv=None):
         train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
         check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
-            from odir_dual.pipeline.odir import describe
-            from odir_dual.pipeline.pairs import left_out_summary
-
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
                 left_out.to_csv(run_dir / "left_out.csv", index=False)
@@ -213,19 +116,6 @@ def _main(argv=None):
         if is_main and result is not None:
             print("\n".join(next_steps(run_dir)))
         return result
-
-
-def next_steps(run_dir: Path) -> list[str]:
-    """The commands that follow a finished run, with its real paths: export, score a folder, open the report."""
-    from odir_dual.pipeline.host import shell_path, tool_command
-
-    opener = {"darwin": "open", "win32": "start"}.get(sys.platform, "xdg-open")
-    run = shell_path(run_dir)
-    return ["next steps:",
-            f"  {tool_command('export')} {run}    # the ONNX model, checked against PyTorch",
-            f"  {tool_command('score')} {run} FOLDER -o predictions.xlsx --report scored",
-            "    # FOLDER: new patients' photographs ({ID}_left/_right, _L/_R or _OD/_OS) or an ODIR folder",
-            f"  {opener} {run}/report.html"]
 
 
 @dataclass
@@ -262,10 +152,6 @@ class Progress:
 def fit(run: Run, train_tab, val_tab, test_tab):
     """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
     report of best.pt on validation and test."""
-    from odir_dual.model import backbone_norm, count_parameters, pos_weights_from_labels
-    from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
-    from odir_dual.pipeline.odir import label_matrix
-
     cfg, device = run.cfg, run.device
     amp_dtype = autocast_dtype(cfg.precision, device)
     in_dtype = amp_dtype or torch.float32  # images arrive in the autocast dtype: half the bytes of fp32
@@ -290,8 +176,6 @@ def fit(run: Run, train_tab, val_tab, test_tab):
 
     progress = Progress()
     if cfg.model_ema:
-        from timm.utils import ModelEmaV3
-
         progress.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True)  # ramps up: short runs too
     if run.resume_dir is not None:
         state = load_checkpoint(run.resume_dir / "last.pt")
@@ -348,24 +232,10 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     return None
 
 
-def per_eye_targets(train_tab, device, verbose: bool) -> torch.Tensor:
-    """(N, 2, K) per-eye labels of the training patients from their diagnostic keywords, NaN where unusable."""
-    from odir_dual.pipeline.keywords import eye_label_matrix
-
-    labels, usable = eye_label_matrix(train_tab)
-    labels[~usable] = np.nan
-    if verbose:
-        print(f"per-eye loss: {int(usable.sum())} of {len(usable)} training patients have keywords that match "
-              "their labels" + ("" if usable.any() else " (no per-eye loss will be trained)"))
-    return torch.from_numpy(labels).to(device)
-
-
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
                 eye_targets: torch.Tensor | None = None) -> dict:
     """One pass over this rank's share (shorter right after a resume); returns the epoch's training figures.
     `eye_targets`: the training table's per-eye labels (`per_eye_targets`), when the per-eye loss is on."""
-    from odir_dual.model import multilabel_metrics
-
     cfg, device, world = run.cfg, run.device, run.world
     t0, data_s = time.perf_counter(), 0.0
     loss_sum = torch.zeros((), device=device)
@@ -425,9 +295,6 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     the calibration fitted and the thresholds tuned on these validation logits.
     `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
     the moving average is what is validated and saved."""
-    from odir_dual.model import tune_thresholds
-    from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
-
     cfg = run.cfg
     weights = progress.ema.module if progress.ema is not None else model
     amp_dtype = autocast_dtype(cfg.precision, run.device)
@@ -456,7 +323,7 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
         probs = apply_calibration(logits.numpy(), calibration)
         progress.thresholds = tune_thresholds(y_val, probs)
         metrics = evaluate(y_val, probs, progress.thresholds)
-        extra = {"val_metrics": _plain(metrics), "trivial_metrics": _plain(trivial), "calibration": calibration}
+        extra = {"val_metrics": plain(metrics), "trivial_metrics": plain(trivial), "calibration": calibration}
         save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
                                            epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra),
                         run.run_dir / "best.pt")
@@ -477,9 +344,6 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
     predictions_{val,test}.csv and printed."""
-    from odir_dual.training.checkpoint import model_from_checkpoint
-    from odir_dual.pipeline.dali import eval_loader
-
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
         print(f"no completed epoch yet: resume with --resume {run.run_dir}")
@@ -503,79 +367,6 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     return ckpt
 
 
-def write_html_report(run_dir: Path) -> None:
-    """RUN/report.html (report.py); a failure there prints one line and never fails the run."""
-    if not (run_dir / "report.json").is_file():
-        return
-    t0 = time.perf_counter()
-    try:
-        from odir_dual.deploy.report import write_run_report
-
-        path = write_run_report(run_dir)
-        print(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
-    except Exception as e:  # noqa: BLE001 - the run's results are saved already; the page is a convenience
-        print(f"report: not written ({type(e).__name__}: {e})")
-
-
-def final_report(run: Run, ckpt: dict, tables: dict, logits: dict, y_train) -> dict:
-    """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
-    predictions CSV per split (id, true labels, probabilities)."""
-    import pandas as pd
-
-    from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
-    from odir_dual.model.metrics import bootstrap_intervals, class_rates
-    from odir_dual.pipeline.host import atomic_write, write_text_atomic
-    from odir_dual.pipeline.odir import label_matrix
-
-    thresholds = np.asarray(ckpt["thresholds"])
-    from odir_dual.training.checkpoint import weights_digest
-
-    report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
-              # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
-              "checkpoint": {"file": "best.pt", "epoch": ckpt.get("epoch"), "weights": weights_digest(ckpt["model"])},
-              "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
-              "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
-              "thresholds": dict(zip(CLASSES, thresholds.tolist())),
-              # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
-              "calibration": ckpt.get("calibration") or {"method": "none"},
-              "counts": {"train": len(y_train), **{k: len(t) for k, t in tables.items()}},
-              "started": _iso(run.started), "resumed": run.resume_dir is not None}
-    bootstrap_s = 0.0
-    for split, table in tables.items():
-        y = label_matrix(table)
-        raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], report["calibration"])
-        trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
-        t0 = time.perf_counter()  # the same patients resampled, seeded: the same run gives the same intervals
-        ci95 = bootstrap_intervals(y, probs, thresholds, baseline=trivial, seed=run.cfg.seed)
-        bootstrap_s += time.perf_counter() - t0
-        report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
-                         "trivial": evaluate(y, trivial),
-                         "calibration_error": {"ece_before": expected_calibration_error(raw, y),
-                                               "ece_after": expected_calibration_error(probs, y),
-                                               "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)},
-                         "per_class": class_rates(y, probs, thresholds), "ci95": ci95}  # at the tuned thresholds
-        frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
-                              **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
-        with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
-            frame.to_csv(f, index=False, float_format="%.8f")
-    report["bootstrap_s"] = round(bootstrap_s, 2)
-    finished = time.time()
-    report.update(finished=_iso(finished), duration_s=round(finished - run.started, 1))
-    report = _plain(report)
-    write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")
-    return report
-
-
-def _iso(t: float) -> str:
-    """A time.time() as UTC ISO 8601 to the second: 2026-12-06T02:25:00Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _plain(obj):
-    """Metrics as JSON-able plain data (numpy scalars → float) for a weights_only checkpoint."""
-    return json.loads(json.dumps(obj, default=float))
-
-
 def _check_finite(first_bad, epoch, accum):
     bad = int(first_bad.item())
     if bad >= 0:
@@ -585,8 +376,6 @@ def _check_finite(first_bad, epoch, accum):
 
 
 def _progress_bar(total, epoch, epochs):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", mininterval=2, leave=False,
                 dynamic_ncols=True, disable=not progress_enabled())
 
@@ -594,13 +383,6 @@ def _progress_bar(total, epoch, epochs):
 def cli(argv=None) -> int:
     """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
     file, row, column or flag, an interruption says what was kept."""
-    from odir_dual.training.checkpoint import CheckpointError
-    from odir_dual.pipeline.host import run_cli
-    from odir_dual.pipeline.odir import SheetError
-    from odir_dual.pipeline.pairs import DataError
-    from odir_dual.pipeline.prepare import CacheError
-    from odir_dual.training.runlog import RunFolderError
-
     return run_cli(lambda: main(argv) and None, "train.py",
                    errors=(DataError, SheetError, CheckpointError, RunFolderError, CacheError),
                    interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")

@@ -1,6 +1,10 @@
-"""Losses for multi-label logits: class-weighted BCE, binary focal loss, and their mix. Pure functions."""
+"""Every loss training uses: class-weighted BCE + focal on the patient labels, BCE on the per-eye labels, and
+`Objective`, the one function of (model, batch) that the training step minimises."""
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,3 +92,45 @@ def hybrid_loss(
         bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
         focal = focal_loss(logits, targets, alpha=alpha, gamma=gamma)
         return bce_weight * bce + focal_weight * focal
+
+
+def eye_loss(eye_logits: torch.Tensor, eye_labels: torch.Tensor) -> torch.Tensor:
+    """Plain BCE of the per-eye logits (B, 2, K) against per-eye labels, over the rows whose labels are known
+    (NaN marks the others); 0 when none is, so a batch without keywords still trains the patient head."""
+    known = ~torch.isnan(eye_labels)
+    bce = F.binary_cross_entropy_with_logits(eye_logits, torch.nan_to_num(eye_labels), reduction="none")
+    return (bce * known).sum() / known.sum().clamp_min(1)
+
+
+class Objective:
+    """What training minimises, as one function of the model and a batch: `objective(model, left, right, labels,
+    eye_labels) -> (loss, logits)`. The patient loss of the logits, plus `eye_weight` × the per-eye loss of the eye
+    head when that is on; an ensemble (`per_member`) is trained on the mean of its members' own losses, so each
+    learns as a run of its own would, and reports its mean logits. New auxiliary losses belong here, not in the
+    training step."""
+
+    def __init__(self, patient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eye_weight: float = 0.0,
+                 per_member: bool = False):
+        self.patient = patient  # (logits, labels) → scalar: also the validation loss
+        self.eye_weight = eye_weight
+        self.per_member = per_member
+        self._forward = dict(eye_logits=True) if eye_weight > 0 else {}
+        if per_member:
+            self._forward["per_member"] = True
+
+    def __call__(self, model, left, right, labels, eye_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(left, right, **self._forward)
+        logits, per_eye = out if self.eye_weight > 0 else (out, None)
+        loss = self.patient(logits.float(), labels.expand_as(logits))  # an ensemble's (M, B, K): each member's own
+        if per_eye is not None:
+            loss = loss + self.eye_weight * eye_loss(per_eye.float(), eye_labels.expand_as(per_eye))
+        return loss, logits.mean(0) if self.per_member else logits
+
+
+def make_objective(pos_weight: torch.Tensor | None, *, focal_weight: float, alpha: float, gamma: float,
+                   eye_weight: float = 0.0, per_member: bool = False) -> Objective:
+    """The training objective from its settings: (1 - focal_weight) × BCE + focal_weight × focal on the patient
+    labels (BCE positive weights `pos_weight`, None for none), plus the per-eye loss at `eye_weight`."""
+    patient = functools.partial(hybrid_loss, pos_weight=pos_weight, bce_weight=1.0 - focal_weight,
+                                focal_weight=focal_weight, alpha=alpha, gamma=gamma)
+    return Objective(patient, eye_weight=eye_weight, per_member=per_member)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from odir_dual.training.engine import eye_loss
+from odir_dual.model.loss import eye_loss
 from odir_dual.model import DualEyeNet
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.keywords import eye_label_matrix, eye_labels, keyword_class

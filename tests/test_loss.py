@@ -106,3 +106,38 @@ def test_focal_bounded_by_weighted_bce(x, t):
     bce = F.binary_cross_entropy_with_logits(logits, targets)
     # (1 - p_t)^gamma <= 1 and alpha_t <= 0.7
     assert torch.isfinite(fl) and 0.0 <= fl.item() <= 0.7 * bce.item() + 1e-6
+
+
+def test_the_training_step_minimises_the_objective_it_is_given():
+    """A new auxiliary loss is a new objective: the step runs it unchanged (no branches on heads or model types)."""
+    from odir_dual.model.loss import Objective, make_objective
+    from odir_dual.model.net import DualEyeNet
+    from odir_dual.training.config import Config
+    from odir_dual.training.engine import make_stepper
+
+    torch.manual_seed(0)
+    net = DualEyeNet("test_resnet", pretrained=False, embed_dim=32, heads=8, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    left, right = torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
+    labels = (torch.rand(4, 8, generator=g) > 0.5).float()
+    stepper = make_stepper(net, Config(lr=1e-3, clip_grad=0.0, accum_steps=1), torch.device("cpu"), 1e-3,
+                           torch.ones(8))
+    assert isinstance(stepper.objective, Objective) and stepper.objective.eye_weight == 0.0
+    patient = make_objective(None, focal_weight=0.5, alpha=0.3, gamma=2.5).patient
+
+    def with_logit_penalty(model, left, right, labels, eye_labels=None):
+        logits = model(left, right)
+        return patient(logits, labels) + 0.1 * logits.pow(2).mean(), logits
+
+    stepper.objective = with_logit_penalty
+    net.eval()  # no dropout or batch-norm updates: the two passes below see the same function
+    loss, _ = stepper.step(left, right, labels, update=False)
+    stepped = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    net.zero_grad()
+    logits = net(left, right)
+    (patient(logits, labels) + 0.1 * logits.pow(2).mean()).backward()
+    by_hand = [p.grad for p in net.parameters() if p.grad is not None]
+    assert len(stepped) == len(by_hand) > 0
+    for a, b in zip(stepped, by_hand):
+        torch.testing.assert_close(a, b)
+    assert loss.item() == pytest.approx(float(patient(logits, labels) + 0.1 * logits.pow(2).mean()), rel=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from odir_dual.model.loss import eye_loss
 from odir_dual.model.net import DualEyeNet, backbone_norm, count_parameters
 
 PX = 64  # stride-32 backbones give 2x2 = 4 tokens per eye
@@ -225,7 +226,7 @@ def test_an_ensemble_averages_its_members_and_trains_each_on_its_own_loss():
     solo = []
     for m in members:
         out, eye = m(left, right, eye_logits=True)
-        own = stepper.loss_fn(out, labels) + 0.5 * engine.eye_loss(eye, eye_labels)
+        own = stepper.loss_fn(out, labels) + 0.5 * eye_loss(eye, eye_labels)
         own.backward()
         solo.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     for g, s in zip(grads, solo):

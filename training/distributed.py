@@ -1,10 +1,12 @@
-"""Several processes, one model: torchrun's environment, barriers, rank 0's decisions for all, replica checks.
+"""Several processes, one model: torchrun's environment, barriers, rank 0's decisions for all, replica checks, and
+how a signal asks the training loop to stop.
 
 Plain `python train.py` is rank 0 of 1, and every helper here is then a no-op.
 """
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -60,3 +62,24 @@ def broadcast_flag(flag: bool, device) -> bool:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next update, after writing last.pt."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum: int | None = None  # the signal that asked, if one did
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Give the caller its own handlers back (train.main may run inside a larger program or a test)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this update (with torchrun: at the end of this "
+              "epoch), writing last.pt; again to stop at once", flush=True)

@@ -1,13 +1,12 @@
 """The training step and the evaluation pass, shared by train.py's loop and benchmarks/train_step.py.
 
-    stepper = make_stepper(model, cfg, device, lr, pos_weight)   # wrappers (DDP, compile), AdamW, scaler, loss
+    stepper = make_stepper(model, cfg, device, lr, pos_weight)   # wrappers (DDP, compile), AdamW, scaler, objective
     loss, logits = stepper.step(left, right, labels, update=True)
     logits = predict(stepper.eval_model, val_loader, stepper.amp_dtype, device, n_rows)
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -16,9 +15,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from odir_dual.training.config import Config
+from odir_dual.model.loss import Objective, make_objective
 from odir_dual.model.net import DualEyeEnsemble, networks
 from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.host import cache_root
+from odir_dual.training.config import Config
 
 
 # ----------------------------------------------------------------------------------------------- schedule, precision
@@ -62,33 +63,27 @@ class Stepper:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None  # None: fp32
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) → scalar
-    eye_loss_weight: float = 0.0  # share of the per-eye auxiliary loss (the model has an eye_head when > 0)
+    objective: Objective  # (model, left, right, labels, eye_labels) → (loss, logits): model/loss.py
     accum_steps: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0: off
     distributed: bool = False  # DDP: skip the gradient all-reduce on steps that do not update
     eval_model: nn.Module | None = None  # what `predict` runs: the model, compiled like train_model, never DDP
 
+    @property
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The patient-label loss (logits, labels) → scalar: what the validation loss measures."""
+        return self.objective.patient
+
     def step(self, left, right, labels, update: bool, eye_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, hybrid loss (+ the per-eye loss), scaled backward; with `update`, clip and take an optimizer
-        step. `eye_labels`: (B, 2, K) per-eye targets with NaN rows where the sheet does not say (needed when
-        eye_loss_weight > 0).
+        """Forward and objective, scaled backward; with `update`, clip and take an optimizer step.
+        `eye_labels`: (B, 2, K) per-eye targets, NaN where unknown (used when the objective has a per-eye loss).
 
         Returns (loss, logits), both detached; nothing here waits for the device.
         """
         quiet = self.train_model.no_sync() if (self.distributed and not update) else contextlib.nullcontext()
         with quiet:
-            # An ensemble returns each member's logits (M, B, K): the loss is the mean of the members' own losses,
-            # so each learns as a separate run would; the targets broadcast over the members.
-            ensemble = {"per_member": True} if isinstance(self.model, DualEyeEnsemble) else {}
             with torch.autocast(left.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                if self.eye_loss_weight > 0:
-                    logits, per_eye = self.train_model(left, right, eye_logits=True, **ensemble)
-                else:
-                    logits = self.train_model(left, right, **ensemble)
-            loss = self.loss_fn(logits.float(), labels.expand_as(logits))
-            if self.eye_loss_weight > 0:
-                loss = loss + self.eye_loss_weight * eye_loss(per_eye.float(), eye_labels.expand_as(per_eye))
+                loss, logits = self.objective(self.train_model, left, right, labels, eye_labels)
             self.scaler.scale(loss / self.accum_steps).backward()
         if update:
             if self.clip_grad > 0:
@@ -97,7 +92,7 @@ class Stepper:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.mean(0) if ensemble else logits).detach()
+        return loss.detach(), logits.detach()
 
     def set_lr(self, lr: float) -> None:
         """Every parameter group at lr × its lr_mult (the backbone's is backbone_lr_mult)."""
@@ -105,26 +100,16 @@ class Stepper:
             g["lr"] = lr * g["lr_mult"]
 
 
-def loss_function(cfg: Config, pos_weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(logits, labels) → the configured hybrid loss: (1 - focal_weight) × BCE + focal_weight × focal."""
-    from odir_dual.model import loss
-
-    return functools.partial(loss.hybrid_loss, pos_weight=pos_weight if cfg.bce_pos_weight else None,
-                             bce_weight=1.0 - cfg.focal_weight, focal_weight=cfg.focal_weight,
-                             alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-
-
-def eye_loss(eye_logits: torch.Tensor, eye_labels: torch.Tensor) -> torch.Tensor:
-    """Plain BCE of the per-eye logits (B, 2, K) against per-eye labels, over the rows whose labels are known
-    (NaN marks the others); 0 when none is, so a batch without keywords still trains the patient head."""
-    known = ~torch.isnan(eye_labels)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(eye_logits, torch.nan_to_num(eye_labels),
-                                                               reduction="none")
-    return (bce * known).sum() / known.sum().clamp_min(1)
+def objective_of(cfg: Config, pos_weight: torch.Tensor, model: nn.Module) -> Objective:
+    """The configured objective (model/loss.py): the seed's hybrid BCE + focal, the per-eye loss at
+    --eye-loss-weight, each ensemble member trained on its own loss."""
+    return make_objective(pos_weight if cfg.bce_pos_weight else None, focal_weight=cfg.focal_weight,
+                          alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, eye_weight=cfg.eye_loss_weight,
+                          per_member=isinstance(model, DualEyeEnsemble))
 
 
 def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int = 1) -> Stepper:
-    """The model wrapped for DDP/compile, with its optimizer, scaler and loss (the seed's hybrid BCE + focal)."""
+    """The model wrapped for DDP/compile, with its optimizer, scaler and objective."""
     amp_dtype = autocast_dtype(cfg.precision, device)
     if cfg.compile or cfg.regional_compile:
         persist_compile_cache()
@@ -140,8 +125,7 @@ def make_stepper(model, cfg: Config, device, lr: float, pos_weight, world: int =
         eval_model = train_model if world == 1 else _compile(model, cfg.compile_mode)
     return Stepper(model=model, train_model=train_model, optimizer=make_optimizer(model, cfg, lr),
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                   amp_dtype=amp_dtype, loss_fn=loss_function(cfg, pos_weight), eye_loss_weight=cfg.eye_loss_weight,
-                   accum_steps=cfg.accum_steps,
+                   amp_dtype=amp_dtype, objective=objective_of(cfg, pos_weight, model), accum_steps=cfg.accum_steps,
                    clip_grad=cfg.clip_grad, distributed=world > 1, eval_model=eval_model)
 
 
@@ -153,8 +137,6 @@ def persist_compile_cache() -> None:
     project cache folder instead of /tmp, so a second run of the same configuration loads its kernels instead of
     compiling them. A folder the user chose with TORCHINDUCTOR_CACHE_DIR is left alone; Inductor's own default
     is not a choice: `import timm` already writes it into the environment (/tmp/torchinductor_USER)."""
-    from odir_dual.pipeline.host import cache_root
-
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
         inductor_default = os.path.abspath(default_cache_dir())

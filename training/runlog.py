@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
+from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries, shell_path, tool_command
 
 
 class RunLog:
@@ -480,3 +480,14 @@ def log_console_to(path: Path) -> None:
     (appended: a resumed run continues its train.log)."""
     if _active_sink and _active_sink[-1].file is None:
         _active_sink[-1].attach(path)
+
+
+def next_steps(run_dir: Path) -> list[str]:
+    """The commands that follow a finished run, with its real paths: export, score a folder, open the report."""
+    opener = {"darwin": "open", "win32": "start"}.get(sys.platform, "xdg-open")
+    run = shell_path(run_dir)
+    return ["next steps:",
+            f"  {tool_command('export')} {run}    # the ONNX model, checked against PyTorch",
+            f"  {tool_command('score')} {run} FOLDER -o predictions.xlsx --report scored",
+            "    # FOLDER: new patients' photographs ({ID}_left/_right, _L/_R or _OD/_OS) or an ODIR folder",
+            f"  {opener} {run}/report.html"]

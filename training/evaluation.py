@@ -1,0 +1,90 @@
+"""The figures of a trained model: metrics at 0.5 and at the tuned thresholds, the official ODIR score, and the final
+report of best.pt (report.json with 95 % bootstrap intervals, one predictions CSV per split, report.html)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
+from odir_dual.model.metrics import bootstrap_intervals, class_rates
+from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.host import atomic_write, write_text_atomic
+from odir_dual.pipeline.odir import label_matrix
+from odir_dual.training.checkpoint import weights_digest
+
+
+def evaluate(y_true, probs, thresholds=None) -> dict:
+    """Multi-label metrics (2-D F1/AUC) and the official ODIR score, both at 0.5 and at tuned thresholds."""
+    out = {"at_0.5": multilabel_metrics(y_true, probs, 0.5), "odir": odir_score(y_true, probs)}
+    if thresholds is not None:
+        out["tuned"] = multilabel_metrics(y_true, probs, thresholds)
+    return out
+
+
+def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train) -> dict:
+    """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
+    predictions CSV per split (id, true labels, probabilities). `run`: train.py's Run (folder, config, start)."""
+    thresholds = np.asarray(ckpt["thresholds"])
+    report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
+              # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
+              "checkpoint": {"file": "best.pt", "epoch": ckpt.get("epoch"), "weights": weights_digest(ckpt["model"])},
+              "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
+              "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
+              "thresholds": dict(zip(CLASSES, thresholds.tolist())),
+              # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
+              "calibration": ckpt.get("calibration") or {"method": "none"},
+              "counts": {"train": len(y_train), **{k: len(t) for k, t in tables.items()}},
+              "started": _iso(run.started), "resumed": run.resume_dir is not None}
+    bootstrap_s = 0.0
+    for split, table in tables.items():
+        y = label_matrix(table)
+        raw, probs = apply_calibration(logits[split], None), apply_calibration(logits[split], report["calibration"])
+        trivial = np.broadcast_to(y_train.mean(0), y.shape).copy()
+        t0 = time.perf_counter()  # the same patients resampled, seeded: the same run gives the same intervals
+        ci95 = bootstrap_intervals(y, probs, thresholds, baseline=trivial, seed=run.cfg.seed)
+        bootstrap_s += time.perf_counter() - t0
+        report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
+                         "trivial": evaluate(y, trivial),
+                         "calibration_error": {"ece_before": expected_calibration_error(raw, y),
+                                               "ece_after": expected_calibration_error(probs, y),
+                                               "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)},
+                         "per_class": class_rates(y, probs, thresholds), "ci95": ci95}  # at the tuned thresholds
+        frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
+                              **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
+        with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
+            frame.to_csv(f, index=False, float_format="%.8f")
+    report["bootstrap_s"] = round(bootstrap_s, 2)
+    finished = time.time()
+    report.update(finished=_iso(finished), duration_s=round(finished - run.started, 1))
+    report = plain(report)
+    write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _iso(t: float) -> str:
+    """A time.time() as UTC ISO 8601 to the second: 2026-12-06T02:25:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def plain(obj):
+    """Metrics as JSON-able plain data (numpy scalars → float) for a weights_only checkpoint."""
+    return json.loads(json.dumps(obj, default=float))
+
+
+def write_html_report(run_dir: Path) -> None:
+    """RUN/report.html (report.py); a failure there prints one line and never fails the run."""
+    if not (run_dir / "report.json").is_file():
+        return
+    t0 = time.perf_counter()
+    try:
+        from odir_dual.deploy.report import write_run_report  # slow: matplotlib; and a failure here is contained
+
+        path = write_run_report(run_dir)
+        print(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
+    except Exception as e:  # noqa: BLE001 - the run's results are saved already; the page is a convenience
+        print(f"report: not written ({type(e).__name__}: {e})")
