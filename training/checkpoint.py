@@ -11,6 +11,7 @@ export.py, the benchmarks and the tests read them through `read_checkpoint` / `m
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import re
 import subprocess
@@ -20,13 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from torch import nn
 
-from odir_dual.training.config import Config, backbone_args, config_from_dict, resume_folder
+from odir_dual.model.net import DualEyeEnsemble, DualEyeNet
 from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
 from odir_dual.pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from odir_dual.pipeline.host import atomic_write
+from odir_dual.training.config import Config, backbone_args, config_from_dict, resume_folder
 
 FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
 REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
@@ -53,12 +56,10 @@ def git_commit() -> str:
 
 
 def library_versions() -> dict:
-    import timm
-
     versions = {"python": sys.version.split()[0], "torch": str(torch.__version__), "timm": timm.__version__,
                 "numpy": np.__version__}
     try:
-        import nvidia.dali
+        import nvidia.dali  # optional: a checkpoint is also read where DALI is not installed
 
         versions["dali"] = nvidia.dali.__version__
     except ImportError:
@@ -72,8 +73,6 @@ def library_versions() -> dict:
 def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
     """The network of a config (train.py, export.py and the benchmarks all build it here), its backbone's
     ImageNet weights loaded from where `weights_source` says."""
-    from odir_dual.model import DualEyeEnsemble, DualEyeNet
-
     pretrained = cfg.pretrained if pretrained is None else pretrained
     source, path = weights_source(cfg) if pretrained else ("none", None)
     # a package's file, or a --weights-file in the packages' naming, is loaded here; timm loads its own format
@@ -139,7 +138,7 @@ def _read_weights(path, where: str) -> dict:
     """A weights file's tensors (.pth/.pt with plain tensors, or .safetensors)."""
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # optional: only for .safetensors files (comes with timm)
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -195,8 +194,6 @@ def save_checkpoint(payload: dict, path) -> None:
 def weights_digest(state_dict: dict) -> str:
     """A short hash (sha256, 16 hex digits) of a state dict's tensors, names, dtypes and shapes: tells whether a
     report (report.json) was made by these very weights (modelcard.py checks it)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name]

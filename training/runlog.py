@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from odir_dual.model.metrics import format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries, shell_path, tool_command
 
@@ -73,7 +74,7 @@ def best_epoch(rows: list[dict], select_metric: str | None) -> int | None:
 
 def plot_curves(rows: list[dict], out: Path, select_metric: str | None = None) -> None:
     """curves.png from metrics.csv rows (`curves_figure`), written atomically at 150 dpi."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow (~1 s): only when a curve is drawn
 
     fig = curves_figure(rows, select_metric)
     with atomic_write(out, "wb") as f:  # a reader (the report, a browser) never sees half a PNG
@@ -86,7 +87,7 @@ def curves_figure(rows: list[dict], select_metric: str | None = None):
     function of the same outputs; the total with the per-eye term dashed when it differs), the selection metric
     with its best epoch starred, and F1 macro/micro at 0.5 with the official ODIR score. Integer epochs; the best
     epoch is a dotted line on each panel. Returns the matplotlib figure."""
-    import matplotlib
+    import matplotlib  # slow (~1 s): only when a curve is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,8 +199,6 @@ def print_final_report(report: dict, best_path: Path) -> None:
     them: per split, the official ODIR score of the model and of the trivial predictor (and their paired
     difference), F1 micro/macro and AUC macro at the tuned thresholds and at 0.5, per class the positives, F1 and
     AUC, and the calibration error."""
-    from odir_dual.model.metrics import format_interval
-
     cal = report["calibration"]
     print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
           f"probabilities calibrated per class ({cal['method']}) and thresholds tuned on validation")
