@@ -74,7 +74,21 @@ def test_help_says_what_each_flag_does_its_choices_and_preset_values(capsys):
     assert f"any timm model name [seed/fast{'*' if here == 'fast*' else ''}: 'convnext_small'; " in text
     assert f"{here}" in text  # the preset that runs with no flags on this machine is marked
     for f in config.fields(config.Config):  # every field has a flag with a help text, not just a default
-        assert config.field_comments().get(f.name), f.name
+        assert f.metadata.get("help"), f.name
+
+
+def test_each_field_declares_its_help_and_help_prints_it(capsys):
+    """The help text is the field's own metadata (config.option), and --help prints it beside the flag."""
+    for f in config.fields(config.Config):
+        assert isinstance(f.metadata.get("help"), str) and f.metadata["help"].strip(), f.name
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for f in config.fields(config.Config):  # field names in a help text are written as flags (img_px → --img-px)
+        assert " ".join(config._flag_names(f.metadata["help"]).split()) in text, f.name
+    assert "--img-px N training and inference image side, pixels [" in text
+    assert "--prepare-px N short side of the prepared copies, pixels; 0: same as --img-px" in text
+    assert "--model-ema-decay X per optimizer update [" in text
 
 
 def test_help_is_grouped_and_says_nothing_about_the_code(capsys, monkeypatch):

