@@ -91,6 +91,16 @@ def with_odir_offset(calibration: dict, logits, labels) -> dict:
     return {**calibration, "b": b, "odir_offset": offset, "odir_cut": cut}
 
 
+def describe_calibration(calibration: dict | None) -> str:
+    """One line for the console, the model card and report.html: the method, and the ODIR shift when there is one."""
+    method = (calibration or {}).get("method", "none")
+    text = "none: probabilities are sigmoid(logits)" if method == "none" else f"{method}, per class"
+    if (calibration or {}).get("odir_offset"):
+        text += (f"; then every logit shifted by {calibration['odir_offset']:+.2f}, so that the official score's 0.5 "
+                 f"cut falls where validation's best cut ({calibration['odir_cut']:.2f}) was")
+    return text
+
+
 def apply_calibration(logits, calibration: dict | None) -> np.ndarray:
     """Calibrated probabilities (N, K) from logits (N, K); without (a, b) (None, or a checkpoint from before
     calibration) the plain sigmoid."""

@@ -2,6 +2,7 @@
 the clone, the console commands call its functions, and the only top-level name it adds is `odir_dual`."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -55,17 +56,18 @@ def test_a_fresh_venv_imports_the_installed_library_and_runs_its_commands(tmp_pa
     top_level = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth"))} - {"__pycache__"}
     assert top_level == {"odir_dual"}
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the install may provide odir_dual
     code = "; ".join(LIBRARY) + "; import odir_dual.train as t; print(t.__file__)"
-    proc = subprocess.run([str(bin_dir / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(bin_dir / "python"), "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).is_relative_to(site)  # the installed copy, not this clone
 
     for command in COMMANDS:
         assert "odir_dual." in (bin_dir / command).read_text() and "runpy" not in (bin_dir / command).read_text()
-    proc = subprocess.run([str(bin_dir / "odir-train"), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([str(bin_dir / "odir-train"), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
     proc = subprocess.run([str(bin_dir / "odir-score"), str(tmp_path / "missing.onnx"), str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "missing.onnx: no such model file" in proc.stderr

@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries, shell_path, tool_command
@@ -201,7 +202,7 @@ def print_final_report(report: dict, best_path: Path) -> None:
     AUC, and the calibration error."""
     cal = report["calibration"]
     print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
-          f"probabilities calibrated per class ({cal['method']}) and thresholds tuned on validation")
+          f"fitted on validation: the thresholds, and the calibration ({describe_calibration(cal)})")
     for split in ("validation", "test"):
         if split not in report:
             continue
