@@ -3,25 +3,14 @@
     python export.py RUN/best.pt            # or the run folder RUN (→ RUN/best.pt); writes RUN/best.onnx
     python export.py RUN -o model.onnx [--fp16] [--opset 20] [--check-images FOLDER]
 
-The network is rebuilt from the config saved in the checkpoint (`checkpoint.build_model(cfg, pretrained=False)` +
-`load_state_dict`, strict), so no training code state is needed. The ONNX graph:
+The ONNX file takes `left` and `right` (N, 3, img_px, img_px), normalised with the model's mean/std, and gives
+`probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; its metadata carries what score.py needs
+(classes, thresholds, img_px, mean, std, backbone, commit, config).
 
-    left  (N, 3, H, W) float32 (float16 with --fp16) ─┐
-                                                      ├─ DualEyeNet ─ logits (N, 8) float32 ─ sigmoid ─ probs (N, 8)
-    right (N, 3, H, W) ───────────────────────────────┘
-
-N is dynamic; H = W = img_px; inputs are normalised with the model's mean/std (stored in the metadata). Outputs are
-float32 also in the fp16 model (the cast sits inside the graph). metadata_props carry everything `score.py` needs:
-format "odir-dual-onnx/1", classes, thresholds, img_px, prepare_px, mean, std, backbone, commit, config (JSON), ...
-
-Checks on every export (the file is only written when they pass):
-- `onnx.checker.check_model(full_check=True)`;
-- onnxruntime (CPU) vs PyTorch fp32 on fresh random inputs and on real fundus images (from --check-images, else
-  the checkpoint's own run's validation patients when the run folder and its data are found, else skipped with a
-  note): the maximum absolute difference of probabilities is printed; fp32 must be <= 1e-4, fp16 <= 1e-2.
-
-Beside the ONNX file: MODEL_CARD.md (modelcard.py): intended use and not, training data, per-class test figures,
-thresholds, calibration and known limitations, from the checkpoint and the run's report.json when present.
+The file is written only when the checks pass: `onnx.checker` (full check), and onnxruntime against PyTorch on
+random inputs and on real images (--check-images, else the run's validation patients when found), with a largest
+probability difference of at most 1e-4 in fp32, 1e-2 in fp16. Beside it: MODEL_CARD.md (intended use, training
+data, figures per class, thresholds, calibration, limitations).
 """
 from __future__ import annotations
 
@@ -33,11 +22,14 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import pandas as pd
 import torch
 from torch import nn
 
@@ -45,6 +37,7 @@ from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, mode
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
+from odir_dual.pipeline.odir import SheetError
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
@@ -118,8 +111,6 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
     Returns:
         (model_proto, exporter actually used, message of the dynamo failure or "").
     """
-    import onnx
-
     dtype = torch.float16 if fp16 else torch.float32
     wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration).eval()
     args = _example_inputs(img_px, dtype)
@@ -136,8 +127,6 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
             if exporter == "dynamo":
                 raise
             failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.onnx"
         with _quiet(), torch.no_grad():
@@ -174,8 +163,6 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
 
 def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
     """Set metadata and write one self-contained .onnx file atomically (external data only past protobuf's 2 GB)."""
-    import onnx
-
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = "odir-dual: (left, right) fundus photographs -> probs, logits (N, 8); see metadata_props"
@@ -233,8 +220,6 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
 
 def real_inputs(pairs, ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Real image pairs as the model sees them at validation: prepared (cached), then the DALI eval pipeline."""
-    import pandas as pd
-
     table = pd.DataFrame({"id": range(len(pairs)), "left": [l for l, _ in pairs], "right": [r for _, r in pairs],
                           "status": "ok"})
     prepare_px = int(ckpt["config"].get("prepare_px") or ckpt["img_px"])
@@ -250,8 +235,6 @@ def real_inputs(pairs, ckpt: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, fp16: bool, log=print) -> dict:
     """check_model(full_check) + onnxruntime vs PyTorch on random and real inputs. Raises ExportCheckError."""
-    import onnx
-
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...
@@ -360,8 +343,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")
-    from odir_dual.pipeline.odir import SheetError
-
     return run_cli(lambda: export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset,
                                   check_images=args.check_images, exporter=args.exporter) and 0,
                    "export.py", errors=(CheckpointError, ExportCheckError, SheetError),

@@ -14,15 +14,10 @@ of `_ - .` or a space, then the eye: left/right, L/R, or OD/OS (OD = right eye, 
 text), e.g. `--pattern "{id}_{eye}.jpg"` or `--pattern "{id}_{eye:1=right,2=left}.*"` (eye tokens named). An image
 that pairs with nothing is a row of its own (ID: its file name) whose status says why.
 
-Same preprocessing as validation: every image is prepared once (fundus crop, short side resized; cached under
-`--cache-dir`, default $ODIR_CACHE/prepared), then read by `pipeline.dali.eval_loader` (decoded on the GPU when torch
-sees CUDA) and normalised with the model's mean/std at the model's img_px. onnxruntime runs on CUDA (with I/O
-binding of the DALI/torch GPU buffers) when torch sees a GPU and onnxruntime has the CUDA provider; otherwise on
-the CPU provider only.
-
-Light install (`pip install ".[score]"`: onnxruntime, numpy, Pillow, pandas; no torch, DALI, timm or sklearn):
-the images are read by `pipeline.light` (numpy + Pillow, the same preprocessing to about one grey level) and fed
-to onnxruntime with `session.run`; `--loader pil` forces that path in a full install.
+Preprocessing is validation's: each image prepared once (fundus crop, resize; cached under `--cache-dir`), then
+read by `pipeline.dali.eval_loader` or, without torch and DALI (`pip install ".[score]"`, or `--loader pil`), by
+`pipeline.light` (numpy + Pillow). docs/DESIGN-NOTES.md (score.py) says how the two agree and when onnxruntime
+runs on CUDA.
 
 Output (`-o`, default predictions.csv; a `.xlsx` name writes an Excel workbook, any other a CSV): one row per
 patient, sorted by ID: ID, the 8 calibrated probabilities p_N .. p_O (as in the run's predictions_*.csv), pred_N ..
@@ -37,19 +32,28 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from tqdm import tqdm
 
+from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.light import pil_batches
+from odir_dual.pipeline.odir import SheetError, find_layout
 from odir_dual.pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
+from odir_dual.pipeline.prepare import CacheError
+from odir_dual.deploy.report import write_folder_report
 from odir_dual.deploy.runtime import ModelFileError, OrtRunner, load_session
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
@@ -66,8 +70,6 @@ LOADERS = ("auto", "dali", "pil")
 def resolve_loader(loader: str = "auto") -> str:
     """auto → "dali" when DALI and torch are installed (the full install), else "pil" (the light scoring install,
     numpy + Pillow: `pipeline.light`, the same preprocessing to about one grey level)."""
-    import importlib.util
-
     if loader not in LOADERS:
         raise ValueError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
     full = all(importlib.util.find_spec(m) is not None for m in ("torch", "nvidia.dali"))
@@ -91,8 +93,6 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
         loader: "dali" (pipeline.dali.eval_loader), "pil" (pipeline.light, numpy + Pillow), or "auto" (dali when
             installed).
     """
-    from tqdm import tqdm
-
     n = len(left)
     probs = np.zeros((n, len(meta["classes"])), np.float32)
     if n == 0:
@@ -116,9 +116,9 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
 
 def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
     """(left, right, index) batches from DALI: torch tensors on `device`, index as numpy."""
-    import torch
+    import torch  # optional: the light scoring install has no torch
 
-    from odir_dual.pipeline.dali import eval_loader
+    from odir_dual.pipeline.dali import eval_loader  # optional: needs torch and DALI
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if meta["input_dtype"] == "float16" else torch.float32
@@ -130,8 +130,6 @@ def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=Non
 
 def _pil_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
     """(left, right, index) numpy batches from numpy + Pillow (`device` is unused: decoding is on the CPU)."""
-    from odir_dual.pipeline.light import pil_batches
-
     dtype = np.float16 if meta["input_dtype"] == "float16" else np.float32
     yield from pil_batches(left, right, batch_size, meta["img_px"], mean=meta["mean"], std=meta["std"],
                            dtype=dtype, num_threads=num_threads)
@@ -147,8 +145,6 @@ def _hflip(batch):
 
 def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
     """The output table: ID, probabilities, pred_*, labels, [true_labels], status (one row per patient)."""
-    import pandas as pd
-
     classes = list(meta["classes"])
     thr = meta["thresholds"]
     rows = []
@@ -239,7 +235,7 @@ def write_xlsx(frame, path, model_info: dict) -> None:
     Raises:
         ScoreError: the file cannot be written; the message names it.
     """
-    from openpyxl import Workbook
+    from openpyxl import Workbook  # slow: ~0.3 s to import, and only an .xlsx output needs it
     from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
     def put(ws, row):
@@ -313,8 +309,6 @@ def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> l
 def check_writable(path) -> None:
     """Fail before any work when the output CSV could not be written at the end: a folder, a read-only file, or a
     folder where no file can be created (read-only, not a folder, permissions). Creates missing parent folders."""
-    import tempfile
-
     path = Path(path)
     if path.is_dir():
         raise ScoreError(f"-o {printable(path)}: is a folder; give a file name, e.g. {printable(path / 'predictions.csv')}")
@@ -330,8 +324,6 @@ def check_writable(path) -> None:
 
 def metrics_report(y_true, probs, thresholds, classes) -> str:
     """Multi-label metrics (at the tuned thresholds and at 0.5) and the official ODIR-2019 score, as text."""
-    from odir_dual.model import multilabel_metrics, odir_score
-
     lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class; not the ODIR score):",
              "                      F1 micro  F1 macro  AUC macro  " + "  ".join(f"{c:>5}" for c in classes)]
     for label, thr in (("tuned thresholds", thresholds), ("threshold 0.5", 0.5)):
@@ -383,8 +375,6 @@ def input_files(folder, table) -> list[tuple[str, str]]:
     path equal to one of them is refused: `pipeline.host.check_output`)."""
     files = [("input image", p) for eye in ("left", "right") for p in table[eye] if isinstance(p, str)]
     if table.attrs.get("labelled"):
-        from odir_dual.pipeline.odir import find_layout
-
         files.append(("annotation sheet", str(find_layout(folder)[0])))
     return files
 
@@ -521,9 +511,6 @@ def main(argv=None) -> int:
         ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
     if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
         ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
-    from odir_dual.pipeline.odir import SheetError
-    from odir_dual.pipeline.prepare import CacheError
-
     return run_cli(lambda: _score_and_report(args),
                    "score.py", errors=(ModelFileError, SheetError, ScoreError, CacheError),
                    interrupted="nothing written; the images prepared so far are cached, so a rerun goes faster")
@@ -544,8 +531,6 @@ def _score_and_report(args) -> int:
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
                           pattern=args.pattern)
     if args.report:
-        from odir_dual.deploy.report import write_folder_report
-
         t0 = time.perf_counter()
         page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
                                    title=f"{args.folder} scored with {scored['model']}")

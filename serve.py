@@ -3,20 +3,14 @@
     python serve.py runs/NAME                    then open http://127.0.0.1:8000
     python serve.py runs/NAME --port 8080        (--host 0.0.0.0 only if other machines must reach it)
 
-A plain standard-library HTTP server (Gradio is no dependency of this project, and the page is a single form), bound
-to 127.0.0.1 by default: nothing is shared with other machines unless --host says so. It uses the run's best.pt
-(PyTorch on the CPU: heatmaps need gradients, which ONNX has not): the photographs are prepared exactly like
-training's (fundus crop, resize), then the page shows the calibrated probabilities against the run's thresholds,
-the Grad-CAM of every predicted class on both eyes, and where each eye's tokens attend in the other eye, with links
-to download the result (JSON, CSV). Images are inlined in the answer, nothing is stored: the uploads live in a
-temporary folder for the length of one request. Every page names the model (run, backbone, training data, commit)
-and says that it is for research use; a model trained on the synthetic demo set gets a loud warning.
+Listens on 127.0.0.1 unless --host says otherwise. Uses the run's best.pt on the CPU (heatmaps need gradients, which
+ONNX has not): the photographs are prepared as in training, then the page shows the calibrated probabilities against
+the run's thresholds, the Grad-CAM of every predicted class on both eyes, where each eye attends in the other, and
+links to download the result (JSON, CSV). Nothing is stored. Every page names the model and says it is for research
+use; a model trained on the synthetic demo set gets a loud warning.
 
-Limits (a careless or hostile client must not take it down or mix patients): an upload of at most 64 MB with a
-valid Content-Length (else 411/400/413, the body unread), at most 40 MP per photograph (read from the image header
-before decoding), at most 4 requests at work at a time (others wait up to 2 s, then 503), 30 s socket timeouts,
-and one model explaining one upload at a time (Grad-CAM hooks live on the shared model: a lock keeps each page's
-maps its own patient's).
+Limits: uploads up to 64 MB with a valid Content-Length, photographs up to 40 MP (checked before decoding), 4 requests
+at work at a time (others wait 2 s, then 503), 30 s socket timeouts, one upload explained at a time.
 """
 from __future__ import annotations
 
@@ -26,19 +20,26 @@ import errno
 import html
 import io
 import json
+import contextlib
 import re
 import sys
 import tempfile
 import threading
+import warnings
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from odir_dual.pipeline import prepare
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser
+from odir_dual.pipeline.prepare import BadImage
+from odir_dual.pipeline.split import load_split
+from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.deploy.report import CSS, Explainer, overlay
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
@@ -58,14 +59,10 @@ STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;
 def model_identity(run, explainer: Explainer) -> dict:
     """What the page says about the model: run name, backbone, training data folder and patients, commit, and
     whether it was trained on the synthetic demo set (modelcard's test)."""
-    from odir_dual.pipeline.synthetic import is_synthetic
-
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     cfg = explainer.config
     patients = ""
     try:
-        from odir_dual.pipeline.split import load_split
-
         parts = load_split(folder / "split.csv")
         patients = (f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
                     f"test {len(parts[2])})")
@@ -114,8 +111,6 @@ def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
 
 
 def _png_uri(pixels: np.ndarray) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -124,12 +119,6 @@ def _png_uri(pixels: np.ndarray) -> str:
 def check_pixels(eye: str, data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
     """Refuse a photograph whose header declares more than `limit` pixels, before it is decoded (a 518 KB PNG can
     declare 600 MP: 1.65 GB once decoded). Raises BadImage naming the eye."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    from odir_dual.pipeline.prepare import BadImage
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -152,10 +141,6 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
 
     `lock`: held while the shared model runs (its Grad-CAM hooks and gradients are per model, not per thread);
     the photographs are checked and prepared outside it, in parallel."""
-    import contextlib
-
-    from odir_dual.pipeline.prepare import BadImage, prepare_image
-
     with tempfile.TemporaryDirectory(prefix="odir-serve-") as tmp:
         paths = []
         for eye, data in (("left", left), ("right", right)):
@@ -163,7 +148,7 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
             src, dst = Path(tmp) / f"{eye}_upload", Path(tmp) / f"{eye}.jpg"
             src.write_bytes(data)
             try:
-                prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
+                prepare.prepare_image(src, dst, explainer.config.get("prepare_px") or explainer.img_px)
             except BadImage as e:
                 raise BadImage(f"{eye} eye: {e.reason}") from None
             paths.append(str(dst))
@@ -229,8 +214,6 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
             self._answer(status, f"<p class=bad>{html.escape(text)}</p>")
 
         def do_POST(self):  # noqa: N802
-            from odir_dual.pipeline.prepare import BadImage
-
             length = self.headers.get("Content-Length")
             if length is None or self.headers.get("Transfer-Encoding"):
                 return self._refuse(411, "an upload needs a Content-Length (no chunked transfer)")
@@ -276,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
-    from odir_dual.training.checkpoint import CheckpointError
+    from odir_dual.training.checkpoint import CheckpointError  # slow: imports torch; --help must not wait for it
 
     try:
         explainer = Explainer(args.run)

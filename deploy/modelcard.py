@@ -7,6 +7,7 @@ of a run). Pure: dicts in, Markdown out; torch only to hash the weights (`report
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -110,7 +111,7 @@ def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict |
     named = report.get("checkpoint") if isinstance(report, dict) else None
     if not isinstance(named, dict):
         return None, "report.json names no checkpoint (written by an older version), so it may be another model's"
-    from odir_dual.training.checkpoint import weights_digest
+    from odir_dual.training.checkpoint import weights_digest  # slow: imports torch, needed only here
 
     if named.get("file") != ckpt_path.name or named.get("epoch") != ckpt.get("epoch") or \
             named.get("weights") != weights_digest(ckpt.get("model") or {}):
@@ -231,8 +232,6 @@ def _calibration_section(ckpt: dict, report: dict | None) -> list[str]:
 
 def _positives(predictions_csv: Path) -> dict:
     """Positive patients per label in train.py's predictions_{split}.csv (columns id, N..O true labels, p_N..)."""
-    import csv
-
     with open(predictions_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     return {c: sum(int(float(r[c])) for r in rows) for c in CLASSES if rows and c in rows[0]}

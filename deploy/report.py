@@ -10,23 +10,27 @@
 Both pages are plain HTML with a little inline CSS, no JavaScript; every image is a file beside the page, referenced
 by a relative path, so the folder can be copied and opened offline (`xdg-open runs/NAME/report.html`).
 Heatmaps (model/explain.py) need the PyTorch checkpoint (`best.pt`): ONNX has no gradients. They are computed on the
-image the network saw (the prepared copy squashed to img_px x img_px); the run report's gallery draws them, upsampled,
-on the same prepared copy at GALLERY_PX.
-Over ~400 lines: two pages with their plots and the gallery picks; the heatmap arithmetic is model/explain.py.
+image the network saw (the prepared copy squashed to img_px x img_px) and drawn, upsampled, on the prepared copy.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.calibration import apply_calibration
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.pipeline.host import atomic_write
+from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}th{background:#f3f3f3}
@@ -41,15 +45,13 @@ GALLERY_SIZE = 2  # patients per class in the run report's gallery: the most con
 def network_view(path, img_px: int) -> np.ndarray:
     """The prepared image as the network sees it before normalisation: squashed to (img_px, img_px), uint8 RGB.
     (PIL's antialiased bilinear, like the reference loader; DALI's resize differs by a grey level or two.)"""
-    from PIL import Image
-
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB").resize((img_px, img_px), Image.BILINEAR))
 
 
 def model_input(views: list[np.ndarray], mean, std):
     """(B, 3, H, W) float32 tensor from uint8 (H, W, 3) views, normalised with the model's mean/std (0-1 units)."""
-    import torch
+    import torch  # optional: only heatmaps need torch, and score.py imports this module in the light install
 
     x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -57,7 +59,7 @@ def model_input(views: list[np.ndarray], mean, std):
 
 def overlay(view: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
     """A heatmap in [0, 1] (H, W) blended over a uint8 (H, W, 3) image with the 'jet' colour map."""
-    import matplotlib
+    import matplotlib  # optional and slow: not in the light install, ~0.5 s to import
 
     colours = matplotlib.colormaps["jet"](np.asarray(heat, np.float32))[..., :3]  # (H, W, 3) in 0..1
     return np.clip((1 - alpha) * view + alpha * 255 * colours, 0, 255).astype(np.uint8)
@@ -66,8 +68,6 @@ def overlay(view: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
 def save_image(pixels: np.ndarray, path: Path) -> None:
     """uint8 RGB → PNG or JPEG (by suffix). Not fsynced, unlike the pages (written atomically, last): a report has
     a thousand of these, and an image cut short by a crash is redrawn by the next report."""
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
 
@@ -77,7 +77,7 @@ class Explainer:
     calibrated as training calibrated them (the ones its thresholds apply to)."""
 
     def __init__(self, run):
-        from odir_dual.training.checkpoint import model_from_checkpoint, read_checkpoint
+        from odir_dual.training.checkpoint import model_from_checkpoint, read_checkpoint  # optional: torch
 
         ckpt = read_checkpoint(run)
         self.model = model_from_checkpoint(ckpt, run)
@@ -93,8 +93,7 @@ class Explainer:
         Args:
             classes: per pair, the class indices to explain (Grad-CAM costs one backward pass per class and batch).
         """
-        from odir_dual.model.calibration import apply_calibration
-        from odir_dual.model.explain import explain_pair
+        from odir_dual.model.explain import explain_pair  # optional: torch
 
         out = []
         for s in range(0, len(left_paths), batch_size):
@@ -171,8 +170,6 @@ def _write_page(path: Path, text: str) -> Path:
 
 def _ci(value, bounds, digits: int = 3) -> str:
     """`0.656 <small>[0.62, 0.69]</small>`: a figure with its 95 % interval (model.metrics.format_interval)."""
-    from odir_dual.model.metrics import format_interval
-
     text = format_interval(value, bounds, digits)
     return text.replace(" [", " <span class=ci>[", 1) + "</span>" if " [" in text else text
 
@@ -282,7 +279,7 @@ PLOT_DPI = 150
 
 
 def _save_figure(fig, out: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional and slow: as in overlay
 
     fig.tight_layout()
     with atomic_write(out, "wb") as f:
@@ -291,7 +288,7 @@ def _save_figure(fig, out: Path) -> None:
 
 
 def _class_axes(rows: int, cols: int, size=(2.9, 2.5)):
-    import matplotlib
+    import matplotlib  # optional and slow: as in overlay
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -303,6 +300,7 @@ def _class_axes(rows: int, cols: int, size=(2.9, 2.5)):
 def _plot_roc_pr(y, p, thresholds, out: Path) -> None:
     """Per class, side by side: its ROC curve and its precision-recall curve (step-drawn, as precision is only
     defined at the observed thresholds), the tuned threshold's operating point marked; 4 x 4 panels."""
+    # optional and slow: scikit-learn comes with the [train] extra only, and takes ~3 s to import
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
     fig, axes = _class_axes(4, 4, (3.1, 2.6))
@@ -367,7 +365,7 @@ def _plot_f1_threshold(splits: dict, thresholds, out: Path) -> None:
 
 def _plot_colour_bar(out: Path) -> None:
     """The heatmaps' scale: jet from 0 (no weight) to 1 (the map's own maximum)."""
-    import matplotlib
+    import matplotlib  # optional and slow: as in overlay
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -383,7 +381,7 @@ def _plot_colour_bar(out: Path) -> None:
 
 def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
     """Observed frequency against predicted probability, all classes pooled, in equal-width bins (bar: count)."""
-    import matplotlib
+    import matplotlib  # optional and slow: as in overlay
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -407,8 +405,6 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
 def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
     """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
     the run's size or, with `px`, at that short side."""
-    from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
-
     table, _ = find_pairs(cfg["data"])
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
     table = prepare_pairs(table, Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache(),
@@ -424,8 +420,6 @@ def _gallery_images(item: dict, paths: tuple[str, str], folder: Path, stem: str,
     """JPEGs of one explained pair (the prepared images, not the network's smaller view; the heatmaps, computed at
     the network's size, upsampled bilinearly): {(eye, what): relative path}, what = "image" or a class name (at
     `px`), or "attention" (at ATTENTION_PX)."""
-    from PIL import Image
-
     files = {}
     attended = {"left": item["attention"].get("right_to_left"), "right": item["attention"].get("left_to_right")}
     for e, eye in enumerate(("left", "right")):
@@ -534,8 +528,6 @@ def _duration(seconds: float) -> str:
 def _split_figures(run_dir: Path, report: dict) -> dict[str, tuple]:
     """{"validation"/"test": (ids, y, p)} from the predictions CSVs; report.json's splits without per-class rates
     or intervals (runs from before they existed) get them computed from these."""
-    from odir_dual.model.metrics import bootstrap_intervals, class_rates
-
     out = {}
     thresholds = [float(report["thresholds"][c]) for c in CLASSES]
     for split, name in (("validation", "val"), ("test", "test")):
@@ -703,8 +695,6 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
 def _safe(pid) -> str:
     """A patient ID as a file-name part, unique per ID: the ID with other characters than letters, digits, - and _
     replaced, then a short hash of the ID itself (`7 x`, `7.x` and `7_x` would all read `7_x` otherwise)."""
-    import hashlib
-
     text = str(pid)
     digest = hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:80] + "-" + digest
@@ -712,8 +702,6 @@ def _safe(pid) -> str:
 
 def _folder_metrics(frame, table, thr) -> str:
     """Metric tables of a labelled folder: multi-label at the tuned thresholds and at 0.5, and the ODIR score."""
-    from odir_dual.model import multilabel_metrics, odir_score
-
     status = frame["status"].astype(str)
     ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()
     y = table.loc[ok, list(CLASSES)].to_numpy(dtype=np.int64)

@@ -5,6 +5,8 @@ only ever listed where a usable GPU is present, so machines without one see no p
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,12 +26,12 @@ def cuda_usable() -> bool:
     """A CUDA GPU is visible (to torch when installed, else to the CUDA driver) and this onnxruntime build has the
     CUDA provider. The light scoring install (no torch) asks the driver: onnxruntime-gpu lists its CUDA provider
     whether or not a GPU exists."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: comes with the [score] and [train] extras, not with the core install
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     if has_torch():
-        import torch
+        import torch  # optional: the light scoring install has no torch
 
         return torch.cuda.is_available()
     return _driver_gpu_count() > 0
@@ -37,15 +39,11 @@ def cuda_usable() -> bool:
 
 def has_torch() -> bool:
     """torch is installed (the full install); the light scoring install has no torch."""
-    import importlib.util
-
     return importlib.util.find_spec("torch") is not None
 
 
 def _driver_gpu_count() -> int:
     """GPUs the CUDA driver sees (cuInit + cuDeviceGetCount through libcuda); 0 without a driver."""
-    import ctypes
-
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -70,7 +68,7 @@ def resolve_provider(provider: str = "auto") -> str:
 
 def session_options(threads: int | None = None):
     """Errors-only logging, all graph optimisations, one intra-op thread per usable core."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: as in cuda_usable
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -82,7 +80,7 @@ def session_options(threads: int | None = None):
 
 def ort_session(path, providers=("CPUExecutionProvider",), threads: int | None = None):
     """The one place an onnxruntime session is made: errors-only logging, all graph optimisations."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: as in cuda_usable
 
     ort.set_default_logger_severity(3)  # errors only, also for messages emitted before the session exists
     return ort.InferenceSession(str(path), session_options(threads), providers=list(providers))
@@ -105,7 +103,7 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
         ModelFileError: missing, not ONNX, not exported by export.py, or its shapes or metadata do not fit
             (`check_model_shapes`).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: as in cuda_usable
 
     path = Path(path)
     if not path.is_file():
@@ -113,7 +111,7 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     ort.set_default_logger_severity(3)  # errors only, also for messages emitted before the session exists
     provider = resolve_provider(provider)
     if provider == "cuda" and has_torch():
-        import torch  # loaded before the CUDA provider: onnxruntime then uses the CUDA/cuDNN libraries torch loaded
+        import torch  # optional; and loaded before the CUDA provider, so onnxruntime uses torch's CUDA/cuDNN libraries
 
         providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
     elif provider == "cuda":  # light install: the CUDA/cuDNN wheels onnxruntime-gpu[cuda,cudnn] brought, if any
@@ -193,9 +191,9 @@ def check_model_shapes(session, meta: dict, path) -> None:
 class OrtRunner:
     """(left, right) batches (torch tensors or numpy arrays) → probabilities (B, K) as numpy float32.
 
-    CPU, or numpy batches: plain `session.run` on contiguous numpy copies. CUDA with torch tensors: I/O binding of the torch tensors' device memory (no
-    host round trip); the device is synchronised before binding, because DALI/torch write the buffers on their own
-    streams and onnxruntime reads them on its stream (docs/DALI-NOTES.md: binding DALI buffers raced otherwise).
+    CPU, or numpy batches: plain `session.run` on contiguous numpy copies. CUDA with torch tensors: I/O binding of
+    the tensors' device memory (no host round trip), after a device synchronisation: DALI and torch write the buffers
+    on their own streams (docs/DALI-NOTES.md: binding DALI buffers raced otherwise).
     """
 
     def __init__(self, session, provider: str):
@@ -212,7 +210,7 @@ class OrtRunner:
         return self.session.run(["probs"], feeds)[0]
 
     def _run_cuda(self, left, right) -> np.ndarray:
-        import torch
+        import torch  # optional: as in cuda_usable (only torch tensors come here)
 
         dtype = torch.float16 if self.np_dtype == np.float16 else torch.float32
         device = torch.device("cuda", torch.cuda.current_device())

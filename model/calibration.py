@@ -1,19 +1,15 @@
 """Per-class probability calibration on validation logits, and the errors that measure it. Pure numpy.
 
-Why: the training loss rebalances the classes (BCE positive weights, focal loss), so `sigmoid(logit)` is a good
-ranking inside each class but not a probability; the official ODIR score thresholds every cell at 0.5 and pools
-the AUC over classes, so it punishes exactly that. A per-class map fitted on the validation patients fixes it
-without touching the ranking within a class (the maps are increasing):
+Why: the loss rebalances the classes, so `sigmoid(logit)` ranks well within a class but is no probability, and the
+official ODIR score (every cell cut at 0.5, AUC pooled over classes) punishes exactly that. An increasing map per
+class, fitted on validation, fixes it without changing any class's ranking (docs/DESIGN-NOTES.md):
 
     platt:        p = sigmoid(a_k * z + b_k)    (Platt 1999; two numbers per class)
     temperature:  p = sigmoid(z / T_k)          (Guo et al. 2017, per class; keeps 0 at 0.5)
     none:         p = sigmoid(z)
 
-`with_odir_offset` then shifts every class's logits by one number so that 0.5, the official score's cut, falls
-where the official final is best on validation.
-
-Both are fitted by minimising the validation log-loss with damped Newton steps (a 2×2 or 1×1 system per class), with
-a small ridge so that a class with few positives cannot drive a slope to infinity.
+`with_odir_offset` then shifts all logits by one number so that the official cut, 0.5, falls where the official
+final is best on validation.
 """
 from __future__ import annotations
 
@@ -78,10 +74,10 @@ def _fit_one(z: np.ndarray, y: np.ndarray, *, with_bias: bool, iterations: int) 
 
 def with_odir_offset(calibration: dict, logits, labels) -> dict:
     """`calibration` plus one logit shift for every class, chosen on these (validation) logits to maximise the
-    official ODIR final. Why: the official score marks a cell positive when its probability exceeds 0.5, while a
-    log-loss fit puts the best cut for the pooled kappa elsewhere (about 0.35 on real ODIR patients); shifting the
-    logits moves that cut to 0.5 and leaves the ranking, hence every AUC, unchanged. The shift is folded into `b`,
-    so every consumer (ONNX, score.py) outputs the shifted probabilities; `odir_offset` records it."""
+    official ODIR final. Why: the official score marks a cell positive above 0.5, while a log-loss fit puts the best
+    cut for the pooled kappa elsewhere; shifting the logits moves that cut to 0.5 and leaves the ranking, hence every
+    AUC, unchanged. The shift is folded into `b`, so every consumer (ONNX, score.py) outputs the shifted
+    probabilities; `odir_offset` records it."""
     probs = apply_calibration(logits, calibration)
     cuts = sorted(np.round(np.arange(0.05, 0.951, 0.01), 2), key=lambda t: abs(t - 0.5))  # ties: the smaller shift
     finals = [odir_score(labels, probs, float(t))["final"] for t in cuts]

@@ -7,12 +7,9 @@ report.py):
     ex.cams[1]          # (left (B, H, W), right (B, H, W)): Grad-CAM of class 1 (D) on each eye, in [0, 1]
     ex.attention        # {"left_to_right": (B, H, W) over the RIGHT eye, "right_to_left": (B, H, W) over the LEFT}
 
-Grad-CAM (Selvaraju et al. 2017) on the output of the backbone's last stage: channel weights are the spatially
-averaged gradients of one class logit, the map is the ReLU of the weighted channel sum, upsampled to the input
-size. Both eyes go through the shared backbone in one batch of 2B, so one backward pass per class gives the map
-of every eye of the batch (eval mode: BatchNorm uses running statistics, so the samples do not interact).
-The `grad-cam` package would need a wrapper for the two-input model and splitting of its 2B activations; this
-is shorter. ONNX has no gradients: explanations need the PyTorch checkpoint.
+Grad-CAM (Selvaraju et al. 2017) on the backbone's last stage; one backward pass per class explains every eye of
+the batch (both eyes share the backbone's batch of 2B). ONNX has no gradients: explanations need the PyTorch
+checkpoint. Why written here rather than taken from the `grad-cam` package: docs/DESIGN-NOTES.md.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ import re
 from typing import Iterator
 
 import timm
-from timm.data import resolve_model_data_config
 import torch
+from timm.data import resolve_model_data_config
+from timm.utils.model import freeze
 from torch import nn
 
 from odir_dual.pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -73,11 +74,8 @@ class EyeBranch(nn.Module):
 
 class LocalContrast(nn.Module):
     """Ben Graham's fundus normalisation (Kaggle diabetic retinopathy 2015) as the network's first, fixed layer:
-    4 × (image − its Gaussian blur), per channel. It removes what varies between cameras and visits (overall
-    brightness, colour cast, vignetting) and keeps what is local: vessels, haemorrhages, exudates, drusen, the
-    disc's rim. A network trained from scratch on a few thousand photographs gets those edges for free instead of
-    learning to ignore the illumination first. Being part of the model, it is exported with it (ONNX) and needs
-    nothing from the data pipeline. Separable blur with replicated borders: the frame's edge adds no halo.
+    4 × (image − its Gaussian blur), per channel. It removes what varies between cameras (brightness, colour cast,
+    vignetting) and keeps lesions and vessels; inside the model, it is exported with it (docs/DESIGN-NOTES.md).
 
     Args:
         sigma_px: the blur's standard deviation in pixels (Graham: the fundus radius / 30).
@@ -220,7 +218,7 @@ class DualEyeNet(nn.Module):
     def freeze_stages(self, stages: int) -> None:
         """Freeze the backbone's stem and its first `stages` stages: no gradients, batch-norm statistics fixed
         (timm's FrozenBatchNorm). Call after loading pretrained weights. Why: those layers hold generic edge and
-        colour filters, and their backward pass at the two highest resolutions is about half a CPU step.
+        colour filters, and their backward pass at the highest resolutions is costly (benchmarks/RESULTS.md).
 
         Raises:
             ValueError: the backbone has no `blocks`/`stages` sequence (timm's EfficientNet, MobileNet, ConvNeXt
@@ -228,8 +226,6 @@ class DualEyeNet(nn.Module):
         """
         if stages <= 0:
             return
-        from timm.utils.model import freeze
-
         names = [name for name, _ in self.backbone.named_children()]
         body = next((n for n in ("blocks", "stages") if n in names), None)  # EfficientNet, MobileNet; ConvNeXt
         if body is not None:
@@ -318,10 +314,8 @@ class DualEyeEnsemble(nn.Module):
     """Several independently initialised DualEyeNets whose logits are averaged: one module, one checkpoint, one ONNX
     graph. Training feeds every member the same batches, and each member gets its own loss (`forward(...,
     per_member=True)`), so they learn as separate runs would (not as one wide network) at the cost of one data stream.
-
     Why: networks that err differently average to better ranked, better calibrated outputs (deep ensembles,
-    Lakshminarayanan et al. 2017), for N times the compute. On the `cpu` preset two members measured no better than
-    one (benchmarks/RESULTS.md, round 3), so no preset uses it.
+    Lakshminarayanan et al. 2017), for N times the compute.
 
     Args:
         members: the networks (same architecture, different initial weights).

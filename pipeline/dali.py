@@ -107,7 +107,7 @@ class PairSource:
 
 def _eye_graph(path, params, *, img_px, decode_device, mean, std, dtype):
     """Read → decode → resize → (augment) → normalise one eye; HWC out."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, types  # slow: ~1 s; importing this module (export.py, tests) must not pay it
 
     data = fn.io.file.read(path)
     img = fn.decoders.image(data, device=decode_device, output_type=types.RGB)
@@ -123,7 +123,7 @@ def _eye_graph(path, params, *, img_px, decode_device, mean, std, dtype):
 
 
 def _build_pipeline(source: PairSource, *, img_px, device_id, mean, std, dtype, num_threads, seed):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # slow: as in _eye_graph
 
     # DALI has no bfloat16: half-precision pipelines emit float16 and PairLoader casts on the device.
     dali_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
@@ -153,7 +153,7 @@ class PairLoader:
 
     def __init__(self, source: PairSource, *, img_px, device, dtype=torch.float32, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, num_threads=None, seed=0):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator  # slow: as in _eye_graph
 
         self.device, self.dtype = torch.device(device), dtype
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None

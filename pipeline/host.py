@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import re
+import shlex
+import shutil
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -193,8 +197,6 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
             "prog: error: <message>", exit status EXIT_BAD_INPUT.
         interrupted: what the user should know after a Ctrl-C / SIGTERM (what was kept, how to go on).
     """
-    import signal
-
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main() or EXIT_OK
@@ -220,8 +222,6 @@ def progress_enabled() -> bool:
 def shell_path(path) -> str:
     """A path as a command line the user can paste: relative to the working directory when inside it, else
     absolute; quoted for the shell when needed."""
-    import shlex
-
     path = Path(os.path.abspath(path))
     try:
         return shlex.quote(str(path.relative_to(Path.cwd())))
@@ -241,8 +241,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help as wide as the terminal up to 110 columns (descriptions keep their own line breaks)."""
 
     def __init__(self, prog, **kwargs):
-        import shutil
-
         width = min(110, shutil.get_terminal_size((110, 24)).columns) - 2
         super().__init__(prog, max_help_position=32, width=width)
 
@@ -258,8 +256,6 @@ class ArgParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        import difflib
-
         lines, tool = [], self.prog.split()[-1]  # "python score.py" → "score.py", as in run_cli's messages
         m = re.match(r"unrecognized arguments: (.*)", message)
         unknown = [w.split("=")[0] for w in m[1].split() if w.startswith("-")] if m else []

@@ -1,10 +1,9 @@
 """Per-eye labels from the sheet's diagnostic keywords.
 
 ODIR-5K labels a patient, not an eye: "D" says one eye or both show diabetic retinopathy. The sheet's
-"Left/Right-Diagnostic Keywords" say which. Mapped with the rules below, the union of the two eyes' classes equals
-the patient's N..O labels for every one of the 2,215 two-eyed patients of odir5k-256 (the patient is N when neither
-eye shows a disease). The trainer uses these labels for an auxiliary per-eye loss (`--eye-loss-weight`): each eye
-is told what it shows, instead of inheriting its fellow eye's disease.
+"Left/Right-Diagnostic Keywords" say which; the union of the two eyes' classes gives back the patient's N..O labels
+(N when neither eye shows a disease). The trainer uses them for an auxiliary per-eye loss (`--eye-loss-weight`):
+each eye is told what it shows, instead of inheriting its fellow eye's disease.
 
     labels, usable = eye_label_matrix(patients)   # (N, 2, 8) float32 [left, right]; (N,) bool
 """

@@ -1,12 +1,8 @@
 """The validation preprocessing in numpy and Pillow only: what `score.py` uses where DALI or torch is absent.
 
-It reproduces `pipeline.dali.eval_loader` on prepared images: decode the JPEG (RGB), resize (squash) to
-img_px × img_px with an antialiased linear filter, normalise with the model's mean/std, NCHW float. DALI's
-`fn.resize(antialias=True)` with its default linear interpolation is a triangle filter widened by the reduction
-factor, which is what Pillow's BILINEAR does too. Measured against DALI (CPU) on 32 real 256-px ODIR images
-(2-core AMD EPYC): identical sizes and small reductions differ by at most one grey level at the 99th percentile
-(mean 0.01 grey level); a 2× reduction by 0.16 grey level on average, a few edge pixels by up to 13
-(tests/test_light.py holds it to that). Bicubic or Lanczos would land 3-6 grey levels away.
+It reproduces `pipeline.dali.eval_loader` on prepared images: decode (RGB), squash to img_px × img_px with an
+antialiased linear filter (Pillow's BILINEAR is DALI's antialiased linear resize), normalise, NCHW float.
+tests/test_light.py bounds the difference to DALI; docs/DESIGN-NOTES.md and benchmarks/RESULTS.md have the figures.
 
     for left, right, index in pil_batches(left_paths, right_paths, 32, img_px=384, mean=..., std=...):
         ...  # left, right: (B, 3, H, W) float32 numpy; index (B,) int64, -1 for padding

@@ -7,10 +7,7 @@ Two sheet formats are read (see docs/ODIR.md):
 The format is told by the columns (Kaggle's sheet has ``filename``), not by the file extension.
 
 Only file existence is checked here (one ``os.listdir``); decoding every image is left to the
-preparation step that reads them anyway.
-
-Over ~400 lines because a sheet is user input: most of the module is the checks that name the sheet, row and
-column of every bad cell (IDs, labels, file names that must stay inside the images folder, ages).
+preparation step that reads them anyway. A sheet is user input: every bad cell is reported by sheet, row and column.
 """
 from __future__ import annotations
 
@@ -22,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
 # sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
 OPTIONAL = {"Patient Age": "age", "Patient Sex": "sex",
@@ -248,7 +246,7 @@ def _check_first_worksheet(sheet: Path) -> None:
     """The patient table is read from the workbook's first worksheet: refuse one that Excel hides (the user sees
     another worksheet and would not know which one was read)."""
     try:
-        import openpyxl
+        import openpyxl  # slow: ~0.3 s to import, and only .xlsx sheets need it
 
         wb = openpyxl.load_workbook(sheet, read_only=True)
     except Exception:  # noqa: BLE001 - a damaged workbook: pandas' own error names it next
@@ -271,7 +269,7 @@ def _check_formulas(raw: pd.DataFrame, sheet: Path) -> None:
     blank = raw[columns].isna()
     if sheet.suffix.lower() != ".xlsx" or not blank.to_numpy().any():
         return
-    import openpyxl
+    import openpyxl  # slow: as in _check_first_worksheet
 
     wb = openpyxl.load_workbook(sheet, read_only=True, data_only=False)
     try:

@@ -1,28 +1,13 @@
 """Prepare every fundus photograph once: crop the round fundus out of its black border, resize, re-encode.
 
-Training and scoring read the prepared copy, never the originals: a ~5 MP ODIR original costs 20-35 ms of CPU to
-decode, a 384 px prepared copy a few ms (docs/DALI-NOTES.md, "Speed facts"). This is also the one place where
-every image is fully decoded, so it is where bad images are found and reported (`BadImage`).
+Training and scoring read the prepared copy, never the originals: an original costs tens of ms to decode, a
+prepared copy a few (docs/DALI-NOTES.md, "Speed facts"). Every image is fully decoded here, so this is where bad
+images are found and reported (`BadImage`). JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when the fundus stays
+at least `short_px` on its short side.
 
-Crop: the box of the pixels brighter than a threshold, robust to noise and text labels, then made symmetric about
-the frame centre, because real fundi often have an under-exposed side darker than the threshold (`fundus_box`).
-
-Cache layout: `cache_dir/{short_px}px/{stem}-{hash10}.jpg`, where hash10 is a short hash of the absolute source
-path, so `a/1_left.jpg` and `b/1_left.jpg` never collide. Beside each entry, `{stem}-{hash10}.src` records what
-its source was when it was read: size, mtime_ns, ctime_ns and inode (`source_identity`). An entry is up to date
-only when its source still has exactly that identity; up-to-date entries are skipped without decoding. Why these
-four and not a content hash: one stat per image instead of reading every original again on each run, and
-together they catch every way of swapping a file seen so far: an edit (size, mtime), a file moved over it
-(inode), `cp -p` or `touch -d` putting an old time back (ctime: the kernel sets it to now on every change and
-no user call can set it back). `cache_dir/{short_px}px/SETTINGS` records the preparation settings (threshold,
-quality, filter, ...): when they change, every entry counts as stale.
-
-Speed: JPEG draft mode (DCT scaling in libjpeg) decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a
-full decode; we pick the largest reduction that still leaves the fundus at least `short_px` on its short side, so
-the final resize never enlarges. `benchmarks/prepare.py` measures it against a plain full decode.
-
-One module over ~400 lines because its parts are one mechanism: decoding every image safely (bad images, bombs),
-the crop, the cache and its identity check, and the worker pool that must die with its parent.
+Cache: `cache_dir/{short_px}px/{stem}-{hash10}.jpg` (hash of the absolute source path), up to date while its `.src`
+file matches the source's size, mtime, ctime and inode, and the folder's SETTINGS match this module's
+(why these: docs/DESIGN-NOTES.md).
 
     python -m pipeline.prepare --data DIR [--cache-dir DIR] [--short-px 384] [--workers N]
 """
@@ -48,7 +33,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from odir_dual.pipeline.host import atomic_write, cache_root, progress_enabled, usable_cores, write_text_atomic
+from odir_dual.pipeline.host import (atomic_write, cache_root, progress_enabled, run_cli, usable_cores,
+                                     write_text_atomic)
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
     import pandas as pd
@@ -103,7 +89,7 @@ def cache_path(src: str | os.PathLike, cache_dir: str | os.PathLike, short_px: i
 
 
 def source_identity(st: os.stat_result) -> str:
-    """What a source file is, from one stat: size, mtime_ns, ctime_ns, inode (see the module docstring)."""
+    """What a source file is, from one stat: size, mtime_ns, ctime_ns, inode (docs/DESIGN-NOTES.md says why)."""
     return f"size={st.st_size} mtime_ns={st.st_mtime_ns} ctime_ns={st.st_ctime_ns} inode={st.st_ino}\n"
 
 
@@ -362,10 +348,9 @@ def _prepare_chunk(items: list[tuple[str, str]], short_px: int) -> list[tuple[st
 def _worker_init(parent_pid: int) -> None:
     """Pool worker set-up: leave Ctrl-C to the parent (it stops the pool), and exit as soon as the parent is gone.
 
-    The pool's workers are children of the forkserver, not of the parent, and each holds the write ends of its own
-    task pipe, of the forkserver's and of the resource tracker's, so after a kill -9 of the parent nothing would
-    ever end them (measured: ~1.4 GB left running). A watcher thread ends the worker instead; the forkserver and
-    the resource tracker then see their pipes close and exit too.
+    The pool's workers are children of the forkserver, not of the parent, so after a kill -9 of the parent nothing
+    else would end them (docs/DESIGN-NOTES.md). A watcher thread ends the worker; the forkserver and the resource
+    tracker then see their pipes close and exit too.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
@@ -513,7 +498,7 @@ def prepare_table(patients: pd.DataFrame, cache_dir: str | os.PathLike, short_px
         pointing to the cache files, index reset. problems: DataFrame(id, eye, path, reason), one row per failed
         eye; a patient with one bad eye is left out of prepared whole.
     """
-    import pandas as pd
+    import pandas as pd  # slow: ~0.4 s, and the worker processes that import this module never need it
 
     n = len(patients)
     left, right = list(patients["left"]), list(patients["right"])
@@ -546,9 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.cache = args.cache_dir or str(cache_root() / "prepared")
 
-    import pandas as pd
+    import pandas as pd  # slow: as in prepare_table
 
-    from odir_dual.pipeline.odir import read_patients
+    from odir_dual.pipeline.odir import read_patients  # slow: imports pandas
 
     patients, missing = read_patients(args.data)
     workers = args.workers or usable_cores()
@@ -578,8 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from odir_dual.pipeline.host import run_cli
-    from odir_dual.pipeline.odir import SheetError
+    from odir_dual.pipeline.odir import SheetError  # slow: imports pandas
 
     sys.exit(run_cli(main, "python -m pipeline.prepare", errors=(SheetError, CacheError),
                      interrupted="the images prepared so far are kept; run again to go on"))

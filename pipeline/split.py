@@ -2,10 +2,9 @@
 
 Multi-label iterative stratification (Sechidis, Tsoumakas & Vlahavas, "On the stratification of
 multi-label data", ECML PKDD 2011, Algorithm 1) for two folds, in numpy, with an exact validation
-size; then a few train/val swaps repair what that exact size costs the most common label.
-On the real 2,215-patient set a plain random 15 % split moves a class's prevalence by 0.6-2.0
-points on average; this split keeps every class within 0.15 points. A three-way split applies the same
-two-way split twice: test out of all patients, then validation out of the rest.
+size; then a few train/val swaps repair what that exact size costs the most common label. A three-way split
+applies the same two-way split twice: test out of all patients, then validation out of the rest.
+How close it stays to each class's prevalence, against a random split: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -109,8 +108,7 @@ def _rebalance(y: np.ndarray, fold: np.ndarray, rng: np.random.Generator) -> np.
     n_val / N of each label's positives (least squares over labels); sizes stay exact.
 
     Why: fixed fold sizes make the last label processed (the most common, N in ODIR) absorb all
-    the slack of the earlier ones, which was up to 3 points of prevalence on the real set.
-    Each swap strictly lowers the squared error, so the loop ends; few swaps are ever needed.
+    the slack of the earlier ones. Each swap strictly lowers the squared error, so the loop ends.
     """
     fold = fold.copy()
     patterns, code = np.unique(y, axis=0, return_inverse=True)  # distinct label rows

@@ -1,32 +1,11 @@
 """Synthetic ODIR-5K data sets in the original layout: `data.xlsx` + `Training Images/{ID}_{left,right}.jpg`.
 
-This is the built-in default data of `train.py` (a CPU demo) and of the tests, so every sign is drawn to be
-plainly visible after the fundus is cropped out of its black border and resized to ~128 px; realism is a
-secondary goal. Per eye the diseases are drawn first, then the patient's labels follow from the eyes exactly
-as in ODIR: a class is 1 if either eye has it, N = 1 iff both eyes are normal.
-
-Signs drawn per class (all in `_render_eye`):
-  D  round blot haemorrhages, microaneurysms, clusters of sharp deep-yellow hard exudates
-  G  cup/disc ratio 0.72-0.90 (normal 0.25-0.40), pale disc, dark nerve-fibre wedges off the disc
-  C  strong blur + whitish veil (low contrast everywhere)
-  A  a dense cloud of soft pale-yellow drusen round the macula (+ a dark haemorrhagic patch when "wet")
-  H  thin, pale, tortuous copper-wire arteries, bright-red flame haemorrhages radiating round the disc,
-     cotton-wool spots
-  M  tigroid tessellation over the fundus + a pale peripapillary atrophy crescent on the temporal side
-  O  one of: laser spots (pigmented rings), a large pale chorioretinal scar, a dark pigmented patch
-
-Images are drawn at a working size of at most `WORK_PX` and upscaled, so multi-megapixel sets stay fast.
-Each patient has its own RNG, `np.random.default_rng([seed, patient_index])`, so the bytes written do not
-depend on the number of worker processes.
-
-Where each localised sign is drawn (D blots and exudate clusters, A drusen at the macula, G the cupped disc,
-O laser spots / scar / pigmented patch) is written beside the sheet as `regions.csv` (`read_regions`): circles in
-pixels of the written JPEG, the ground truth that the heatmap test scores Grad-CAM against. Recording them
-draws no random numbers, so the images are the same bytes as before.
-
-It stays one module (over 400 lines) because it is one generator read top to bottom: labels → anatomy →
-vessels → lesions → one patient → the set; the drawing helpers have no other user, and splitting them out
-would only add imports between files that always change together.
+The built-in data of `train.py`'s CPU demo and of the tests: every sign is drawn to stay plainly visible after the
+fundus crop and a resize to ~128 px (realism is secondary; the signs per class: docs/DESIGN-NOTES.md). Diseases are
+drawn per eye, and the patient's labels follow as in ODIR: a class is 1 if either eye has it, N iff both are normal.
+Each patient has its own RNG (`[seed, patient_index]`), so the bytes do not depend on the number of workers.
+Where each localised sign is drawn goes to `regions.csv` (`read_regions`): the ground truth of the heatmap test.
+The module reads top to bottom: labels → anatomy → vessels → lesions → one patient → the set.
 """
 
 from __future__ import annotations
