@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import write_text_atomic
@@ -216,8 +217,8 @@ def _calibration_section(ckpt: dict, report: dict | None) -> list[str]:
     cal = ckpt.get("calibration") or (report or {}).get("calibration") or {"method": "none"}
     method = cal.get("method", "none")
     lines = ["## Calibration", "",
-             f"Method: {method}" + (" (per label, fitted on the validation logits; already inside the ONNX graph's "
-                                    "`probs`)." if method != "none" else " (probs = sigmoid(logits)).")]
+             f"Method: {describe_calibration(cal)}" + (" (fitted on the validation logits; already inside the ONNX "
+                                                       "graph's `probs`)." if method != "none" else ".")]
     split = "test" if report and "test" in report else "validation" if report else None
     err = (report or {}).get(split, {}).get("calibration_error") if split else None
     if err:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from odir_dual.model import multilabel_metrics, odir_score
-from odir_dual.model.calibration import apply_calibration
+from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -595,7 +595,7 @@ def write_run_report(run_dir) -> Path:
     per_class = [[_e(k), *(_num(v, 3) for v in vals)] for k, vals in cal.items()
                  if isinstance(vals, list) and len(vals) == len(CLASSES)]  # e.g. Platt's a, b
     body += ["<h2>Calibration</h2>",
-             f"<p>Calibration of the probabilities: {_e(cal.get('method', 'none'))} (fitted on validation)</p>"]
+             f"<p>Calibration of the probabilities: {_e(describe_calibration(cal))} (fitted on validation)</p>"]
     if per_class:
         body.append(_table(["parameter", *CLASSES], per_class, "calibration"))
     if split:

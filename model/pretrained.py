@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 # timm backbone → (the installable package, its module, the class that knows the file's path)
