@@ -36,7 +36,8 @@ from torch import nn
 from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
+from odir_dual.pipeline.host import (ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path,
+                                     temporary_path, tool_command)
 from odir_dual.pipeline.odir import SheetError
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
@@ -167,7 +168,7 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = "odir-dual: (left, right) fundus photographs -> probs, logits (N, 8); see metadata_props"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     large = proto.ByteSize() > 1_900_000_000
     try:
         onnx.save(proto, str(tmp), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -308,7 +309,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
                                          calibration=ckpt.get("calibration"))
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
-    tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
+    tmp = temporary_path(out, "checking", ".onnx")
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)

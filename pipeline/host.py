@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import hashlib
 import os
 import re
 import shlex
@@ -39,7 +40,7 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
             csv.writer(f).writerows(rows)
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{os.urandom(3).hex()}")
+    tmp = temporary_path(path, "tmp", f"-{os.urandom(3).hex()}")
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
@@ -111,6 +112,16 @@ def _identity(path: Path):
 
 
 _TEMPORARY = re.compile(r"^\..+\.(tmp|checking)(\d+)(?:-[0-9a-f]{6}|\.onnx)?$")  # atomic_write's, export.py's
+
+
+def temporary_path(path, kind: str = "tmp", suffix: str = "") -> Path:
+    """A temporary file's path beside `path`: `.{hash of the name}.{kind}{pid}{suffix}`, short and of fixed length
+    whatever the name (a legal 251-byte name plus `.tmp1234-abcdef` would pass the 255-byte limit); the pid tells
+    `remove_stale_temporaries` whether its writer is gone. `kind`: "tmp" (atomic_write's) or "checking" (an
+    export under check)."""
+    path = Path(path)
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    return path.with_name(f".{digest}.{kind}{os.getpid()}{suffix}")
 
 
 def is_temporary(name: str) -> bool:
