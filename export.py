@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.training.checkpoint import (CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint,
+                                           weights_digest)
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import (ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path,
@@ -156,6 +157,8 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "exporter": exporter,
         "opset": str(opset),
         "checkpoint": source.name,
+        "weights_digest": weights_digest(ckpt["model"]),  # which weights: score.py --explain compares its checkpoint's
+        "run_id": str(ckpt.get("run_id") or ""),
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),

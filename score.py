@@ -48,12 +48,13 @@ from tqdm import tqdm
 
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.host import (ArgParser, atomic_write, check_can_create, check_output, check_output_folder,
+                                     output_folder, printable, progress_enabled, run_cli)
 from odir_dual.pipeline.light import pil_batches
 from odir_dual.pipeline.odir import SheetError, find_layout
 from odir_dual.pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.prepare import CacheError
-from odir_dual.deploy.report import write_folder_report
+from odir_dual.deploy.report import check_same_model, load_explainer, write_folder_report
 from odir_dual.deploy.runtime import ModelFileError, OrtRunner, load_session
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
@@ -308,15 +309,18 @@ def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> l
 
 def check_writable(path) -> None:
     """Fail before any work when the output CSV could not be written at the end: a folder, a read-only file, or a
-    folder where no file can be created (read-only, not a folder, permissions). Creates missing parent folders."""
+    folder where no file can be created (read-only, not a folder, permissions). Creates nothing: missing parent
+    folders are made when the file is written, at the end (a failure before leaves no folder behind)."""
     path = Path(path)
     if path.is_dir():
         raise ScoreError(f"-o {printable(path)}: is a folder; give a file name, e.g. {printable(path / 'predictions.csv')}")
     if path.exists() and not os.access(path, os.W_OK):
         raise ScoreError(f"-o {printable(path)}: the file is read-only")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+        if not path.parent.is_dir():
+            check_can_create(path.parent)
+            return
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".probe"):
             pass
     except OSError as e:
         raise ScoreError(f"-o {printable(path)}: cannot write in {printable(path.parent)} ({e.strerror or e})") from None
@@ -413,13 +417,16 @@ def resolve_model(path) -> Path:
 
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
                  provider="auto", progress=True, workers=None, loader="auto", loader_threads=None, pattern=None,
-                 log=print) -> dict:
+                 log=print, check_model=None) -> dict:
     """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path.
-    `model_path`: an .onnx file or a run folder (its best.onnx); `pattern`: see `pipeline.pairs.NamePattern`."""
+    `model_path`: an .onnx file or a run folder (its best.onnx); `pattern`: see `pipeline.pairs.NamePattern`;
+    `check_model(meta, path)`: called before any image is prepared (--explain: the same model)."""
     t0 = time.perf_counter()
     model_path = resolve_model(model_path)
     pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
     session, meta, provider = load_session(model_path, provider)
+    if check_model is not None:
+        check_model(meta, model_path)
     if list(meta["classes"]) != list(CLASSES):
         raise ModelFileError(f"{model_path}: classes {meta['classes']} differ from this code's {list(CLASSES)}")
     loader = resolve_loader(loader)
@@ -518,22 +525,24 @@ def main(argv=None) -> int:
 
 def _score_and_report(args) -> int:
     """score_folder, then the HTML page of --report (report.py) when asked."""
-    if args.report:  # before any work, like -o
-        if Path(args.report).exists() and not Path(args.report).is_dir():
-            raise ScoreError(f"--report {printable(args.report)}: exists and is not a folder; give a folder")
+    if args.report:  # before any work, like -o: a folder of the user's is never written into
+        check_output_folder(args.report, "--report")
         explained = Path(args.explain) if args.explain else None
         explained = explained / "best.pt" if explained is not None and explained.is_dir() else explained
         check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
                                                                    ("checkpoint", explained)])
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
+    explainer = load_explainer(args.explain, ScoreError) if args.explain else None  # a damaged one: before work
+    same_model = (lambda meta, path: check_same_model(explainer, meta, path, ScoreError)) if explainer else None
     scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
-                          pattern=args.pattern)
+                          pattern=args.pattern, check_model=same_model)
     if args.report:
         t0 = time.perf_counter()
-        page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
-                                   title=f"{args.folder} scored with {scored['model']}")
+        with output_folder(args.report, "--report") as folder:  # removed again if the page fails
+            page = write_folder_report(scored, folder, scored["meta"]["thresholds"], explain_run=explainer,
+                                       title=f"{args.folder} scored with {scored['model']}")
         print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -32,16 +32,17 @@ from odir_dual.pipeline.odir import SheetError, describe, find_layout, label_mat
 from odir_dual.pipeline.pairs import DataError, left_out_summary
 from odir_dual.pipeline.prepare import CacheError
 from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpoint_payload, git_commit,
-                                           library_versions, load_checkpoint, model_from_checkpoint,
+                                           library_versions, model_from_checkpoint, read_checkpoint,
                                            save_checkpoint, saved_run_config, weights_description)
 from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
-from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
+from odir_dual.training.data import (check_one_batch, data_folder, load_data, per_eye_targets, save_split,
+                                    split_table)
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
 from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
-from odir_dual.training.runlog import (RunFolderError, RunLog, console_log, log_console_to, next_steps, print_epoch,
-                                       print_final_report, run_folder)
+from odir_dual.training.runlog import (RunFolderError, RunLog, check_run_folder, console_log, log_console_to,
+                                       next_steps, print_epoch, print_final_report, run_folder, run_id)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -69,27 +70,28 @@ def _main(argv=None):
     run_dir = None
     if not cfg.dry_run:
         run_dir = resume_dir or Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    # rank 0 claims the folder before any work: exclusive, locked, removed again if no checkpoint gets written
+    if is_main:  # every reason to refuse the folder, before any work: nothing is written or deleted yet
+        check_run_folder(run_dir, resume=resume_dir is not None, overwrite=cfg.overwrite, unique=not cfg.name)
+        print(f"odir-dual · commit {git_commit()} · "
+              + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} rank(s)")
+
+    # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded in
+    # the config, so --resume, export.py and the reports find the same images from any working directory.
+    cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
+    patients, left_out = load_data(cfg, Path(cfg.data), is_main)
+    split = split_table(patients, cfg, resume_dir)  # a resumed run: the same photographs and labels, or refused
+    train_tab, val_tab, test_tab = split.tables
+    check_one_batch(train_tab, len(patients), cfg, world)
+    # Every check has passed: only now is the folder claimed (created, or emptied by --overwrite) and written.
     with run_folder(run_dir if is_main else None, resume=resume_dir is not None, overwrite=cfg.overwrite,
                     unique=not cfg.name) as claimed:
         run_dir = claimed or run_dir
-        if is_main and run_dir is not None:
-            log_console_to(run_dir / "train.log")  # with what was printed so far
-        if is_main:
-            print(f"odir-dual · commit {git_commit()} · "
-                  + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
-            print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
-                  f"rank(s)")
-
-        # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
-        # in the config, so --resume, export.py and the reports find the same images from any working directory.
-        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
-        patients, left_out = load_data(cfg, Path(cfg.data), is_main)
-        train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
-        check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
+                log_console_to(run_dir / "train.log")  # with what was printed so far
+                save_split(run_dir / "split.csv", split)
                 left_out.to_csv(run_dir / "left_out.csv", index=False)
                 (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
                 if len(left_out):
@@ -105,8 +107,8 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started), train_tab, val_tab,
-                         test_tab)
+            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started,
+                             run_id(run_dir) if run_dir is not None else None), train_tab, val_tab, test_tab)
         finally:
             stop.restore()
         if stop.signum is not None:  # stopped by a signal: say so with the shell's status (130/143), not 0
@@ -130,6 +132,7 @@ class Run:
     resume_dir: Path | None
     stop: StopRequest
     started: float = dataclasses.field(default_factory=time.time)  # time.time() when the process started
+    run_id: str | None = None  # the run folder's id (runlog.run_id), written into every checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -178,16 +181,9 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     if cfg.model_ema:
         progress.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True)  # ramps up: short runs too
     if run.resume_dir is not None:
-        state = load_checkpoint(run.resume_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        if progress.ema is not None:
-            progress.ema.module.load_state_dict(state["model_ema"])
-        stepper.optimizer.load_state_dict(state["optimizer"])
-        stepper.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        progress.step, progress.best = state["step"], state["best"]
+        epoch = restore(run.resume_dir / "last.pt", model, stepper, progress)
         if run.is_main:
-            print(f"resumed {run.resume_dir} at update {progress.step} (epoch {state['epoch']})")
+            print(f"resumed {run.resume_dir} at update {progress.step} (epoch {epoch})")
 
     loader = train_loader(train_tab, cfg.batch_size, cfg.img_px, device, augment=Augment(same_for_both_eyes=
                           cfg.same_eye_aug), weighted=cfg.weighted_sampling, seed=cfg.seed, rank=run.rank,
@@ -230,6 +226,27 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     if run.is_main:
         return report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype)
     return None
+
+
+def restore(path: Path, model, stepper: Stepper, progress: Progress) -> int:
+    """Load last.pt into the model, optimizer, scaler, RNG and progress; returns its epoch. A checkpoint of
+    another run, another network or without the optimizer's state is a CheckpointError naming the file."""
+    state = read_checkpoint(path)  # format, contents, and that it belongs to this run folder
+    try:
+        model.load_state_dict(state["model"])
+        if progress.ema is not None:
+            progress.ema.module.load_state_dict(state["model_ema"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
+        stepper.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        progress.step, progress.best = int(state["step"]), dict(state["best"])
+        return int(state["epoch"])
+    except KeyError as e:
+        why = f"it has no {e.args[0]!r} (written by export or by hand, not by train.py's last.pt)"
+    except (RuntimeError, ValueError, TypeError) as e:
+        why = f"it does not fit this run's network and optimizer ({' '.join(str(e).split())[:160]})"
+    raise CheckpointError(f"{path}: cannot continue from it: {why}; start a new run, or --resume the run it "
+                          "belongs to")
 
 
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
@@ -325,7 +342,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
         metrics = evaluate(y_val, probs, progress.thresholds)
         extra = {"val_metrics": plain(metrics), "trivial_metrics": plain(trivial), "calibration": calibration}
         save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
-                                           epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra),
+                                           epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra,
+                                           run_id=run.run_id),
                         run.run_dir / "best.pt")
 
 
@@ -336,7 +354,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
     if progress.ema is not None:
         extra["model_ema"] = {k: v.detach().cpu() for k, v in progress.ema.module.state_dict().items()}
     save_checkpoint(checkpoint_payload(stepper.model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
-                                       epoch=epoch, step=progress.step, best=progress.best, extra=extra),
+                                       epoch=epoch, step=progress.step, best=progress.best, extra=extra,
+                                       run_id=run.run_id),
                     run.run_dir / "last.pt")
 
 
@@ -348,7 +367,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     if not best_path.exists():
         print(f"no completed epoch yet: resume with --resume {run.run_dir}")
         return None
-    ckpt = load_checkpoint(best_path)
+    ckpt = read_checkpoint(best_path)
     model = model_from_checkpoint(ckpt, best_path).to(run.device)
     if run.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

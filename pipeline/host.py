@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import hashlib
 import os
 import re
@@ -100,6 +101,62 @@ def check_output(path, flag: str, inputs=()) -> Path:
             raise OutputError(f"{flag} {printable(path)}: is the {what} ({printable(other)}); writing there would "
                               f"destroy it: choose another path")
     return path
+
+
+def check_can_create(path) -> None:
+    """OSError naming `path` when it could not be created: its nearest existing parent folder is on a read-only file
+    system or not writable. Creates nothing (a refused command leaves no folder behind)."""
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    with contextlib.suppress(AttributeError, OSError):  # no statvfs (Windows): the access check below, mkdir later
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path)) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
+OUTPUT_MARKER = ".odir-output"  # in every output folder a tool created: it may write there again
+
+
+def check_output_folder(path, flag: str) -> None:
+    """An output folder that the tool fills with many files (score.py --report): absent (and creatable), empty, or
+    one that a tool of this project created (`OUTPUT_MARKER`); a folder holding anything else is the user's, never
+    overwritten file by file. Writes nothing.
+
+    Raises:
+        OutputError: "FLAG PATH: why"."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{flag} {printable(path)}: exists and is not a folder; give a folder")
+    if not path.exists():
+        check_can_create(path)
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries and OUTPUT_MARKER not in entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputError(f"{flag} {printable(path)}: a folder this project did not create, holding {shown}; not "
+                          "writing into it: give a new or empty folder")
+
+
+@contextlib.contextmanager
+def output_folder(path, flag: str):
+    """Claim an output folder (`check_output_folder` first), marked as ours, and yield it; if the body fails, a
+    folder created here is removed again with everything written into it (a folder that existed is left)."""
+    path = Path(path)
+    check_output_folder(path, flag)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        (path / OUTPUT_MARKER).write_text("written by odir-dual (score.py --report): it may write here again\n")
+        yield path
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _identity(path: Path):
@@ -213,6 +270,11 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
         return main() or EXIT_OK
     except (OSError, OutputError, *errors) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as e:  # a message given as SystemExit (config checks): the same one line and status
+        if not isinstance(e.code, str):
+            raise
+        print(f"{prog}: error: {printable(' '.join(e.code.removeprefix('error: ').split()))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Terminated) as e:
         name = "SIGINT (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "SIGTERM"

@@ -19,7 +19,7 @@ import pandas as pd
 
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.odir import SheetError, find_layout, read_patients
-from odir_dual.pipeline.prepare import prepare_table
+from odir_dual.pipeline.prepare import prepare_table, source_hash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 EYES = ("left", "right")
@@ -249,18 +249,27 @@ def prepare_pairs(table: pd.DataFrame, cache_dir, short_px: int, *, workers=None
     return out
 
 
-def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None, progress=True):
+def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None, progress=True,
+                  allow_shared=False):
     """Read the sheet, check and prepare every image; return (patients, left_out).
 
     patients: only patients with both eyes usable, left/right pointing at the prepared copies (original paths
-    kept in `left_src`/`right_src`). left_out: one row per bad eye (id, eye, path, reason): missing, unreadable
-    or corrupt. With strict=True any left-out patient is an error instead.
+    kept in `left_src`/`right_src`, their content hashes in `left_sha256`/`right_sha256`). left_out: one row per
+    bad eye (id, eye, path, reason): missing, unreadable, corrupt, or one photograph used twice (by two patients,
+    or for both eyes: the same picture would sit in training and in test). With allow_shared=True a shared
+    photograph is kept; with strict=True any left-out patient is an error instead.
     """
     find_layout(data_dir)  # training needs labels: no sheet is a FileNotFoundError naming what was looked for
     table, _ = find_pairs(data_dir)
     table = prepare_pairs(table, Path(cache_dir) if cache_dir else default_cache(), short_px, workers=workers,
                           progress=progress)
-    left_out = pd.concat([table.attrs["missing"], table.attrs["bad_eyes"]], ignore_index=True)
+    for eye in EYES:
+        table[f"{eye}_sha256"] = [source_hash(p) if isinstance(p, str) else None for p in table[f"{eye}_prepared"]]
+    shared = pd.DataFrame(columns=["id", "eye", "path", "reason"]) if allow_shared else shared_photographs(table)
+    for pid in shared["id"].unique():
+        table.loc[table["id"] == pid, "status"] = "a photograph used twice"
+    parts = [df for df in (table.attrs["missing"], table.attrs["bad_eyes"], shared) if len(df)]
+    left_out = pd.concat(parts, ignore_index=True) if parts else shared.iloc[:0]
     left_out = left_out.sort_values(["id", "eye"], ignore_index=True)
     if strict and len(left_out):
         raise DataError(f"--strict: {left_out['id'].nunique()} patient(s) have bad eye images, first: "
@@ -271,6 +280,26 @@ def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, work
     patients.insert(1, "left", ok["left_prepared"])
     patients.insert(2, "right", ok["right_prepared"])
     return patients, left_out
+
+
+def shared_photographs(table: pd.DataFrame) -> pd.DataFrame:
+    """The eyes whose photograph (same content hash) is also another eye's, of this patient or another: rows
+    (id, eye, path, reason), the reason naming every other use. Such a photograph would sit in training and in
+    validation or test at once (one patient's file named in another's row, a copy, one image for both eyes)."""
+    uses: dict[str, list[tuple]] = {}
+    for r in table[table["status"] == "ok"].itertuples():
+        for eye in EYES:
+            uses.setdefault(getattr(r, f"{eye}_sha256"), []).append((r.id, eye, getattr(r, eye)))
+    rows = []
+    for group in uses.values():
+        if len(group) < 2:
+            continue
+        for pid, eye, path in group:
+            others = "; ".join(f"patient {o}'s {e} eye ({Path(p).name})" for o, e, p in group
+                               if (o, e) != (pid, eye))
+            rows.append((pid, eye, path, f"the same photograph as {others}: left out so that it cannot be in "
+                                         f"training and in test at once (--allow-shared-images keeps it)"))
+    return pd.DataFrame(rows, columns=["id", "eye", "path", "reason"])
 
 
 def left_out_summary(left_out: pd.DataFrame) -> str:
