@@ -92,6 +92,10 @@ def check_output(path, flag: str, inputs=()) -> Path:
         _check_replaceable(path)
     except OutputError as e:
         raise OutputError(f"{flag} {e}") from None
+    try:  # a folder where the file cannot be created fails now, not after the work
+        check_can_create(path)
+    except OSError as e:
+        raise OutputError(f"{flag} {printable(path)}: cannot be written there ({e.strerror})") from None
     target, where = _identity(path), os.path.abspath(path)
     for what, other in inputs:
         if other is None:
@@ -106,17 +110,19 @@ def check_output(path, flag: str, inputs=()) -> Path:
 def check_can_create(path) -> None:
     """OSError naming `path` when it could not be created: its nearest existing parent folder is on a read-only file
     system or not writable. Creates nothing (a refused command leaves no folder behind)."""
-    path = Path(os.path.abspath(path))
-    parent = path.parent
+    first = Path(os.path.abspath(path))  # the first thing to create: named in the error, as mkdir would
+    parent = first.parent
     while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+        first, parent = parent, parent.parent
     if not parent.is_dir():
         raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    read_only = False
     with contextlib.suppress(AttributeError, OSError):  # no statvfs (Windows): the access check below, mkdir later
-        if os.statvfs(parent).f_flag & os.ST_RDONLY:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path)) from None
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    if read_only:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(first))
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(first))
 
 
 OUTPUT_MARKER = ".odir-output"  # in every output folder a tool created: it may write there again

@@ -216,6 +216,10 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None):
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"
         rows.append(row)
+    for row in [r for r in unpaired if r["id"] in files]:  # `scan.jpg` beside `scan.jpg_left.jpg`: one ID, two rows
+        unpaired.remove(row)
+        ignored.append((row["id"], f"not paired (expected {naming}), and its name is the ID of the patient paired "
+                                   "from other files"))
     table = pd.DataFrame(rows + unpaired, columns=["id", "left", "right", "status"])
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
     table.attrs["labelled"] = False

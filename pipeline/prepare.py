@@ -342,11 +342,12 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
         digest = file_sha256(src)
         with _StrictTruncation():
             img, box = _decode_fundus(src, short_px)
+        _check_data_fills_frame(img)
         bw, bh = box[2] - box[0], box[3] - box[1]
         if max(bw, bh) > MAX_ASPECT * min(bw, bh):  # a 7000x40 strip would become 67200x384 px (JPEG's limit: 65535)
             raise BadImage(f"not a fundus photograph (fundus region {bw}x{bh} px: sides more than {MAX_ASPECT}:1)")
         out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
-        _check_has_picture(img, out)
+        _check_not_blank(img, out)
         encoded = io.BytesIO()  # encoded in memory first: an encoder error is not a cache-write error
         out.save(encoded, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False,
                  progressive=False)
@@ -367,16 +368,22 @@ MIN_PIXEL_STD = 2.0  # below: blank
 MISSING_DATA_ROWS = 0.25  # a bottom band this high (share of the image), all one value, mid-grey: data ran out
 
 
-def _check_has_picture(decoded: Image.Image, prepared: Image.Image) -> None:
-    """BadImage for a blank prepared copy or a decode whose data ended before the size its header states."""
-    a = np.asarray(decoded)
-    band = a[int(len(a) * (1 - MISSING_DATA_ROWS)):]
-    if band.size and band.min() == band.max() and 64 <= int(band.min()) <= 192:
-        raise BadImage(f"its data ends before the {decoded.width}x{decoded.height} px its header states (the bottom "
-                       f"{round(100 * MISSING_DATA_ROWS)}% decodes as flat grey): a damaged or altered file")
+def _check_not_blank(decoded: Image.Image, prepared: Image.Image) -> None:
+    """BadImage for a prepared copy of (nearly) one flat colour."""
     std = float(np.asarray(prepared, np.float32).std())
     if std < MIN_PIXEL_STD:
-        raise BadImage(f"blank: its prepared copy is one flat colour (pixel std {std:.1f} of 255)")
+        raise BadImage(f"blank: its prepared copy is one flat colour (pixel std {std:.1f} of 255; a header that "
+                       f"states {decoded.width}x{decoded.height} px for less data decodes so)")
+
+
+def _check_data_fills_frame(decoded: Image.Image) -> None:
+    """BadImage for a decode whose data ended before the size its header states: its bottom band is one flat
+    mid-grey value (what libjpeg fills in; a photograph's border is black)."""
+    a = np.asarray(decoded)
+    band, top = a[int(len(a) * (1 - MISSING_DATA_ROWS)):], a[:max(1, len(a) // 8)]
+    if len(a) > 8 and band.min() == band.max() and 64 <= int(band.min()) <= 192 and top.min() != top.max():
+        raise BadImage(f"its data ends before the {decoded.width}x{decoded.height} px its header states (the bottom "
+                       f"{round(100 * MISSING_DATA_ROWS)}% decodes as flat grey): a damaged or altered file")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -283,9 +283,7 @@ class Server:
     """serve.py's handler on 127.0.0.1 (a free port), in a thread, for one test."""
 
     def __init__(self, explainer, **limits):
-        from http.server import ThreadingHTTPServer
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test", **limits))
+        self.httpd = serve.make_server(("127.0.0.1", 0), explainer, "test", **limits)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -632,10 +630,9 @@ def test_8d_yaml_python_tags_are_refused_in_one_line(tmp_path, capsys):
     marker = tmp_path / "ran"
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"img_px: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(SystemExit) as e:
-        train.cli(["--config", str(cfg), "--dry-run"])
-    message = str(e.value.code)
-    assert message.startswith(f"--config {cfg}: not a plain YAML mapping") and "\n" not in message
+    assert train.cli(["--config", str(cfg), "--dry-run"]) == EXIT_BAD_INPUT
+    line = one_error_line(capsys.readouterr().err, "train.py")
+    assert line.startswith(f"train.py: error: --config {cfg}: not a plain YAML mapping")
     assert not marker.exists()
 
 
