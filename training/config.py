@@ -240,9 +240,10 @@ RUN_IDENTITY = ("name", "resume", "overwrite", "dry_run")
 # What `--resume` may change: a larger --epochs (the cosine is recomputed over the new total), where to stop, and
 # settings that do not change a single number of the result.
 RESUMABLE = ("resume", "epochs", "stop_after_steps", "loader_threads", "tensorboard", "out", "name", "overwrite",
-             "dry_run", "data")
+             "dry_run", "data", "cache_dir")
 # `--data` may name the run's data folder by another path, or where it was moved to: train.py then compares every
-# photograph (content hash) and label with what split.csv recorded, and refuses any change.
+# photograph (content hash) and label with what split.csv recorded, and refuses any change. Where the prepared
+# copies are kept (`--cache-dir`) changes no number.
 PATH_FIELDS = ("data", "cache_dir", "weights_file", "out")  # equal when they name the same place
 
 
@@ -306,7 +307,7 @@ def resume_config(saved: dict, explicit: dict) -> Config:
         raise SystemExit(f"--resume {explicit['resume']}: cannot change {listed}. A resumed run keeps its config; "
                          f"only a larger --epochs and --stop-after-steps may change. To change the others, start a "
                          f"new run: --config {resume_folder(explicit['resume']) / 'config.json'} plus the flags")
-    kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard", "data")}
+    kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard", "data", "cache_dir")}
     # a stop point belongs to one invocation: a resumed run goes to the end unless told otherwise
     return dataclasses.replace(cfg, resume=explicit["resume"], stop_after_steps=explicit.get("stop_after_steps", 0),
                                **kept)
