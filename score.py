@@ -525,13 +525,13 @@ def main(argv=None) -> int:
 
 def _score_and_report(args) -> int:
     """score_folder, then the HTML page of --report (report.py) when asked."""
-    if args.report:  # before any work, like -o: a folder of the user's is never written into
-        check_output_folder(args.report, "--report")
+    if args.report:  # before any work, like -o: an input, or a folder of the user's, is never written into
         explained = Path(args.explain) if args.explain else None
         explained = explained / "best.pt" if explained is not None and explained.is_dir() else explained
         check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
                                                                    ("checkpoint", explained)])
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
+        check_output_folder(args.report, "--report")
     explainer = load_explainer(args.explain, ScoreError) if args.explain else None  # a damaged one: before work
     same_model = (lambda meta, path: check_same_model(explainer, meta, path, ScoreError)) if explainer else None
     scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,

@@ -273,15 +273,17 @@ class RunFolderError(ValueError):
 def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = False, unique: bool = False):
     """Claim `path` for this training, exclusively, and yield the folder actually used.
 
-    - A new run creates the folder with an exclusive mkdir and writes the marker `.odir-run` in it. If it exists:
+    - Every refusal below is checked first (`check_run_folder`), before anything is created or deleted.
+    - A new run creates the folder with an exclusive mkdir and writes the marker `.odir-run` in it, with a new run
+      id (`run_id`: every checkpoint of the run carries it). If it exists:
       with `unique` (the default date-time name) the next free `NAME-2`, `NAME-3`, ... is taken; with `overwrite`
       the files a run writes (`RUN_OUTPUTS`) are deleted first, only in a run folder (the marker, or a run's files
       from before the marker) that holds nothing else: anything unknown refuses the overwrite, naming it; a run
       killed before its first checkpoint (marker, lock, log) is a run folder too. Otherwise RunFolderError,
       naming --resume and --overwrite.
     - `resume` uses the existing folder; it must hold last.pt.
-    - A lock (`.lock`, flock) is held until the end: a second training in the same folder at the same time
-      (the same --name twice, or --resume / --overwrite of a running run) is refused instead of mixing files.
+    - A lock (`.lock`, flock) is held until the end, then removed: a second training in the same folder at the same
+      time (the same --name twice, or --resume / --overwrite of a running run) is refused instead of mixing files.
     - If the body fails or is interrupted before any checkpoint was written, a folder created here is removed
       again: a run folder always holds a checkpoint.
     `path` None (a dry run, or a rank other than 0) yields None and claims nothing.
