@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
@@ -33,7 +34,7 @@ FIRST_DATA_ROW = 2  # spreadsheet row of the first data row: the header is row 1
 EYES = ("left", "right")
 
 
-class SheetError(ValueError):
+class SheetError(OdirError, ValueError):
     """Bad annotation sheet; message names the sheet file, the row (spreadsheet row number,
     header = row 1, as a user sees it in Excel) and the column."""
 

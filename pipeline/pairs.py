@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.odir import SheetError, find_layout, read_patients
 from odir_dual.pipeline.prepare import prepare_table
@@ -93,7 +94,7 @@ def match_name(name: str, pattern: NamePattern | None = None) -> tuple[str, str]
     return (m["id"], EYE_TOKENS[m["eye"].lower()]) if m else None
 
 
-class DataError(RuntimeError):
+class DataError(OdirError, RuntimeError):
     """Bad input that the user asked to be fatal (--strict)."""
 
 
