@@ -315,6 +315,8 @@ def checkpoint_config(ckpt: dict) -> Config:
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
     """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of ours (no model and config); read it with read_checkpoint")
     try:
         model = build_model(checkpoint_config(ckpt), pretrained=False)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # unknown backbone, impossible sizes, ...
