@@ -30,7 +30,8 @@ from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.synthetic import is_synthetic
-from odir_dual.pipeline.host import atomic_write, one_line, printable
+from odir_dual.common.errors import one_line, printable
+from odir_dual.pipeline.host import atomic_write
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -211,7 +212,7 @@ def _split_rows(path):
         raise SplitError(f"{path}: not UTF-8 text ({e.reason}); not a split.csv written by train.py") from None
 
 
-class SplitError(ValueError):
+class SplitError(OdirError, ValueError):
     """A split.csv that cannot be read; the message names the file and the row."""
 
 

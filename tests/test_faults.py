@@ -36,7 +36,7 @@ from odir_dual import export
 from odir_dual.deploy import runtime
 from odir_dual import score
 from odir_dual import train
-from odir_dual.pipeline.host import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
+from odir_dual.common.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
 from odir_dual.pipeline.odir import SheetError, read_patients
 from odir_dual.pipeline.prepare import prepare_paths
 from odir_dual.training.runlog import RunFolderError, run_folder

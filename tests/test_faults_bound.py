@@ -25,7 +25,8 @@ from PIL import Image
 
 from odir_dual import export, score, serve, train
 from odir_dual.deploy import runtime
-from odir_dual.pipeline.host import EXIT_BAD_INPUT, OUTPUT_MARKER, atomic_write
+from odir_dual.common.cli import EXIT_BAD_INPUT
+from odir_dual.pipeline.host import OUTPUT_MARKER, atomic_write
 from odir_dual.pipeline.pairs import find_pairs, load_prepared, prepare_pairs
 from odir_dual.pipeline.prepare import prepare_paths
 from odir_dual.training import checkpoint

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odir_dual.pipeline.host import cache_root, one_line
+from odir_dual.common.errors import one_line
+from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.pipeline.pairs import DataError, load_prepared
