@@ -167,7 +167,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     (link / "odir_dual").symlink_to(repo)  # `import odir_dual` is the copy, as the script's own link would do
     env = {k: v for k, v in os.environ.items() if k != "OUT"}  # OUT: the script would copy its results there
     env.update(GPU_CHECK_DEVICE="cpu", PYTHON=sys.executable, ODIR_CACHE=str(tmp_path / "cache"),
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(link), env.get("PYTHONPATH", "")]))
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(link), env.get("PYTHONPATH")])))
     p = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=DRY_RUN_TIMEOUT_S)
     out = p.stdout + p.stderr
