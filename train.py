@@ -34,7 +34,7 @@ from odir_dual.pipeline.prepare import CacheError
 from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpoint_payload, git_commit,
                                            library_versions, load_checkpoint, model_from_checkpoint,
                                            save_checkpoint, saved_run_config, weights_description)
-from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
+from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config, format_settings, parse_config, resume_folder
 from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
@@ -312,7 +312,7 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
            **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s,
            "train_patient_loss": row["train_patient_loss"]}  # new columns at the end: readers by position keep working
     log.append(row, keep_epochs_below=row["epoch"])
-    score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
+    score = row[SELECT_COLUMNS[cfg.select_metric]] * (-1 if cfg.select_metric == "loss" else 1)  # higher is better
     better = bool(np.isfinite(score) and score > progress.best.get("score", -math.inf))
     print_epoch(row, header=header, epochs=cfg.epochs, select_metric=cfg.select_metric, best=better)
     if better:

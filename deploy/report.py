@@ -36,7 +36,6 @@ CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}th{background:#f3f3f3}
 td.l,th.l{text-align:left}td.on{background:#ffd9a0;font-weight:bold}td.bad{color:#b00}img{display:block}
 figure{display:inline-block;margin:4px;text-align:center;font-size:12px}h2{margin-top:1.5em}"""
-GALLERY_SIZE = 2  # patients per class in the run report's gallery: the most confident correct and wrong
 
 
 # ----------------------------------------------------------------------------------------------- images

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
 # sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
@@ -30,7 +30,6 @@ KAGGLE_MARK = "filename"  # only Kaggle's one-row-per-image sheet has this colum
 KNOWN_LAYOUTS = (("data.xlsx", "Training Images"), ("full_df.csv", "preprocessed_images"))
 SHEET_SUFFIXES = (".xlsx", ".csv")
 FIRST_DATA_ROW = 2  # spreadsheet row of the first data row: the header is row 1, as Excel shows it
-EYES = ("left", "right")
 
 
 class SheetError(ValueError):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.odir import SheetError, find_layout, read_patients
 from odir_dual.pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-EYES = ("left", "right")
 # The eye tokens of the common naming conventions, any case: left/right, L/R, and the ophthalmic OD (oculus dexter,
 # the right eye) / OS (oculus sinister, the left eye).
 EYE_TOKENS = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
