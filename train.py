@@ -34,7 +34,8 @@ from odir_dual.pipeline.prepare import CacheError
 from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpoint_payload, git_commit,
                                            library_versions, load_checkpoint, model_from_checkpoint,
                                            save_checkpoint, saved_run_config, weights_description)
-from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config, format_settings, parse_config, resume_folder
+from odir_dual.training.config import (REFERENCE_BATCH, SELECT_COLUMNS, Config, format_settings, parse_config,
+                                       resume_folder)
 from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
