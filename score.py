@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.metrics import evaluate
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
 from odir_dual.pipeline.light import pil_batches
@@ -324,18 +324,16 @@ def check_writable(path) -> None:
 
 def metrics_report(y_true, probs, thresholds, classes) -> str:
     """Multi-label metrics (at the tuned thresholds and at 0.5) and the official ODIR-2019 score, as text."""
+    ev = evaluate(y_true, probs, thresholds, classes=classes)
     lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class; not the ODIR score):",
              "                      F1 micro  F1 macro  AUC macro  " + "  ".join(f"{c:>5}" for c in classes)]
-    for label, thr in (("tuned thresholds", thresholds), ("threshold 0.5", 0.5)):
-        m = multilabel_metrics(y_true, probs, thr, classes=classes)
+    for label, m in (("tuned thresholds", ev["tuned"]), ("threshold 0.5", ev["at_0.5"])):
         lines.append(f"  {label:<18}  {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}  "
                      + "  ".join(f"{m['f1'][c]:5.3f}" for c in classes) + "   (per-class F1)")
-    try:
-        o = odir_score(y_true, probs)
-        lines.append(f"official ODIR-2019 score (flattened matrices, threshold 0.5): kappa {o['kappa']:.3f} · "
-                     f"F1 {o['f1']:.3f} · AUC {o['auc']:.3f} · final {o['final']:.3f}")
-    except ValueError as e:  # e.g. a single label value across all cells: AUC undefined
-        lines.append(f"official ODIR-2019 score: not defined on these labels ({e})")
+    o = ev["odir"]
+    lines.append(f"official ODIR-2019 score (flattened matrices, threshold 0.5): kappa {o['kappa']:.3f} · "
+                 f"F1 {o['f1']:.3f} · AUC {o['auc']:.3f} · final {o['final']:.3f}" if o else
+                 f"official ODIR-2019 score: not defined on these labels ({ev['odir_undefined']})")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
+from odir_dual.model import (backbone_norm, count_parameters, evaluate, multilabel_metrics, pos_weights_from_labels,
                              tune_thresholds)
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.pipeline.constants import CLASSES
@@ -40,7 +40,7 @@ from odir_dual.training.data import check_one_batch, data_folder, load_data, per
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
+from odir_dual.training.evaluation import final_report, plain, write_html_report
 from odir_dual.training.runlog import (RunFolderError, RunLog, console_log, log_console_to, next_steps, print_epoch,
                                        print_final_report, run_folder)
 

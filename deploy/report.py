@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.calibration import apply_calibration, describe_calibration
-from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, evaluate, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.pipeline.host import atomic_write
@@ -705,19 +704,14 @@ def _folder_metrics(frame, table, thr) -> str:
     ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()
     y = table.loc[ok, list(CLASSES)].to_numpy(dtype=np.int64)
     p = frame.loc[ok, [f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
-    rows = []
-    for label, t in (("tuned thresholds", thr), ("threshold 0.5", 0.5)):
-        m = multilabel_metrics(y, p, t)
-        rows.append([label, _num(m["f1_micro"]), _num(m["f1_macro"]), _num(m["auc_macro"]),
-                     *(_num(m["f1"][c]) for c in CLASSES)])
+    ev = evaluate(y, p, thr)
+    rows = [[label, *(_num(m[k]) for k in ("f1_micro", "f1_macro", "auc_macro")), *(_num(m["f1"][c]) for c in CLASSES)]
+            for label, m in (("tuned thresholds", ev["tuned"]), ("threshold 0.5", ev["at_0.5"]))]
     out = _table(["", "F1 micro", "F1 macro", "AUC macro", *(f"F1 {c}" for c in CLASSES)], rows, "metrics")
-    try:
-        o = odir_score(y, p)
-        out += _table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"],
-                      [["model", *(_num(o[k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
-    except ValueError as e:  # one label value in every cell: AUC undefined
-        out += f"<p>official ODIR-2019 score: not defined on these labels ({_e(e)})</p>"
-    return out
+    if ev["odir"] is None:
+        return out + f"<p>official ODIR-2019 score: not defined on these labels ({_e(ev['odir_undefined'])})</p>"
+    return out + _table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"],
+                        [["model", *(_num(ev["odir"][k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
 
 
 def _folder_heatmaps(frame, table, files_dir: Path, out_dir: Path, run) -> dict[str, list[tuple[str, str]]]:

@@ -5,7 +5,7 @@ light scoring install, which has no torch.
 """
 import importlib
 
-from odir_dual.model.metrics import multilabel_metrics, odir_score, tune_thresholds
+from odir_dual.model.metrics import evaluate, multilabel_metrics, odir_score, tune_thresholds
 from odir_dual.pipeline.constants import CLASSES
 
 _LAZY = {"DualEyeNet": "net", "DualEyeEnsemble": "net", "networks": "net",
@@ -14,10 +14,10 @@ _LAZY = {"DualEyeNet": "net", "DualEyeEnsemble": "net", "networks": "net",
 
 
 def __getattr__(name: str):
-    """`from model import DualEyeNet` imports model.net (and torch) only then (PEP 562)."""
+    """`from odir_dual.model import DualEyeNet` imports model.net (and torch) only then (PEP 562)."""
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
-__all__ = ["CLASSES", "DualEyeEnsemble", "DualEyeNet", "backbone_norm", "count_parameters", "focal_loss", "hybrid_loss",
+__all__ = ["CLASSES", "DualEyeEnsemble", "DualEyeNet", "backbone_norm", "count_parameters", "evaluate", "focal_loss", "hybrid_loss",
            "multilabel_metrics", "networks", "odir_score", "pos_weights_from_labels", "tune_thresholds"]
