@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from odir_dual.deploy.predictions import is_flagged, is_scored
 from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, evaluate, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
@@ -403,7 +404,7 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
 def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
     """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
     the run's size or, with `px`, at that short side."""
-    table, _ = find_pairs(cfg["data"])
+    table = find_pairs(cfg["data"]).table
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
     table = prepare_pairs(table, Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache(),
                           px or cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
@@ -636,9 +637,8 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
     frame, table = scored["frame"], scored["table"]
     thr = [float(t) for t in thresholds]
     labelled = "true_labels" in frame.columns
-    status = frame["status"].astype(str)
-    flagged = status.str.startswith("ok; ").to_numpy()
-    ok = (status == "ok").to_numpy() | flagged
+    flagged = frame["status"].map(is_flagged).to_numpy(dtype=bool)
+    ok = frame["status"].map(is_scored).to_numpy(dtype=bool)
     heatmaps = _folder_heatmaps(frame, table, files_dir, out_dir, explain_run) if explain_run else {}
     order = sorted(range(len(frame)), key=lambda i: (0 if flagged[i] else 2 if ok[i] else 1, i))
     rows = []
@@ -700,8 +700,7 @@ def _safe(pid) -> str:
 
 def _folder_metrics(frame, table, thr) -> str:
     """Metric tables of a labelled folder: multi-label at the tuned thresholds and at 0.5, and the ODIR score."""
-    status = frame["status"].astype(str)
-    ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()
+    ok = frame["status"].map(is_scored).to_numpy(dtype=bool)
     y = table.loc[ok, list(CLASSES)].to_numpy(dtype=np.int64)
     p = frame.loc[ok, [f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
     ev = evaluate(y, p, thr)
@@ -716,8 +715,7 @@ def _folder_metrics(frame, table, thr) -> str:
 
 def _folder_heatmaps(frame, table, files_dir: Path, out_dir: Path, run) -> dict[str, list[tuple[str, str]]]:
     """id → [(relative PNG path, caption)]: Grad-CAM of the predicted classes (else the most probable), both eyes."""
-    status = frame["status"].astype(str)
-    ok = np.flatnonzero(((status == "ok") | status.str.startswith("ok; ")).to_numpy())
+    ok = np.flatnonzero(frame["status"].map(is_scored).to_numpy(dtype=bool))
     if not len(ok):
         return {}
     explainer = Explainer(run)
