@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from odir_dual.model import factory
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.deploy import report
@@ -134,7 +135,7 @@ def test_read_regions_names_a_set_without_them(tmp_path):
 def tiny_model(seed=0, backbone="test_resnet"):
     torch.manual_seed(seed)
     cfg = config.resolve_config({"backbone": backbone, "pretrained": False, "img_px": 64, "embed_dim": 32})
-    return checkpoint.build_model(cfg).eval()
+    return factory.build_model(cfg).eval()
 
 
 def test_grad_cam_is_the_gradient_weighted_activation():
@@ -245,7 +246,7 @@ def fake_run(tmp_path, synth):
     cfg = config.resolve_config({"backbone": "test_resnet", "pretrained": False, "img_px": 64, "embed_dim": 32,
                                  "data": str(synth), "cache_dir": str(tmp_path / "cache"), "preset": "demo"})
     torch.manual_seed(0)
-    model = checkpoint.build_model(cfg)
+    model = factory.build_model(cfg)
     run.mkdir()
     checkpoint.save_checkpoint(checkpoint.checkpoint_payload(
         model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=2, step=4, best={"f1_macro": 0.3, "epoch": 2}),
