@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from odir_dual.common.cli import ArgParser, run_cli
+from odir_dual.common.errors import printable
 from odir_dual.pipeline.constants import CLASSES
-from odir_dual.pipeline.host import ArgParser, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.host import check_output, progress_enabled
 from odir_dual.pipeline.light import pil_batches
-from odir_dual.pipeline.odir import SheetError
-from odir_dual.pipeline.pairs import DataError, NamePattern, check_scorable, default_cache, find_pairs, prepare_pairs
-from odir_dual.pipeline.prepare import CacheError
+from odir_dual.pipeline.pairs import NamePattern, check_scorable, default_cache, find_pairs, prepare_pairs
 from odir_dual.deploy.predictions import (ScoreError, check_writable, checked_outputs, metrics_report, model_info,
                                           predictions_frame, status_summary, write_output)
 from odir_dual.deploy.report import write_folder_report
@@ -60,7 +60,7 @@ def resolve_loader(loader: str = "auto") -> str:
         raise ValueError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
     full = all(importlib.util.find_spec(m) is not None for m in ("torch", "nvidia.dali"))
     if loader == "dali" and not full:
-        raise SystemExit("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")
+        raise ScoreError("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")
     return loader if loader != "auto" else "dali" if full else "pil"
 
 
@@ -238,8 +238,7 @@ def main(argv=None) -> int:
         ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
     if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
         ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
-    return run_cli(lambda: _score_and_report(args),
-                   "score.py", errors=(ModelFileError, SheetError, ScoreError, CacheError, DataError),
+    return run_cli(lambda: _score_and_report(args), "score.py",
                    interrupted="nothing written; the images prepared so far are cached, so a rerun goes faster")
 
 

@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from odir_dual.common.errors import OdirError, printable
 from odir_dual.model.metrics import evaluate
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import atomic_write, printable
+from odir_dual.pipeline.host import atomic_write
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula (OWASP)
 
 
-class ScoreError(ValueError):
+class ScoreError(OdirError, ValueError):
     """Nothing to score, or nowhere to write the result; the message names the folder or file."""
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from odir_dual.common.errors import OdirError, printable
 from odir_dual.pipeline.constants import EYES
-from odir_dual.pipeline.host import cache_root, printable
-from odir_dual.pipeline.odir import Layout, SheetError, as_layout, find_layout, read_patients
+from odir_dual.pipeline.host import cache_root
+from odir_dual.pipeline.odir import DataFolderError, Layout, SheetError, as_layout, find_layout, read_patients
 from odir_dual.pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -95,7 +96,7 @@ def match_name(name: str, pattern: NamePattern | None = None) -> tuple[str, str]
     return (m["id"], EYE_TOKENS[m["eye"].lower()]) if m else None
 
 
-class DataError(RuntimeError):
+class DataError(OdirError, RuntimeError):
     """Bad input data: a folder with no patient to score, or bad eye images that the user asked to be fatal
     (--strict). The message names the folder or the files."""
 
@@ -175,14 +176,14 @@ def find_pairs(folder, pattern: NamePattern | str | None = None) -> FolderPairs:
         pattern: a `NamePattern` (or its text) for other naming schemes; then the folder's sheet is not read.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
+        pipeline.odir.DataFolderError: the folder does not exist.
         pipeline.odir.SheetError: the folder has an ODIR sheet with a bad row (the message names it).
     """
     if isinstance(folder, Layout):
         return _pairs_from_sheet(folder)
     folder = Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"no such folder: {folder}")
+        raise DataFolderError(f"no such folder: {folder}")
     if isinstance(pattern, str):
         pattern = NamePattern(pattern)
     if pattern is not None:
@@ -321,7 +322,7 @@ def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, work
         data_dir: an ODIR folder (or sheet file), or the `Layout` found there already (then it is not searched again).
         strict: any left-out patient is a DataError instead.
     """
-    layout = as_layout(data_dir)  # training needs labels: no sheet is a FileNotFoundError naming what was looked for
+    layout = as_layout(data_dir)  # training needs labels: no sheet is a DataFolderError naming what was looked for
     found = find_pairs(layout)
     table, bad_eyes = _prepare_pairs(found.table, Path(cache_dir) if cache_dir else default_cache(), short_px,
                                      workers=workers, progress=progress)

@@ -24,6 +24,7 @@ import timm
 import torch
 from torch import nn
 
+from odir_dual.common.errors import OdirError
 from odir_dual.model.factory import build_model, weights_description
 from odir_dual.pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from odir_dual.pipeline.host import atomic_write
@@ -34,7 +35,7 @@ REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "
 HERE = Path(__file__).resolve().parent
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OdirError, ValueError):
     """The file is not a checkpoint of ours; the message names it."""
 
 
@@ -215,6 +216,8 @@ def checkpoint_config(ckpt: dict) -> Config:
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
     """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of ours (no model and config); read it with read_checkpoint")
     try:
         model = build_model(checkpoint_config(ckpt), pretrained=False)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # unknown backbone, impossible sizes, ...
