@@ -159,8 +159,8 @@ def _copy_of_the_project(dst: Path) -> Path:
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     """`GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh`: every stage of the GPU host check (preflight, GPU
     tests, loader, train_step, candidates, end_to_end) runs with small CPU settings and passes, and the summary
-    reads every result file back. 4 min 23 s to 7 min 56 s on a 2-core Intel Xeon shared with other jobs (load
-    average 9-16), with an empty cache."""
+    reads every result file back. 3 min 47 s to 7 min 56 s on a 2-core Intel Xeon shared with other jobs (load
+    average 4-16), with an empty cache."""
     repo = _copy_of_the_project(tmp_path / "repo")
     link = tmp_path / "path"
     link.mkdir()
