@@ -85,12 +85,13 @@ def test_2_one_photograph_for_two_patients_or_both_eyes_is_left_out_by_name(tmp_
     df.loc[0, "Left-Fundus"] = df.loc[1, "Left-Fundus"]  # patient 0's row names patient 1's left photograph
     df.loc[2, "Right-Fundus"] = df.loc[2, "Left-Fundus"]  # one photograph for both eyes
     data = photo_dataset(tmp_path, df)
-    patients, left_out = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False)
+    found = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False)
+    patients, left_out = found.patients, found.left_out
     assert patients.empty and sorted(left_out["id"].unique()) == sorted(df["ID"])
     reason = left_out.set_index(["id", "eye"]).loc[(df["ID"][0], "left"), "reason"]
     assert reason.startswith(f"the same photograph as patient {df['ID'][1]}'s left eye ({df['Left-Fundus'][1]})")
-    kept, _ = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False, allow_shared=True)
-    assert len(kept) == 3  # --allow-shared-images: the user's choice
+    kept = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False, allow_shared=True)
+    assert len(kept.patients) == 3  # --allow-shared-images: the user's choice
 
 
 # ----------------------------------------------------------------------------------------------- 3 --resume
@@ -336,7 +337,8 @@ def test_7d_a_file_named_like_a_patient_beside_its_eyes(tmp_path):
     folder = tmp_path / "f"
     for name in ("scan.jpg", "scan.jpg_left.jpg", "scan.jpg_right.jpg"):
         fundus(folder / name, seed=len(name))
-    table, ignored = find_pairs(folder)
+    found = find_pairs(folder)
+    table, ignored = found.table, found.ignored
     assert list(table["id"]) == ["scan.jpg"] and table["status"][0] == "ok"
     assert ignored[0][0] == "scan.jpg" and "not paired" in ignored[0][1]
     assert prepare_pairs(table, tmp_path / "c", 48, workers=1, progress=False)["status"][0] == "ok"
