@@ -16,6 +16,10 @@ import numpy as np
 from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import atomic_write
 
+
+class SplitError(OdirError, ValueError):
+    """A split file (RUN/split.csv) that cannot be read: the message names the file and the row."""
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -210,10 +214,6 @@ def _split_rows(path):
                 yield pid, row
     except UnicodeDecodeError as e:
         raise SplitError(f"{path}: not UTF-8 text ({e.reason}); not a split.csv written by train.py") from None
-
-
-class SplitError(OdirError, ValueError):
-    """A split.csv that cannot be read; the message names the file and the row."""
 
 
 def _split_row(path, row_no: int, row: list[str], width: int = 2) -> int:
