@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
-from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
+from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
+from odir_dual.model.trust import model_quality, untrusted_lines
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
 from odir_dual.pipeline.odir import SheetError
@@ -135,8 +137,10 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         return onnx.load(str(out)), "torchscript", failure
 
 
-def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path) -> dict[str, str]:
-    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts."""
+def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path,
+             report: dict | None = None) -> dict[str, str]:
+    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts. `report`: the run's report.json
+    of this checkpoint, whose test figures and untrusted classes go into "quality" (model/trust.py)."""
     cfg = ckpt["config"]
     return {
         "format": ONNX_FORMAT,
@@ -158,6 +162,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
+        "quality": json.dumps(model_quality(report), default=float),  # {} without a report of this checkpoint
     }
 
 
@@ -309,7 +314,11 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
-    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
+    report, _ = run_report(ckpt, ckpt_path)
+    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
+                                    report=report))
+    for line in untrusted_lines((model_quality(report) or {}).get("untrusted", {})):
+        log(textwrap.fill(f"not to be trusted: {line}", 110, subsequent_indent="  "))
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)

@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,6 +48,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.trust import untrusted_lines
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
 from odir_dual.pipeline.light import pil_batches
@@ -160,15 +162,16 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
         if table.attrs.get("labelled"):
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
-        row["status"] = r.status if pred is None else flag_status(r.status, classes, pred)
+        row["status"] = r.status if pred is None else flag_status(r.status, classes, pred, meta.get("untrusted"))
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
 
 
-def flag_status(status: str, classes, pred) -> str:
+def flag_status(status: str, classes, pred, untrusted=()) -> str:
     """"ok", or "ok; normal together with D,H" when N (ODIR's "no disease") is predicted beside a disease: the two
-    contradict each other, so the patient needs a look (each class has its own threshold, so both can pass)."""
-    on = [c for c, v in zip(classes, pred) if v]
+    contradict each other, so the patient needs a look (each class has its own threshold, so both can pass).
+    `untrusted` classes (model/trust.py) raise no flag: their column is shown, not used."""
+    on = [c for c, v in zip(classes, pred) if v and c not in (untrusted or ())]
     if "N" in on and len(on) > 1:
         return f"{status}; normal together with {','.join(c for c in on if c != 'N')}"
     return status
@@ -449,8 +452,8 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     probs, ok = checked_outputs(probs, ok, table)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
     written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission)
-    for line in status_summary(frame, ignored):
-        log(line)
+    for line in status_summary(frame, ignored) + untrusted_lines(meta["untrusted"]):
+        log(textwrap.fill(line, 110, subsequent_indent="  "))
     report = None
     if table.attrs.get("labelled") and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
@@ -533,7 +536,8 @@ def _score_and_report(args) -> int:
     if args.report:
         t0 = time.perf_counter()
         page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
-                                   title=f"{args.folder} scored with {scored['model']}")
+                                   title=f"{Path(args.folder).resolve().name} scored with "
+                                         f"{Path(scored['model']).resolve().parent.name}/{scored['model'].name}")
         print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 

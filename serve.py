@@ -40,7 +40,8 @@ from odir_dual.pipeline.host import ArgParser
 from odir_dual.pipeline.prepare import BadImage
 from odir_dual.pipeline.split import load_split
 from odir_dual.pipeline.synthetic import is_synthetic
-from odir_dual.deploy.report import CSS, Explainer, overlay
+from odir_dual.deploy.report import CSS, Explainer, overlay, untrusted_html
+from odir_dual.model.trust import quality_text
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
 MAX_IMAGE_PIXELS = 40_000_000  # per photograph (ODIR originals: up to ~14 MP); checked in the header, before decoding
@@ -70,7 +71,8 @@ def model_identity(run, explainer: Explainer) -> dict:
         pass  # a best.pt copied without its run folder: the page says less
     return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
             "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
-            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", ""))}
+            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", "")),
+            "quality": getattr(explainer, "quality", {})}
 
 
 def identity_html(ident: dict) -> str:
@@ -83,8 +85,10 @@ def identity_html(ident: dict) -> str:
                                                           if ident["patients"] else "")
     out.append(f"<div class=ident>Model: run <b>{html.escape(ident['run'])}</b> · {html.escape(ident['backbone'])} "
                f"at {ident['img_px']} px · preset {html.escape(str(ident['preset']))} · commit "
-               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}</div>"
-               "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
+               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}<br>How good: "
+               f"{html.escape(quality_text(ident.get('quality') or {}))}</div>"
+               + "".join(untrusted_html((ident.get("quality") or {}).get("untrusted") or {}))
+               + "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
                "calibrated on the run's validation patients and compared with the thresholds tuned there.</p>")
     return "".join(out)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import difflib
 import os
 import re
@@ -21,6 +22,19 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def driver_gpu_count() -> int:
+    """GPUs the CUDA driver sees (cuInit + cuDeviceGetCount through libcuda); 0 without a driver. Asks without torch
+    (the light scoring install has none; train.py's --help must not wait for it)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def cache_root() -> Path:
@@ -171,6 +185,12 @@ class Terminated(BaseException):
 
 def _raise_terminated(signum, frame):
     raise Terminated
+
+
+def signal_name(signum: int) -> str:
+    """"SIGINT (Ctrl-C)" or "SIGTERM" (any other signal by its name)."""
+    name = signal.Signals(signum).name
+    return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
 
 
 def one_line(e: BaseException) -> str:
