@@ -14,7 +14,6 @@ data, figures per class, thresholds, calibration, limitations).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -338,17 +337,18 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python export.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python export.py", description=__doc__)
     ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt)")
-    ap.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
-    ap.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
-    ap.add_argument("--check-images", metavar="FOLDER",
-                    help="real images to check on: {ID}_left/_right images or an ODIR folder "
-                         "(default: the run's validation images)")
-    ap.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                    help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    out = ap.add_argument_group("output")
+    out.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
+    out.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
+    out.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
+    out.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                     help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    check = ap.add_argument_group("check against PyTorch")
+    check.add_argument("--check-images", metavar="FOLDER",
+                       help="real images to check on: {ID}_left/_right images or an ODIR folder "
+                            "(default: the run's validation images)")
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")

@@ -48,6 +48,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.metrics import classification_table, format_classification_table
 from odir_dual.model.trust import untrusted_lines
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
@@ -339,6 +340,8 @@ def metrics_report(y_true, probs, thresholds, classes) -> str:
                      f"F1 {o['f1']:.3f} · AUC {o['auc']:.3f} · final {o['final']:.3f}")
     except ValueError as e:  # e.g. a single label value across all cells: AUC undefined
         lines.append(f"official ODIR-2019 score: not defined on these labels ({e})")
+    lines += ["per class at the model's thresholds (support: positive patients):",
+              format_classification_table(classification_table(y_true, probs, thresholds, classes))]
     return "\n".join(lines)
 
 
@@ -469,34 +472,35 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
 def main(argv=None) -> int:
     # --help: the docstring without its paragraphs about the code (they name modules and functions)
     ap = ArgParser(prog="python score.py", description="\n\n".join(
-                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part))
+    out, speed, names = (ap.add_argument_group(t) for t in ("output", "speed", "file names and the cache"))
     ap.add_argument("model", metavar="RUN_OR_MODEL",
                     help="a run folder of train.py (its best.onnx) or an .onnx file written by export.py")
     ap.add_argument("folder", help="photographs named by patient and eye (see above), or an ODIR folder with its "
                                    "sheet")
-    ap.add_argument("-o", "--out", help="output file: .xlsx writes an Excel workbook, any other name a CSV (default "
+    out.add_argument("-o", "--out", help="output file: .xlsx writes an Excel workbook, any other name a CSV (default "
                                         "predictions.csv, submission.csv with --submission)")
-    ap.add_argument("--pattern", metavar="P", help="how the images are named, when not by a common convention: a "
+    names.add_argument("--pattern", metavar="P", help="how the images are named, when not by a common convention: a "
                     "file name with {id}, {eye} and * (any text), e.g. \"{id}_{eye}.jpg\"; {eye:1=right,2=left} "
                     "names the eye tokens")
-    ap.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
-    ap.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    ap.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
-    ap.add_argument("--cache-dir", help="prepared-image cache (default $ODIR_CACHE/prepared or "
+    out.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
+    out.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    speed.add_argument("--batch-size", type=int, default=32, metavar="N", help="pairs per batch (default 32)")
+    names.add_argument("--cache-dir", metavar="DIR", help="prepared-image cache (default $ODIR_CACHE/prepared or "
                                         "~/.cache/odir-dual/prepared)")
-    ap.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
-    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+    names.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
+    speed.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                     help="onnxruntime provider (auto: cuda when a GPU is visible and onnxruntime has CUDA, else cpu)")
-    ap.add_argument("--loader", choices=LOADERS, default="auto",
+    speed.add_argument("--loader", choices=LOADERS, default="auto",
                     help="image decoding: dali (GPU when present), pil (numpy + Pillow, the light install), "
                          "auto: dali when installed (default)")
-    ap.add_argument("--workers", type=int, default=None, help="image preparation processes (default: all cores)")
-    ap.add_argument("--loader-threads", type=int, default=None,
+    speed.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="image preparation processes (default: all cores)")
+    speed.add_argument("--loader-threads", type=int, default=None, metavar="N",
                     help="image decoding threads, as train.py's flag (default: min(cores, 8))")
-    ap.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
+    out.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
                                                     "probabilities against thresholds, labels, status, metrics)")
-    ap.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes from "
+    out.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes from "
                                                      "the run folder's best.pt (PyTorch: one backward pass per class)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:

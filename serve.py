@@ -14,7 +14,6 @@ at work at a time (others wait 2 s, then 503), 30 s socket timeouts, one upload 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import errno
 import html
@@ -257,11 +256,11 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python serve.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python serve.py", description=__doc__)
     ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    net = ap.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
     from odir_dual.training.checkpoint import CheckpointError  # slow: imports torch; --help must not wait for it
 

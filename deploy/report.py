@@ -26,7 +26,7 @@ from PIL import Image
 
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.calibration import apply_calibration, describe_calibration
-from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, classification_table, format_interval
 from odir_dual.model.trust import NOT_USED, epochs_text, model_quality, quality_text, untrusted_classes
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -737,6 +737,11 @@ def _folder_metrics(frame, table, thr) -> str:
                       [["model", *(_num(o[k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
     except ValueError as e:  # one label value in every cell: AUC undefined
         out += f"<p>official ODIR-2019 score: not defined on these labels ({_e(e)})</p>"
+    table = classification_table(y, p, thr)
+    out += "<p>Per class at the model's thresholds (support: positive patients):</p>" + _table(
+        ["", "precision", "recall", "specificity", "F1", "support"],
+        [[_e(row), *(_num(v[k]) for k in ("precision", "recall", "specificity", "f1")), str(v["support"])]
+         for row, v in table.items()], "classification", left_cols=1)
     return out
 
 

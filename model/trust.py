@@ -107,7 +107,8 @@ def model_quality(report: dict | None) -> dict:
             "auc_macro": fig(at_half.get("auc_macro"), "at_0.5", "auc_macro"),
             "epochs": epochs_text(report) or cfg.get("epochs"), "best_epoch": report.get("best_epoch"),
             "img_px": cfg.get("img_px"), "data": (report.get("data") or {}).get("folder", cfg.get("data")),
-            "counts": report.get("counts"), "untrusted": untrusted_classes(report, list(report.get("thresholds") or []))}
+            "counts": report.get("counts"),
+            "untrusted": untrusted_classes(report, list(report.get("thresholds") or []))}
 
 
 def quality_text(quality: dict) -> str:

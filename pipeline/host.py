@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -258,11 +259,28 @@ def tool_command(name: str) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help as wide as the terminal up to 110 columns (descriptions keep their own line breaks)."""
+    """--help as wide as the terminal up to 110 columns. Descriptions keep their own line breaks, except that a line
+    wider than the help is wrapped (a docstring used as the description is written for 120 columns)."""
 
     def __init__(self, prog, **kwargs):
         width = min(110, shutil.get_terminal_size((110, 24)).columns) - 2
         super().__init__(prog, max_help_position=32, width=width)
+
+    def _fill_text(self, text, width, indent):
+        return _rewrap(super()._fill_text(text, width, indent), width)
+
+
+def _rewrap(text: str, width: int) -> str:
+    """Each paragraph that has a line wider than `width` refilled to `width` (its indentation kept); indented lines
+    (commands, examples) are left as they are unless too wide."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.split("\n")
+        if max(map(len, lines)) <= width or any(line.startswith(" ") for line in lines):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(" ".join(lines), width, break_on_hyphens=False, break_long_words=False))
+    return "\n\n".join(out)
 
 
 class ArgParser(argparse.ArgumentParser):

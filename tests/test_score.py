@@ -418,3 +418,19 @@ def test_pattern_flag_end_to_end(tiny_onnx, tmp_path):
                        "{id}-{eye:1=right,2=left}.png", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
     rows = read_csv(out)
     assert [r["ID"] for r in rows] == ["a", "b"] and all(score.is_scored(r["status"]) for r in rows)
+
+
+@pytest.mark.parametrize("tool, sections", [("score", ["output", "speed", "file names and the cache"]),
+                                            ("export", ["output", "check against PyTorch"]),
+                                            ("serve", ["network"])])
+def test_help_is_in_sections_and_within_110_columns(tool, sections, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "200")  # the help's own limit, not the terminal's
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"odir_dual.{tool}").main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 110
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [t for t in titles if t in sections] == sections, titles

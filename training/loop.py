@@ -14,7 +14,8 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from odir_dual.model import backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels, tune_thresholds
+from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
+                             tune_thresholds)
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
