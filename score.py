@@ -420,8 +420,10 @@ def resolve_model(path) -> Path:
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
                  provider="auto", progress=True, workers=None, loader="auto", loader_threads=None, pattern=None,
                  log=print) -> dict:
-    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path.
-    `model_path`: an .onnx file or a run folder (its best.onnx); `pattern`: see `pipeline.pairs.NamePattern`."""
+    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, classes (the
+    per-class table of a labelled folder, `model.metrics.classification_table`), out (the file written, or None).
+    `model_path`: an .onnx file or a run folder (its best.onnx); `out`: the file to write (.csv or .xlsx), None: no
+    file (the table is returned); `pattern`: see `pipeline.pairs.NamePattern`."""
     t0 = time.perf_counter()
     model_path = resolve_model(model_path)
     pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
@@ -431,9 +433,10 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     loader = resolve_loader(loader)
     log(f"model {model_path}: {meta['backbone']} · {meta['img_px']} px · {meta['input_dtype']} · commit "
         f"{meta['commit']} · onnxruntime {provider} · {loader} loader{' · TTA hflip' if tta else ''}")
-    out = Path(out or ("submission.csv" if submission else "predictions.csv"))
-    check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
-    check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
+    out = Path(out) if out is not None else None
+    if out is not None:
+        check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
+        check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
     table, ignored = find_pairs(folder, pattern)
     if table.empty:
         found = f"; found only: {', '.join(name for name, _ in ignored[:5])}" if ignored else " (it is empty)"
@@ -445,7 +448,8 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
                                    f"{f'--pattern {pattern}' if pattern else NAMING_HELP}), e.g. "
                                    f"{', '.join(table['id'].head(3))}; give their naming with --pattern, e.g. "
                                    f"--pattern \"{{id}}_{{eye}}.jpg\""))
-    check_output(out, "-o", input_files(folder, table))
+    if out is not None:
+        check_output(out, "-o", input_files(folder, table))
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
@@ -454,18 +458,21 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
                         num_threads=loader_threads)
     probs, ok = checked_outputs(probs, ok, table)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
-    written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission)
+    written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission) if out else []
     for line in status_summary(frame, ignored) + untrusted_lines(meta["untrusted"]):
         log(textwrap.fill(line, 110, subsequent_indent="  "))
-    report = None
+    report = per_class = None
     if table.attrs.get("labelled") and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
         report = metrics_report(y, probs, meta["thresholds"], list(CLASSES))
+        per_class = classification_table(y, probs, meta["thresholds"])
         log(report)
     what = "ODIR submission format" if submission else "Excel workbook" if len(written) == 1 else "predictions"
-    log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
-        f"{time.perf_counter() - t0:.1f} s")
-    return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, out=out, provider=provider,
+    if out is not None:
+        log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
+            f"{time.perf_counter() - t0:.1f} s")
+    return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, classes=per_class, out=out,
+                provider=provider,
                 loader=loader, meta=meta, model=model_path)
 
 
@@ -533,7 +540,8 @@ def _score_and_report(args) -> int:
         check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
                                                                    ("checkpoint", explained)])
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
-    scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
+    out = args.out or ("submission.csv" if args.submission else "predictions.csv")
+    scored = score_folder(args.model, args.folder, out=out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
                           pattern=args.pattern)

@@ -67,6 +67,14 @@ def overlay(view: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
     return np.clip((1 - alpha) * view + alpha * 255 * colours, 0, 255).astype(np.uint8)
 
 
+def colour_strip(width: int = 256, height: int = 12) -> np.ndarray:
+    """The heatmaps' scale as a uint8 (height, width, 3) strip: jet from 0 (left) to 1 (right), as `overlay` paints."""
+    import matplotlib  # optional and slow: as in overlay
+
+    row = matplotlib.colormaps["jet"](np.linspace(0, 1, width, dtype=np.float32))[:, :3]
+    return np.repeat((255 * row[None]).astype(np.uint8), height, axis=0)
+
+
 def save_image(pixels: np.ndarray, path: Path) -> None:
     """uint8 RGB → PNG or JPEG (by suffix). Not fsynced, unlike the pages (written atomically, last): a report has
     a thousand of these, and an image cut short by a crash is redrawn by the next report."""

@@ -17,7 +17,8 @@ NOT_USED = "its column is shown but not used for flags"
 def untrusted_classes(report: dict, classes=None) -> dict[str, str]:
     """Class → why it is not to be trusted, from report.json's splits ("test" first, then "validation"):
 
-    - its AUC's 95 % bootstrap interval includes 0.5 (no better than chance on that split's patients), or
+    - its AUC's 95 % bootstrap interval includes 0.5, or lies below it (no better than chance on that split's
+      patients), or
     - its tuned threshold calls more than 80 % of that split's patients positive.
 
     A class can fail on one split only: each split is small, and the test split is the honest one. Reports without
@@ -33,7 +34,7 @@ def untrusted_classes(report: dict, classes=None) -> dict[str, str]:
             if c in out:
                 continue
             auc, ci = aucs.get(c), intervals.get(c)
-            if ci and _finite(auc) and ci[0] <= CHANCE_AUC <= ci[1]:
+            if ci and _finite(auc) and ci[0] <= CHANCE_AUC:  # the interval includes chance, or lies below it
                 out[c] = (f"no better than chance on this model's {split} patients (AUC {auc:.2f} "
                           f"[{ci[0]:.2f}, {ci[1]:.2f}])")
                 continue
@@ -114,7 +115,7 @@ def model_quality(report: dict | None) -> dict:
 def quality_text(quality: dict) -> str:
     """One line from `model_quality`: "test (90 patients): official final 0.59 [0.54, 0.65] · kappa ... · AUC macro
     ... · epochs 15 of 15 · 128 px · trained on DATA (train 420)"."""
-    if not quality:
+    if not quality.get("split"):
         return "no report.json of this checkpoint: its test figures are unknown"
 
     def fig(name):

@@ -123,7 +123,7 @@ def find_pairs(folder, pattern: NamePattern | str | None = None) -> tuple[pd.Dat
 
     Returns:
         (table, ignored). table: columns id, left, right (source paths, None when absent), status ("ok" or why the
-        patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1, age,
+        patient cannot be scored, e.g. "right eye: no photograph"), plus the sheet's columns (N..O as int 0/1, age,
         sex, keywords) when labelled; `table.attrs["labelled"]` tells which. ignored: (file name, reason) for
         files that name no patient eye, and for subfolders.
 
@@ -211,7 +211,7 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None):
             elif not images and others:
                 problems.append(f"{eye} eye: not an image file ({Path(others[0]).name})")
             elif not images:
-                problems.append(f"{eye} eye: missing file")
+                problems.append(f"{eye} eye: no photograph")
             if images:
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"

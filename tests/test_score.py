@@ -123,12 +123,12 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tiny_onnx, tmp_path, capsys
     assert all(score.is_scored(rows[i]["status"]) and rows[i]["p_N"] for i in "123")
     assert rows["4"]["status"] == "left eye: truncated JPEG (4_left.jpg)"
     assert rows["5"]["status"] == "left eye: not an image (5_left.jpg)"
-    assert rows["6"]["status"] == "right eye: missing file"
+    assert rows["6"]["status"] == "right eye: no photograph"
     assert rows["7"]["status"] == "left eye: empty file (7_left.jpg)"
     for i in "4567":  # not scored: blank probabilities and decisions
         assert rows[i]["p_N"] == "" and rows[i]["pred_N"] == "" and rows[i]["labels"] == ""
     assert "scored 3 of 7 patients; not scored 4:" in text
-    assert "ID 4: left eye: truncated JPEG" in text and "ID 6: right eye: missing file" in text
+    assert "ID 4: left eye: truncated JPEG" in text and "ID 6: right eye: no photograph" in text
     assert "notes.txt" in text and "ignored 1 file" in text
 
 
@@ -314,7 +314,7 @@ def test_unpaired_images_become_rows_with_their_reason(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     table, ignored = pairs.find_pairs(tmp_path)
     status = dict(zip(table["id"], table["status"]))
-    assert status["1"] == "ok" and status["2"] == "right eye: missing file"
+    assert status["1"] == "ok" and status["2"] == "right eye: no photograph"
     for name in ("IMG_0042.jpg", "scan3.JPG"):  # images that name no eye: a row each, not just an "ignored" line
         assert status[name].startswith("not paired: the name does not say the patient and the eye")
         assert "_OD/_OS" in status[name]
