@@ -686,12 +686,15 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                     + (f"<td class=l>{_e(r.true_labels)}</td>" if labelled else "")
                     + f"<td class='l{kind}'>{_e(r.status)}</td>"
                     + (f"<td class=l>{maps}</td>" if explain_run else "") + "</tr>")
-    header = ["ID", "eyes", *(f"{c} (>{t:.2f})" for c, t in zip(CLASSES, thr)), "predicted",
+    untrusted = (scored.get("meta") or {}).get("untrusted") or {}
+    header = ["ID", "eyes", *(f"{c} (>{t:.2f})" + (" untrusted" if c in untrusted else "")
+                              for c, t in zip(CLASSES, thr)), "predicted",
               *(["true"] if labelled else []), "status",
               *(["Grad-CAM of the predicted classes"] if explain_run else [])]
     n_ok, n_flag = int(ok.sum()), int(flagged.sum())
     pred = frame.loc[ok, [f"pred_{c}" for c in CLASSES]].to_numpy(dtype=np.int64).reshape(-1, len(CLASSES))
-    counts = [[_e(c), _e(CLASS_NAMES[c]), f"{t:.2f}", str(int(pred[:, k].sum())),
+    counts = [[_e(c), _e(CLASS_NAMES[c]) + (" (not to be trusted)" if c in untrusted else ""), f"{t:.2f}",
+               str(int(pred[:, k].sum())),
                f"{100 * pred[:, k].mean():.0f} %" if n_ok else "n/a",
                *([str(int(table.loc[ok, c].sum()))] if labelled else [])]
               for k, (c, t) in enumerate(zip(CLASSES, thr))]
