@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +36,8 @@ from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, mode
 from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
 from odir_dual.model.trust import model_quality, untrusted_lines
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
+from odir_dual.pipeline.host import (ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path,
+                                     tool_command, wrapped)
 from odir_dual.pipeline.odir import SheetError
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
@@ -291,6 +291,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
         dict: path, exporter, opset, precision, diffs {random, real, tolerance}, seconds.
     """
     t0 = time.perf_counter()
+    log = wrapped(log)  # every console line within 110 columns
     ckpt_path = checkpoint_file(checkpoint)
     ckpt = read_checkpoint(ckpt_path)
     net = model_from_checkpoint(ckpt, ckpt_path)
@@ -317,7 +318,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
                                     report=report))
     for line in untrusted_lines((model_quality(report) or {}).get("untrusted", {})):
-        log(textwrap.fill(f"not to be trusted: {line}", 110, subsequent_indent="  "))
+        log(f"not to be trusted: {line}")
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)

@@ -38,7 +38,6 @@ import os
 import re
 import sys
 import tempfile
-import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,7 +50,8 @@ from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.metrics import classification_table, format_classification_table
 from odir_dual.model.trust import untrusted_lines
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.host import (ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli,
+                                     wrapped)
 from odir_dual.pipeline.light import pil_batches
 from odir_dual.pipeline.odir import SheetError, find_layout
 from odir_dual.pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
@@ -425,6 +425,7 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     `model_path`: an .onnx file or a run folder (its best.onnx); `out`: the file to write (.csv or .xlsx), None: no
     file (the table is returned); `pattern`: see `pipeline.pairs.NamePattern`."""
     t0 = time.perf_counter()
+    log = wrapped(log)  # every console line within 110 columns
     model_path = resolve_model(model_path)
     pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
     session, meta, provider = load_session(model_path, provider)
@@ -460,7 +461,7 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
     written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission) if out else []
     for line in status_summary(frame, ignored) + untrusted_lines(meta["untrusted"]):
-        log(textwrap.fill(line, 110, subsequent_indent="  "))
+        log(line)
     report = per_class = None
     if table.attrs.get("labelled") and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)

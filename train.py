@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from odir_dual.pipeline.host import EXIT_SIGINT, EXIT_SIGTERM, run_cli, shell_path, tool_command
+from odir_dual.pipeline.host import EXIT_SIGINT, EXIT_SIGTERM, run_cli, shell_path, tool_command, wrap
 from odir_dual.training.config import config_parser, parse_config, resume_folder
 
 
@@ -78,8 +78,8 @@ def _main(argv=None):
         if is_main and run_dir is not None:
             log_console_to(run_dir / "train.log")  # with what was printed so far
         if is_main:
-            print(f"odir-dual · commit {git_commit()} · "
-                  + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+            print(wrap(f"odir-dual · commit {git_commit()} · "
+                       + ", ".join(f"{k} {v}" for k, v in library_versions().items())))
             print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
                   f"rank(s)")
 

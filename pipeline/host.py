@@ -232,6 +232,19 @@ def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def wrap(text: str, width: int = 110) -> str:
+    """Each line of `text` that is wider than `width` wrapped at spaces, continued with a 2-space indent; words
+    (paths, commands) are never broken, so they stay copyable."""
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                    break_on_hyphens=False) if len(line) > width else line
+                      for line in str(text).split("\n"))
+
+
+def wrapped(log):
+    """`log` (print, a logger's method) with every message passed through `wrap`."""
+    return lambda text="", *args, **kwargs: log(wrap(text), *args, **kwargs)
+
+
 def progress_enabled() -> bool:
     """Progress bars only on a terminal: a redirected log gets the result lines, not carriage returns."""
     return sys.stderr.isatty()

@@ -214,9 +214,10 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
     assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (README "Bad input")
     assert "SIGINT: stopping after this update" in out
     # one line says how to go on, with the interpreter that ran; no evaluation, no report
-    resume = [line for line in out.splitlines() if "--resume" in line]
-    assert len(resume) == 1 and resume[0].startswith("SIGINT (Ctrl-C): stopped in epoch "), out[-2000:]
-    assert resume[0].endswith(f"resume: {sys.executable} train.py --resume {tmp_path / 'int'}"), resume
+    said = out[out.index("SIGINT (Ctrl-C): stopped in epoch "):].split()  # (the command on its own line if long)
+    assert " ".join(said).endswith(f"resume: {sys.executable} train.py --resume {tmp_path / 'int'}"), said
+    assert out.count("--resume") == 1  # every line within 110 columns, but a long path in the command (copyable)
+    assert [line for line in out.splitlines() if len(line) > 110 and "--resume" not in line] == []
     assert not (tmp_path / "int" / "report.json").exists() and "official ODIR" not in out
     stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 1000

@@ -164,9 +164,10 @@ def fit(run: Run, train_tab, val_tab, test_tab):
             print(f"early stopping: no better validation {cfg.select_metric} for {cfg.patience} epochs")
         if broadcast_flag(run.stop.requested, device):  # (also a signal that came during validation)
             if run.is_main:
-                print(f"{signal_name(run.stop.signum)}: stopped in epoch {epoch + 1} of {cfg.epochs} (update "
-                      f"{progress.step}), last.pt saved; resume: {tool_command('train')} --resume "
-                      f"{shell_path(run.run_dir)}", flush=True)
+                head = (f"{signal_name(run.stop.signum)}: stopped in epoch {epoch + 1} of {cfg.epochs} (update "
+                        f"{progress.step}), last.pt saved; resume:")
+                command = f"{tool_command('train')} --resume {shell_path(run.run_dir)}"  # whole: copyable
+                print(f"{head} {command}" if len(head) + len(command) < 110 else f"{head}\n  {command}", flush=True)
             return None
         if stop_now or early:
             break
