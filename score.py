@@ -328,12 +328,13 @@ def check_writable(path) -> None:
 
 def metrics_report(y_true, probs, thresholds, classes) -> str:
     """Multi-label metrics (at the tuned thresholds and at 0.5) and the official ODIR-2019 score, as text."""
-    lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class; not the ODIR score):",
+    lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class, F1 per class; not the "
+             f"ODIR score):",
              "                      F1 micro  F1 macro  AUC macro  " + "  ".join(f"{c:>5}" for c in classes)]
     for label, thr in (("tuned thresholds", thresholds), ("threshold 0.5", 0.5)):
         m = multilabel_metrics(y_true, probs, thr, classes=classes)
         lines.append(f"  {label:<18}  {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}  "
-                     + "  ".join(f"{m['f1'][c]:5.3f}" for c in classes) + "   (per-class F1)")
+                     + "  ".join(f"{m['f1'][c]:5.3f}" for c in classes))
     try:
         o = odir_score(y_true, probs)
         lines.append(f"official ODIR-2019 score (flattened matrices, threshold 0.5): kappa {o['kappa']:.3f} · "

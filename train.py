@@ -41,7 +41,13 @@ def _main(argv=None):
     started = time.time()  # report.json's start time and duration (of this process: a resume starts again)
     last = {}  # --resume's last.pt, read once: its config for the flags, its progress for "already finished"
     cfg = parse_config(argv, saved_config=lambda resume: last.setdefault("pt", saved_run(resume))["config"])
-    # After the flags, the heavy imports (seconds): torch, timm, DALI, pandas.
+    resume_dir = resume_folder(cfg.resume) if cfg.resume else None
+    if resume_dir is not None and finished(last["pt"], cfg.epochs):  # nothing to do: the folder stays untouched
+        print(f"finished: {last['pt']['epochs_done']} of {cfg.epochs} epochs"
+              + (" (stopped early by --patience)" if last["pt"].get("stopped_early") else "")
+              + f"; extend with {tool_command('train')} --resume {shell_path(resume_dir)} --epochs N")
+        return None
+    # After the flags (and the check above, which reads last.pt only), the heavy imports: torch, timm, DALI.
     import torch
 
     from odir_dual.pipeline.odir import describe, find_layout
@@ -53,12 +59,6 @@ def _main(argv=None):
     from odir_dual.training.loop import Run, fit
     from odir_dual.training.runlog import RunFolderError, log_console_to, next_steps, run_folder
 
-    resume_dir = resume_folder(cfg.resume) if cfg.resume else None
-    if resume_dir is not None and finished(last["pt"], cfg.epochs):  # nothing to do: the folder stays untouched
-        print(f"finished: {last['pt']['epochs_done']} of {cfg.epochs} epochs"
-              + (" (stopped early by --patience)" if last["pt"].get("stopped_early") else "")
-              + f"; extend with {tool_command('train')} --resume {shell_path(resume_dir)} --epochs N")
-        return None
     if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
                              "(no '/', '..' or absolute path)")
