@@ -84,3 +84,19 @@ def test_report_page_and_model_card_name_the_untrusted_class():
     assert "its column is shown but not used for flags" in page
     card = "\n".join(_untrusted_section(r))
     assert "## Classes not to be trusted" in card and "**O other**: no better than chance" in card
+
+
+def test_the_onnx_metadata_carries_the_quality_and_the_untrusted_classes(tmp_path):
+    import json
+
+    from odir_dual import export
+
+    ckpt = {"classes": list(CLASSES), "thresholds": [0.5] * 8, "img_px": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "config": {"backbone": "b"}, "commit": "c", "epoch": 3, "best": {}}
+    r = report(test__auc__O=0.45, test__ci__O=[0.3, 0.6])
+    meta = export.metadata(ckpt, precision="fp32", exporter="dynamo", opset=20, source=tmp_path / "best.pt",
+                           report=r)
+    quality = json.loads(meta["quality"])
+    assert quality == json.loads(json.dumps(model_quality(r))) and list(quality["untrusted"]) == ["O"]
+    assert json.loads(export.metadata(ckpt, precision="fp32", exporter="dynamo", opset=20,
+                                      source=tmp_path / "best.pt")["quality"]) == {}
