@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from odir_dual.pipeline.host import EXIT_SIGINT, EXIT_SIGTERM, run_cli, shell_path, tool_command, wrap
+from odir_dual.common.cli import EXIT_SIGINT, EXIT_SIGTERM, run_cli, shell_path, tool_command
+from odir_dual.pipeline.host import wrap
 from odir_dual.training.config import config_parser, parse_config, resume_folder
 
 
@@ -138,20 +139,14 @@ def finished(last: dict, epochs: int) -> bool:
 def cli(argv=None) -> int:
     """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
     file, row, column or flag; a signal's stop is one line saying how to continue, then 130 (SIGINT) / 143."""
-    config_parser().parse_args(argv)  # --help and a mistyped flag answer here, before torch is imported (seconds)
-    from odir_dual.pipeline.odir import SheetError
-    from odir_dual.pipeline.pairs import DataError
-    from odir_dual.pipeline.prepare import CacheError
-    from odir_dual.training.checkpoint import CheckpointError
-    from odir_dual.training.runlog import RunFolderError
 
     def body():
+        config_parser().parse_args(argv)  # --help and a mistyped flag answer here, before torch is imported
         result = main(argv)
         return result if isinstance(result, int) else None  # an exit status (a signal's stop), or success
 
-    return run_cli(body, "train.py", errors=(DataError, SheetError, CheckpointError, RunFolderError, CacheError),
-                   interrupted=f"stopped at once: last.pt holds the last saved update; continue with "
-                               f"{tool_command('train')} --resume RUN_FOLDER")
+    return run_cli(body, "train.py", interrupted=f"stopped at once: last.pt holds the last saved update; continue "
+                                                 f"with {tool_command('train')} --resume RUN_FOLDER")
 
 
 def console() -> int:

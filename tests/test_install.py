@@ -15,10 +15,10 @@ from PIL import Image
 
 from odir_dual.pipeline.constants import CLASSES
 from test_export import tiny_checkpoint, tiny_onnx  # noqa: F401 (fixtures)
+from test_layout import PACKAGES  # the packages the install must carry
 from test_score import fundus
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "model", "training", "deploy")
 COMMANDS = ("odir-train", "odir-export", "odir-score", "odir-serve")
 # What README's "Use as a library" names: each must import from the installed copy.
 LIBRARY = ("from odir_dual.model import DualEyeNet, odir_score, multilabel_metrics",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odir_dual.common.cli import UsageError
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.training import engine
@@ -47,7 +48,7 @@ def test_flags_come_from_config_fields_and_override_presets():
     cfg = config.parse_config(["--preset", "fast", "--no-compile", "--batch-size", "7", "--precision", "fp32"])
     assert (cfg.preset, cfg.compile, cfg.batch_size, cfg.precision) == ("fast", False, 7, "fp32")
     assert cfg.img_px == 384  # from the preset
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--preset"):  # not one of the flag's choices
         config.parse_config(["--preset", "nope"])
 
 
@@ -197,7 +198,9 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
         return loss * float("nan") if calls["n"] == 7 and logits.requires_grad else loss
 
     monkeypatch.setattr(model_loss, "hybrid_loss", poisoned)
-    with pytest.raises(SystemExit, match=r"epoch 2, update 7"):
+    from odir_dual.training.loop import LossNotFinite
+
+    with pytest.raises(LossNotFinite, match=r"epoch 2, update 7"):
         run(tmp_path, tiny_odir)
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1  # the good one is kept
 

@@ -19,7 +19,9 @@ from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
-from odir_dual.pipeline.host import progress_enabled, shell_path, signal_name, tool_command
+from odir_dual.common.cli import shell_path, signal_name, tool_command
+from odir_dual.common.errors import OdirError
+from odir_dual.pipeline.host import progress_enabled
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import (build_model, checkpoint_payload, load_checkpoint, model_from_checkpoint,
                                            save_checkpoint, weights_description)
@@ -29,6 +31,10 @@ from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs,
 from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
 from odir_dual.training.runlog import RunLog, format_duration, print_epoch, print_final_report
 from odir_dual.training.data import per_eye_targets
+
+class LossNotFinite(OdirError, RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and the update."""
+
 
 @dataclass
 class Run:
@@ -323,7 +329,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
 def _check_finite(first_bad, epoch, accum):
     bad = int(first_bad.item())
     if bad >= 0:
-        raise SystemExit(f"loss is NaN or infinite at epoch {epoch + 1}, update {bad // accum + 1} (counted from "
+        raise LossNotFinite(f"loss is NaN or infinite at epoch {epoch + 1}, update {bad // accum + 1} (counted from "
                          "the start of the run); stopping. The last good checkpoints are untouched. Try a lower "
                          "--lr, --precision fp32, or check the data.")
 
