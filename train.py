@@ -63,8 +63,9 @@ def _main(argv=None):
     if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
                              "(no '/', '..' or absolute path)")
-    if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
-        find_layout(cfg.data)
+    # the data folder's layout, found once and passed down; a wrong --data is one line before anything else happens
+    # (no run folder, no header)
+    layout = find_layout(cfg.data) if cfg.data else None
     rank, world, device = setup_distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -86,8 +87,10 @@ def _main(argv=None):
 
         # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
         # in the config, so --resume, export.py and the reports find the same images from any working directory.
-        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
-        patients, left_out = load_data(cfg, Path(cfg.data), is_main)
+        folder = data_folder(cfg, is_main)
+        cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
+        data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
+        patients, left_out = data.patients, data.left_out
         train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
         check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:

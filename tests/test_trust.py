@@ -67,7 +67,7 @@ def test_model_quality_carries_the_test_figures_and_how_far_training_went():
 
 
 def test_score_raises_no_flag_from_an_untrusted_class():
-    from odir_dual.score import flag_status
+    from odir_dual.deploy.predictions import flag_status
 
     pred = [1, 0, 0, 0, 0, 0, 0, 1]  # N and O
     assert flag_status("ok", CLASSES, pred) == "ok; normal together with O"

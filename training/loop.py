@@ -14,8 +14,9 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
+from odir_dual.model import (backbone_norm, count_parameters, evaluate, multilabel_metrics, pos_weights_from_labels,
                              tune_thresholds)
+from odir_dual.model.factory import build_model, weights_description
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
@@ -23,12 +24,11 @@ from odir_dual.common.cli import shell_path, signal_name, tool_command
 from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import progress_enabled
 from odir_dual.pipeline.odir import label_matrix
-from odir_dual.training.checkpoint import (build_model, checkpoint_payload, load_checkpoint, model_from_checkpoint,
-                                           save_checkpoint, weights_description)
-from odir_dual.training.config import REFERENCE_BATCH, Config
+from odir_dual.training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
+from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config
 from odir_dual.training.distributed import StopRequest, broadcast_flag, check_replicas
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
+from odir_dual.training.evaluation import final_report, plain, write_html_report
 from odir_dual.training.runlog import RunLog, format_duration, print_epoch, print_final_report
 from odir_dual.training.data import per_eye_targets
 
@@ -269,7 +269,7 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
            **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s,
            "train_patient_loss": row["train_patient_loss"]}  # new columns at the end: readers by position keep working
     log.append(row, keep_epochs_below=row["epoch"])
-    score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
+    score = row[SELECT_COLUMNS[cfg.select_metric]] * (-1 if cfg.select_metric == "loss" else 1)  # higher is better
     better = bool(np.isfinite(score) and score > progress.best.get("score", -math.inf))
     print_epoch({**row, "eta_s": eta_s}, header=header, epochs=cfg.epochs, select_metric=cfg.select_metric, best=better)
     if better:
