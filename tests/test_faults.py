@@ -244,7 +244,7 @@ def test_4c_disk_full_at_the_end_is_one_line_and_leaves_no_temporary_file(tiny_o
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return Writer()
 
-    monkeypatch.setattr(score.csv, "writer", full_disk)
+    monkeypatch.setattr(csv, "writer", full_disk)  # (the csv module deploy/predictions.py writes with)
     status = score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out_dir / "pred.csv"), "--cache-dir",
                          str(tmp_path / "c"), "--workers", "1"])
     err = capsys.readouterr().err
