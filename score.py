@@ -59,7 +59,7 @@ def resolve_loader(loader: str = "auto") -> str:
     """auto → "dali" when DALI and torch are installed (the full install), else "pil" (the light scoring install,
     numpy + Pillow: `pipeline.light`, the same preprocessing to about one grey level)."""
     if loader not in LOADERS:
-        raise ValueError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
+        raise ScoreError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
     full = all(importlib.util.find_spec(m) is not None for m in ("torch", "nvidia.dali"))
     if loader == "dali" and not full:
         raise ScoreError("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")

@@ -140,8 +140,9 @@ def finished(last: dict, epochs: int) -> bool:
 
 
 def cli(argv=None) -> int:
-    """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
-    file, row, column or flag; a signal's stop is one line saying how to continue, then 130 (SIGINT) / 143."""
+    """`python train.py`: `main`, ended with an exit status (docs/data.md, "Exit statuses"): bad input is one line
+    naming the file, row, column or flag; a signal's stop is one line saying how to continue, then 130 (SIGINT) /
+    143."""
 
     def body():
         config_parser().parse_args(argv)  # --help and a mistyped flag answer here, before torch is imported

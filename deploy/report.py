@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from odir_dual.common.errors import OdirError
 from odir_dual.deploy.predictions import is_flagged, is_scored
 from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, classification_table, evaluate, format_interval
@@ -41,6 +42,15 @@ figure{display:inline-block;margin:4px;text-align:center;font-size:12px}h2{margi
 
 
 # ----------------------------------------------------------------------------------------------- images
+
+
+
+class ReportError(OdirError, ValueError):
+    """A run's saved predictions that a report cannot read (the message names the file)."""
+
+
+class RunReportMissing(OdirError, FileNotFoundError):
+    """A run folder without report.json: training has not finished there."""
 
 
 def network_view(path, img_px: int) -> np.ndarray:
@@ -256,7 +266,7 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         rows = list(csv.DictReader(f))
     need = ["id", *CLASSES, *(f"p_{c}" for c in CLASSES)]
     if rows and (absent := [c for c in need if c not in rows[0]]):
-        raise ValueError(f"{path}: missing column(s) {', '.join(absent)}")
+        raise ReportError(f"{path}: missing column(s) {', '.join(absent)}")
     ids = [r["id"] for r in rows]
     y = np.array([[int(float(r[c])) for c in CLASSES] for r in rows], np.int64).reshape(-1, len(CLASSES))
     p = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], np.float64).reshape(-1, len(CLASSES))
@@ -576,13 +586,13 @@ def write_run_report(run_dir) -> Path:
     missing. Returns the page's path.
 
     Raises:
-        FileNotFoundError: no report.json in run_dir (written by train.py at the end of a run).
+        RunReportMissing: no report.json in run_dir (written by train.py at the end of a run).
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise FileNotFoundError(f"{report_path}: no run report data (train.py writes it at the end of a run)")
+        raise RunReportMissing(f"{report_path}: no run report data (train.py writes it at the end of a run)")
     report = json.loads(report_path.read_text())
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else \
         report.get("config", {})

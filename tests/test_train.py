@@ -215,7 +215,7 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (README "Bad input")
+    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (docs/data.md, "Exit statuses")
     assert "SIGINT: stopping after this update" in out
     # one line says how to go on, with the interpreter that ran; no evaluation, no report
     said = out[out.index("SIGINT (Ctrl-C): stopped in epoch "):].split()  # (the command on its own line if long)
