@@ -54,7 +54,8 @@ def copy_run(trained, tmp_path) -> Path:
 
 
 def resume(tmp_path, run, *extra) -> int:
-    return train.cli(["--resume", str(run), "--cache-dir", str(tmp_path / "cache"), *extra])
+    """--resume with one more epoch: a finished run's --resume alone has nothing to do and reads no data."""
+    return train.cli(["--resume", str(run), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2", *extra])
 
 
 # ----------------------------------------------------------------------------------------------- 1 checks first
