@@ -158,7 +158,8 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "exporter": exporter,
         "opset": str(opset),
         "checkpoint": source.name,
-        "weights_digest": weights_digest(ckpt["model"]),  # which weights: score.py --explain compares its checkpoint's
+        # which weights: score.py --explain compares its checkpoint's (read_checkpoint guarantees a state dict)
+        "weights_digest": weights_digest(ckpt["model"]) if "model" in ckpt else "",
         "run_id": str(ckpt.get("run_id") or ""),
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
