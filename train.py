@@ -35,11 +35,13 @@ from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpo
                                            library_versions, load_checkpoint, model_from_checkpoint,
                                            save_checkpoint, saved_run_config, weights_description)
 from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
-from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
+from odir_dual.training.data import (check_one_batch, data_folder, fold_tables, load_data, per_eye_targets,
+                                     split_table)
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
+from odir_dual.training.evaluation import Fitted, evaluate, final_report, plain, write_html_report
+from odir_dual.training.folds import cross_validate, describe_split
 from odir_dual.training.runlog import (RunFolderError, RunLog, console_log, log_console_to, next_steps, print_epoch,
                                        print_final_report, run_folder)
 
@@ -85,8 +87,12 @@ def _main(argv=None):
         # in the config, so --resume, export.py and the reports find the same images from any working directory.
         cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
         patients, left_out = load_data(cfg, Path(cfg.data), is_main)
-        train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
-        check_one_batch(train_tab, len(patients), cfg, world)
+        if cfg.folds > 1:  # one (train, held-out, test) per fold
+            tables = fold_tables(patients, cfg, run_dir if is_main else None, resume_dir)
+        else:
+            tables = [split_table(patients, cfg, run_dir if is_main else None, resume_dir)]
+        for train_tab, _, _ in tables:
+            check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
@@ -95,8 +101,7 @@ def _main(argv=None):
                 if len(left_out):
                     print(f"  every left-out eye and why: {run_dir / 'left_out.csv'}")
             print(describe(patients))
-            print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)} · test "
-                  f"{len(test_tab)}")
+            print(describe_split(tables, cfg.seed))
             print(format_settings(cfg, every=run_dir / "config.json" if run_dir else None))
         if cfg.dry_run:
             if is_main:
@@ -105,17 +110,17 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started), train_tab, val_tab,
-                         test_tab)
+            run = Run(cfg, rank, world, device, run_dir, resume_dir, stop, started)
+            result = cross_validate(run, tables, fit) if cfg.folds > 1 else fit(run, *tables[0])
         finally:
             stop.restore()
         if stop.signum is not None:  # stopped by a signal: say so with the shell's status (130/143), not 0
             if is_main:
                 print(f"continue with: python train.py --resume {run_dir}")
             raise KeyboardInterrupt if stop.signum == signal.SIGINT else Terminated
-        if is_main and result is not None:
+        if is_main and result.ckpt is not None:
             print("\n".join(next_steps(run_dir)))
-        return result
+        return result.ckpt
 
 
 @dataclass
@@ -149,7 +154,7 @@ class Progress:
     ema: object = None  # timm ModelEmaV3 of the model when --model-ema
 
 
-def fit(run: Run, train_tab, val_tab, test_tab):
+def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
     report of best.pt on validation and test."""
     cfg, device = run.cfg, run.device
@@ -210,6 +215,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     log = RunLog(run.run_dir, tensorboard=cfg.tensorboard, select_metric=cfg.select_metric) if run.is_main else None
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
+    stopped = False
     for epoch in range(start_epoch, cfg.epochs):
         row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule, eye_targets)
         finished_epoch = progress.step % updates_per_epoch == 0
@@ -225,11 +231,11 @@ def fit(run: Run, train_tab, val_tab, test_tab):
         if early and run.is_main:
             print(f"early stopping: no better validation {cfg.select_metric} for {cfg.patience} epochs")
         if stop_now or early:
+            stopped = stop_now
             break
     check_replicas(model, device, run.is_main)
-    if run.is_main:
-        return report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype)
-    return None
+    best = report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype) if run.is_main else None
+    return Fitted(*(best or (None, None)), stopped=stopped, steps=progress.step)
 
 
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
@@ -343,7 +349,7 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
 def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
-    predictions_{val,test}.csv and printed."""
+    predictions_{val,test}.csv and printed. Returns (best.pt's contents, its logits per split), or None."""
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
         print(f"no completed epoch yet: resume with --resume {run.run_dir}")
@@ -364,7 +370,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     report = final_report(run, ckpt, tables, logits, y_train)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
-    return ckpt
+    return ckpt, logits
 
 
 def _check_finite(first_bad, epoch, accum):

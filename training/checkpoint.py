@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -323,13 +324,22 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
 
 
 def saved_run_config(resume: str) -> dict:
-    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt).
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt); a --folds run
+    (no last.pt of its own, a fold-1 folder) from its config.json.
 
     Raises:
         CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
             line naming the file.
     """
-    last = resume_folder(resume) / "last.pt"
+    folder = resume_folder(resume)
+    last, saved = folder / "last.pt", folder / "config.json"
+    if not last.is_file() and (folder / "fold-1").is_dir() and saved.is_file():
+        try:
+            config = json.loads(saved.read_text())
+            if config_from_dict(config).folds > 1:
+                return config
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"--resume {resume}: {saved} is damaged ({e})") from None
     if not last.is_file():
         raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
                               f"no run folder); start it again with --overwrite")

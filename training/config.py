@@ -65,6 +65,9 @@ class Config:
     prepare_px: int = option(0, "short side of the prepared copies, pixels; 0: same as img_px")
     val_fraction: float = option(0.15, "patients that pick the epoch, tune the thresholds and fit the calibration")
     test_fraction: float = option(0.15, "patients scored once, at the end, with the best checkpoint; 0: no test split")
+    folds: int = option(0, "K-fold cross-validation of the patients outside the test split: K full runs in "
+                        "RUN/fold-1 .. RUN/fold-K, each validated on its held-out fold (val_fraction unused); RUN "
+                        "gets the out-of-fold figures and the fold ensemble (mean logits) on test; 0 or 1: off")
     weighted_sampling: bool = option(True, "draw patients by label rarity")
     same_eye_aug: bool = option(False, "one augmentation draw for both eyes (default: independent per eye)")
     loader_threads: int = option(0, "DALI CPU threads (decoding, augmenting); 0: min(cores, 8)")
@@ -141,7 +144,7 @@ PRESETS = {
 FLAG_GROUPS = {
     "run and output": ("preset", "out", "name", "overwrite", "resume", "dry_run", "stop_after_steps", "tensorboard"),
     "data": ("data", "synthetic_patients", "cache_dir", "strict", "img_px", "prepare_px", "val_fraction",
-             "test_fraction", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
+             "test_fraction", "folds", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
     "model": ("backbone", "backbone_args", "pretrained", "weights_file", "freeze_stages", "local_contrast",
               "ensemble", "embed_dim", "heads", "dropout"),
     "optimisation": ("epochs", "batch_size", "accum_steps", "lr", "backbone_lr_mult", "weight_decay",
@@ -387,6 +390,8 @@ def resolve_config(explicit: dict) -> Config:
             raise SystemExit(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):
         values["compile"] = True
+    if values.get("folds", 0) < 0:
+        raise SystemExit(f"--folds {values['folds']}: 0 or 1 for no cross-validation, else at least 2 folds")
     if values.get("ensemble", 1) < 1:
         raise SystemExit(f"--ensemble {values['ensemble']}: at least 1 network")
     backbone_args(values.get("backbone_args", ""))  # a typo fails here, not minutes later in the model
