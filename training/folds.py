@@ -24,13 +24,15 @@ from odir_dual.model.calibration import apply_calibration, fit_calibration, with
 from odir_dual.model.metrics import tune_thresholds
 from odir_dual.pipeline.host import atomic_write
 from odir_dual.pipeline.odir import label_matrix
-from odir_dual.training.checkpoint import git_commit, load_checkpoint, weights_digest
+from odir_dual.model.net import DualEyeEnsemble
+from odir_dual.training.checkpoint import (CheckpointError, git_commit, load_checkpoint, model_from_checkpoint,
+                                           read_checkpoint, weights_digest)
 from odir_dual.training.data import fold_folder
 from odir_dual.training.evaluation import Fitted, final_report, write_html_report
 from odir_dual.training.runlog import MARKER_NAME, print_final_report
 
 FOLD_LOGITS = "fold_logits.npz"  # a finished fold's raw logits: held-out and test patients
-ENSEMBLE = "fold ensemble"  # report.json's checkpoint "file" of a --folds run: every fold's best.pt
+ENSEMBLE = "fold-ensemble"  # report.json's checkpoint "file" of a --folds run: every fold's best.pt
 FIGURES = ("final", "kappa", "f1", "auc", "auc_macro")  # per fold: the official figures and the AUC macro
 
 
@@ -191,3 +193,44 @@ def _without_attrs(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     frame.attrs = {}
     return frame
+
+
+def is_fold_run(path) -> bool:
+    """A --folds run's parent folder (its fold-1 folder and config.json with folds > 1)."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "fold-1").is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        return int(json.loads((path / "config.json").read_text()).get("folds") or 0) > 1
+    except (ValueError, AttributeError):
+        return False
+
+
+def load_fold_ensemble(run_dir) -> tuple[dict, DualEyeEnsemble, list[Path]]:
+    """The fold ensemble of a finished --folds run, for export.py: (a checkpoint-like dict with the parent's
+    calibration and thresholds (fitted on the out-of-fold logits), the folds' models as one DualEyeEnsemble
+    (mean logits) in eval mode, the fold checkpoints read).
+
+    Raises:
+        CheckpointError: a fold unfinished, or report.json not of these very fold weights (one line naming it).
+    """
+    run_dir = Path(run_dir)
+    k = int(json.loads((run_dir / "config.json").read_text())["folds"])
+    report_path = run_dir / "report.json"
+    unfinished = [n for n in range(1, k + 1) if finished_fold(fold_folder(run_dir, n), n) is None]
+    if unfinished or not report_path.is_file():
+        raise CheckpointError(f"{run_dir}: a --folds run that has not finished (fold(s) {unfinished or 'all'} done, "
+                              f"no report.json): continue it with python train.py --resume {run_dir}, or export one "
+                              f"fold with --fold N")
+    paths = [fold_folder(run_dir, n) / "best.pt" for n in range(1, k + 1)]
+    ckpts = [read_checkpoint(p) for p in paths]
+    net = DualEyeEnsemble([model_from_checkpoint(c, p) for c, p in zip(ckpts, paths)]).eval()
+    report = json.loads(report_path.read_text())
+    digest = weights_digest(fold_ensemble_state([c["model"] for c in ckpts]))
+    if (report.get("checkpoint") or {}).get("weights") != digest:
+        raise CheckpointError(f"{report_path}: is not of the folds' present best.pt weights (a fold trained again "
+                              f"since?); its calibration and thresholds would not fit")
+    ckpt = {**ckpts[0], "model": net.state_dict(), "config": report["config"], "folds": k, "epoch": None,
+            "best": {}, "thresholds": list(report["thresholds"].values()), "calibration": report["calibration"],
+            "val_metrics": None}
+    return ckpt, net, paths
