@@ -4,7 +4,7 @@ Multi-label iterative stratification (Sechidis, Tsoumakas & Vlahavas, "On the st
 multi-label data", ECML PKDD 2011, Algorithm 1) for two folds, in numpy, with an exact validation
 size; then a few train/val swaps repair what that exact size costs the most common label. A three-way split
 applies the same two-way split twice: test out of all patients, then validation out of the rest; K-fold
-cross-validation (`test_and_folds`) keeps that test part and cuts the rest into K folds.
+cross-validation (`cross_validation_split`) keeps that test part and cuts the rest into K folds.
 How close it stays to each class's prevalence, against a random split: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarr
 FOLD_PASSES = 50  # rebalancing passes over all fold pairs; the real data settles in 2-3
 
 
-def test_and_folds(labels: np.ndarray, k: int, test_fraction: float = 0.15,
+def cross_validation_split(labels: np.ndarray, k: int, test_fraction: float = 0.15,
                    seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """(folds, test_idx) for K-fold cross-validation: the test part is exactly `three_way_split`'s for the same
     seed and test_fraction (0: none), and `stratified_folds` divides the other patients into k folds."""

@@ -12,7 +12,7 @@ from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.pipeline.pairs import load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
-from odir_dual.pipeline.split import load_split, save_split, test_and_folds, three_way_split
+from odir_dual.pipeline.split import load_split, save_split, cross_validation_split, three_way_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
 from odir_dual.training.config import Config
 from odir_dual.training.distributed import barrier
@@ -55,12 +55,12 @@ def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | 
 
 
 def fold_tables(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | None) -> list[tuple]:
-    """--folds K: one (train, held-out fold, test) triple per fold (`split.test_and_folds`: the test part is the one
+    """--folds K: one (train, held-out fold, test) triple per fold (`split.cross_validation_split`: the test part is the one
     a plain run with this seed has), each saved as RUN/fold-N/split.csv; reloaded from there when resuming."""
     if resume_dir is not None:
         return [_tables(patients, load_split(fold_folder(resume_dir, n) / "split.csv"))
                 for n in range(1, cfg.folds + 1)]
-    folds, test = test_and_folds(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
+    folds, test = cross_validation_split(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
     ids = patients["id"].to_numpy()
     out = []
     for n, held in enumerate(folds, 1):
