@@ -3,7 +3,8 @@
 train.py ...` for several GPUs (only rank 0 writes). `--help` lists every flag.
 
 Read top to bottom: `main` sets up (config, devices, data, split), `fit` builds the model and loops over epochs:
-`train_epoch` (the steps), `validate` (metrics, best.pt), `save_last` (last.pt), then `report_best`.
+`train_epoch` (the steps), `validate` (metrics, best.pt), `save_last` (last.pt), then `report_best`. With
+`--folds K`, training/folds.py calls `fit` once per fold (RUN/fold-N) and then reports the fold ensemble.
 """
 from __future__ import annotations
 

@@ -22,18 +22,23 @@ import pandas as pd
 
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.model.metrics import tune_thresholds
-from odir_dual.pipeline.host import atomic_write
+from odir_dual.pipeline.host import atomic_write, write_text_atomic
+from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.model.net import DualEyeEnsemble
 from odir_dual.training.checkpoint import (CheckpointError, git_commit, load_checkpoint, model_from_checkpoint,
                                            read_checkpoint, weights_digest)
 from odir_dual.training.data import fold_folder
 from odir_dual.training.evaluation import Fitted, final_report, write_html_report
-from odir_dual.training.runlog import MARKER_NAME, print_final_report
+from odir_dual.training.runlog import MARKER_NAME, RunFolderError, print_final_report
 
 FOLD_LOGITS = "fold_logits.npz"  # a finished fold's raw logits: held-out and test patients
 ENSEMBLE = "fold-ensemble"  # report.json's checkpoint "file" of a --folds run: every fold's best.pt
 FIGURES = ("final", "kappa", "f1", "auc", "auc_macro")  # per fold: the official figures and the AUC macro
+
+
+class FoldsError(RunFolderError):
+    """A --folds run that cannot go on as asked (under torchrun, a changed --epochs, mismatched files)."""
 
 
 @dataclass
@@ -75,11 +80,15 @@ def cross_validate(run, tables: list[tuple], fit):
         folds together, in fold order.
     """
     if run.world > 1:
-        raise SystemExit("--folds: runs in one process for now; start it without torchrun")
+        raise FoldsError("--folds: runs in one process for now; start it without torchrun")
     results = []
     for n, fold_tables in enumerate(tables, 1):
         result = finished_fold(fold_folder(run.run_dir, n), n)
         if result is not None:
+            if result.report["config"]["epochs"] != run.cfg.epochs:  # a resume with a larger --epochs
+                raise FoldsError(f"--epochs {run.cfg.epochs}: fold {n} of {run.run_dir} finished with "
+                                 f"{result.report['config']['epochs']} epochs; a --folds run keeps its epochs (start "
+                                 f"a new run with --config {run.run_dir / 'config.json'} --epochs {run.cfg.epochs})")
             print(f"\nfold {n}/{len(tables)}: finished earlier ({result.folder}), not trained again")
         else:
             budget = run.cfg.stop_after_steps - sum(r.steps for r in results) if run.cfg.stop_after_steps else 0
@@ -105,7 +114,7 @@ def _train_fold(run, fit, n: int, k: int, tables: tuple, budget: int) -> FoldRes
                               stop_after_steps=budget)
     folder.mkdir(exist_ok=True)
     (folder / MARKER_NAME).write_text(f"odir-dual run folder: fold {n} of {k} of the --folds run {run.run_dir}\n")
-    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    write_text_atomic(folder / "config.json", json.dumps(asdict(cfg), indent=1))
     print(f"\n=== fold {n}/{k}: trains on {len(train_tab)} patients, validated on its {len(held_tab)} held-out ones"
           + (f", continued from {resume / 'last.pt'}" if resume else "") + f" → {folder}")
     fitted = fit(dataclasses.replace(run, cfg=cfg, run_dir=folder, resume_dir=resume), train_tab, held_tab, test_tab)
@@ -113,7 +122,7 @@ def _train_fold(run, fit, n: int, k: int, tables: tuple, budget: int) -> FoldRes
         return None
     buffer = io.BytesIO()
     np.savez(buffer, steps=fitted.steps, held_ids=held_tab["id"].to_numpy(), held_logits=fitted.logits["validation"],
-             test_ids=test_tab["id"].to_numpy(), test_logits=fitted.logits.get("test", np.zeros((0, 8))))
+             test_ids=test_tab["id"].to_numpy(), test_logits=fitted.logits.get("test", np.zeros((0, len(CLASSES)))))
     with atomic_write(folder / FOLD_LOGITS, "wb") as f:  # last: its presence says the fold is finished
         f.write(buffer.getvalue())
     return finished_fold(folder, n)
@@ -145,7 +154,7 @@ def summarise(run, tables: list[tuple], results: list[FoldResult]) -> tuple[dict
     held = pd.concat([_without_attrs(t[1]) for t in tables], ignore_index=True)
     oof = np.concatenate([r.held_logits for r in results])
     if not all((r.held_ids == t[1]["id"].to_numpy()).all() for r, t in zip(results, tables)):
-        raise SystemExit(f"{run.run_dir}: a fold's {FOLD_LOGITS} is of other patients than its split.csv")
+        raise FoldsError(f"{run.run_dir}: a fold's {FOLD_LOGITS} is of other patients than its split.csv")
     y = label_matrix(held)
     calibration = fit_calibration(oof, y, cfg.calibration)
     if cfg.odir_offset:
