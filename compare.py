@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from odir_dual.deploy.compare import CompareError, compare, format_comparison, read_predictions
+from odir_dual.common.cli import ArgParser, run_cli
+from odir_dual.deploy.compare import compare, format_comparison, read_predictions
 from odir_dual.model.metrics import BOOTSTRAP_RESAMPLES
-from odir_dual.pipeline.host import ArgParser, run_cli
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                 str(b.source)))
         return 0
 
-    return run_cli(run, "compare.py", errors=(CompareError,))
+    return run_cli(run, "compare.py")
 
 
 if __name__ == "__main__":

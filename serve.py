@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from odir_dual.common.cli import ArgParser
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline import prepare
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import ArgParser
 from odir_dual.pipeline.prepare import BadImage
 from odir_dual.pipeline.split import load_split
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -259,11 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
-    from odir_dual.training.checkpoint import CheckpointError  # slow: imports torch; --help must not wait for it
-
     try:
         explainer = Explainer(args.run)
-    except CheckpointError as e:
+    except OdirError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
     if not 0 <= args.port <= 65535:

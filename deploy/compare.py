@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from odir_dual.common.errors import OdirError
 from odir_dual.model.metrics import BOOTSTRAP_RESAMPLES, COMPARED, paired_bootstrap
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.pairs import DataError
 
 RUN_FILES = {False: "predictions_test.csv", True: "predictions_oof.csv"}  # a run folder's file: test, --oof
 
 
-class CompareError(DataError):
+class CompareError(OdirError, ValueError):
     """Predictions that cannot be compared (unreadable, unlabelled, other patients); the message names the file."""
 
 
