@@ -36,7 +36,7 @@ from torch import nn
 
 from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
 from odir_dual.common.errors import OdirError
-from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import check_output, remove_stale_temporaries

@@ -73,9 +73,10 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> list[np.ndarr
 
     Iterative stratification into K folds at once, then `_rebalance` between every pair of folds, pass after pass,
     until no swap helps: each swap lowers the pair's squared distance to their pooled per-label counts, so the loop
-    ends. Measured on the 2,215 real ODIR patients (5 folds of the 1,883 outside the test split, seeds 0-3 and 42):
-    the largest deviation of a class's per-fold prevalence from the overall one is 0.0023 (iterative-stratification's
-    MultilabelStratifiedKFold: 0.0046-0.0100; without the swaps: 0.005-0.024).
+    ends. Measured on the 2,215 real ODIR patients (`cross_validation_split`, 5 folds of the 1,883 outside the test
+    split, seeds 0-3 and 42): the largest deviation of a class's per-fold prevalence from the overall one is
+    0.0023-0.0028 (iterative-stratification's MultilabelStratifiedKFold: 0.0059-0.0105; these folds before the
+    swaps: 0.0085-0.0211); benchmarks/RESULTS.md.
     """
     y = _check_labels(labels)
     if not 2 <= k <= len(y):
