@@ -35,6 +35,7 @@ from odir_dual.training import checkpoint
 from odir_dual import export
 from odir_dual.deploy import runtime
 from odir_dual import score
+from odir_dual.deploy import predictions
 from odir_dual import train
 from odir_dual.common.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
 from odir_dual.pipeline.odir import SheetError, read_patients
@@ -210,7 +211,7 @@ def test_4a_undecodable_file_name_is_scored_and_written(scored):
     assert scored["status"] == 0
     text = scored["out"].read_bytes().decode("utf-8")  # valid UTF-8 throughout
     rows = {r["ID"]: r for r in csv.DictReader(text.splitlines())}
-    assert score.is_scored(rows["3\\xff"]["status"]) and rows["3\\xff"]["p_N"] != ""
+    assert predictions.is_scored(rows["3\\xff"]["status"]) and rows["3\\xff"]["p_N"] != ""
 
 
 def test_4b_unwritable_output_fails_before_any_work(tiny_onnx, tmp_path, capsys):
@@ -278,7 +279,7 @@ def test_8e_formula_ids_are_escaped_in_the_csv(scored):
 def test_8f_subfolders_are_reported(scored):
     from odir_dual.pipeline.pairs import find_pairs
 
-    _, ignored = find_pairs(scored["out"].parent / "images")
+    ignored = find_pairs(scored["out"].parent / "images").ignored
     assert ("more/", "a subfolder: not searched, score it on its own") in ignored
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from odir_dual.common.cli import UsageError
+from odir_dual.model import factory
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.training import engine
@@ -86,7 +87,7 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
     assert "odir" in best["val_metrics"] and "tuned" in best["val_metrics"]
     rows = (d / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_odir" in rows[0]
-    model = checkpoint.build_model(config.config_from_dict(best["config"]), pretrained=False)
+    model = factory.build_model(config.config_from_dict(best["config"]), pretrained=False)
     model.load_state_dict(best["model"])
 
 

@@ -151,7 +151,7 @@ def summarise(run, tables: list[tuple], results: list[FoldResult]) -> tuple[dict
     the per-fold figures. Returns (the ensemble's calibration, thresholds and config as a checkpoint-like dict,
     its logits per split)."""
     cfg = run.cfg
-    held = pd.concat([_without_attrs(t[1]) for t in tables], ignore_index=True)
+    held = pd.concat([t[1] for t in tables], ignore_index=True)
     oof = np.concatenate([r.held_logits for r in results])
     if not all((r.held_ids == t[1]["id"].to_numpy()).all() for r, t in zip(results, tables)):
         raise FoldsError(f"{run.run_dir}: a fold's {FOLD_LOGITS} is of other patients than its split.csv")
@@ -196,12 +196,6 @@ def fold_figures(results: list[FoldResult]) -> dict:
             "best_fold": {"fold": best.n, "chosen_by": "its held-out official final",
                           **({"test": best.report["test"]} if "test" in best.report else {})}}
 
-
-def _without_attrs(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy without DataFrame.attrs (the patients table carries frames there, which pd.concat cannot compare)."""
-    frame = frame.copy()
-    frame.attrs = {}
-    return frame
 
 
 def is_fold_run(path) -> bool:
