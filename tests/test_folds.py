@@ -60,7 +60,7 @@ def test_folds_of_the_real_labels_keep_every_prevalence_within_a_quarter_point(o
     from odir_dual.pipeline.odir import label_matrix
     from odir_dual.pipeline.pairs import find_pairs
 
-    table, _ = find_pairs(odir256)
+    table = find_pairs(odir256).table
     y = label_matrix(table[table["status"] == "ok"])
     parts, _ = cross_validation_split(y, 5, 0.15, 42)
     rest = np.concatenate(parts)
