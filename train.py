@@ -392,8 +392,8 @@ def _progress_bar(total, epoch, epochs):
 
 
 def cli(argv=None) -> int:
-    """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
-    file, row, column or flag, an interruption says what was kept."""
+    """`python train.py`: `main`, ended with an exit status (docs/data.md, "Exit statuses"): bad input is one line
+    naming the file, row, column or flag, an interruption says what was kept."""
     return run_cli(lambda: main(argv) and None, "train.py",
                    interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")
 

@@ -1,5 +1,5 @@
 """One error family: library code raises an `OdirError` subclass and never ends the process; only the scripts'
-entry points (common.cli.run_cli) turn an error into one line and an exit status (README "Bad input")."""
+entry points (common.cli.run_cli) turn an error into one line and an exit status (docs/data.md, "Exit statuses")."""
 from __future__ import annotations
 
 import ast

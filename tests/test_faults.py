@@ -7,7 +7,7 @@ other cases that already held are tested where their code lives: tests/test_prep
 PNG-as-JPEG, CMYK, grayscale images), tests/test_train.py (kill -9 during a checkpoint write, resume equality,
 Ctrl-C → exit 130), tests/test_export.py (malicious pickles).
 
-Exit statuses (README "Bad input"): 0 ok, 1 bad input (one line naming the file, row, column or flag), 2 bad
+Exit statuses (docs/data.md): 0 ok, 1 bad input (one line naming the file, row, column or flag), 2 bad
 command line, 130 / 143 stopped by SIGINT / SIGTERM.
 """
 from __future__ import annotations

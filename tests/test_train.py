@@ -192,7 +192,7 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (README "Bad input")
+    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (docs/data.md, "Exit statuses")
     assert "SIGINT: stopping after this update" in out
     stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 1000
