@@ -15,7 +15,6 @@ data, figures per class, thresholds, calibration, limitations).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -37,9 +36,10 @@ from torch import nn
 from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
 from odir_dual.common.errors import OdirError
 from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
-from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
+from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
+from odir_dual.model.trust import model_quality, untrusted_lines
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import check_output, remove_stale_temporaries
+from odir_dual.pipeline.host import check_output, remove_stale_temporaries, wrapped
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
@@ -139,8 +139,10 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         return onnx.load(str(out)), "torchscript", failure
 
 
-def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path) -> dict[str, str]:
-    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts."""
+def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path,
+             report: dict | None = None) -> dict[str, str]:
+    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts. `report`: the run's report.json
+    of this checkpoint, whose test figures and untrusted classes go into "quality" (model/trust.py)."""
     cfg = ckpt["config"]
     return {
         "format": ONNX_FORMAT,
@@ -162,6 +164,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
+        "quality": json.dumps(model_quality(report), default=float),  # {} without a report of this checkpoint
         **({"folds": str(ckpt["folds"])} if ckpt.get("folds") else {}),  # a fold ensemble: the mean of K models
     }
 
@@ -295,6 +298,7 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
         dict: path, exporter, opset, precision, diffs {random, real, tolerance}, seconds.
     """
     t0 = time.perf_counter()
+    log = wrapped(log)  # every console line within 110 columns
     if fold is not None:
         if not is_fold_run(checkpoint) or not fold_folder(checkpoint, fold).is_dir():
             raise CheckpointError(f"--fold {fold}: {checkpoint} is not a --folds run with a fold-{fold} folder")
@@ -328,7 +332,11 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
-    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
+    report, _ = run_report(ckpt, ckpt_path)
+    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
+                                    report=report))
+    for line in untrusted_lines((model_quality(report) or {}).get("untrusted", {})):
+        log(f"not to be trusted: {line}")
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)
@@ -348,19 +356,20 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python export.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python export.py", description=__doc__)
     ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt; a --folds run: the fold ensemble)")
     ap.add_argument("--fold", type=int, metavar="N", help="a --folds run: export fold N's model alone "
                     "(default: the fold ensemble, one graph averaging the folds' logits)")
-    ap.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
-    ap.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
-    ap.add_argument("--check-images", metavar="FOLDER",
-                    help="real images to check on: {ID}_left/_right images or an ODIR folder "
-                         "(default: the run's validation images)")
-    ap.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                    help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    out = ap.add_argument_group("output")
+    out.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
+    out.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
+    out.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
+    out.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                     help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    check = ap.add_argument_group("check against PyTorch")
+    check.add_argument("--check-images", metavar="FOLDER",
+                       help="real images to check on: {ID}_left/_right images or an ODIR folder "
+                            "(default: the run's validation images)")
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")

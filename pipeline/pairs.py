@@ -34,6 +34,10 @@ PAIR_NAME = re.compile(r"^(?P<id>.+?)[_\-. ](?P<eye>left|right|l|r|od|os)\.(?P<e
 NAMING_HELP = "{ID}_left/_right, _L/_R or _OD/_OS (any case; separator _ - . or space)"
 
 
+class PatternError(OdirError, ValueError):
+    """A --pattern that cannot pair file names (the message quotes it and says what is wrong)."""
+
+
 class NamePattern:
     """`score.py --pattern`: how the images of a folder are named, when the common conventions do not fit.
 
@@ -47,7 +51,7 @@ class NamePattern:
         self.text = pattern
         parts = re.split(r"(\{id\}|\{eye(?::[^}]*)?\}|\*)", pattern)
         if parts.count("{id}") != 1 or sum(p.startswith("{eye") for p in parts) != 1:
-            raise ValueError(f"--pattern {pattern!r}: needs exactly one {{id}} and one {{eye}} "
+            raise PatternError(f"--pattern {pattern!r}: needs exactly one {{id}} and one {{eye}} "
                              f"(e.g. \"{{id}}_{{eye}}.jpg\")")
         self.tokens = dict(EYE_TOKENS)
         regex = ""
@@ -70,11 +74,11 @@ class NamePattern:
         for item in filter(None, (t.strip() for t in text.split(","))):
             token, _, eye = item.partition("=")
             if eye.strip().lower() not in EYES or not token.strip():
-                raise ValueError(f"--pattern {pattern!r}: {item!r} in {{eye:...}} should be TOKEN=left or "
+                raise PatternError(f"--pattern {pattern!r}: {item!r} in {{eye:...}} should be TOKEN=left or "
                                  f"TOKEN=right")
             tokens[token.strip().lower()] = eye.strip().lower()
         if set(tokens.values()) != set(EYES):
-            raise ValueError(f"--pattern {pattern!r}: {{eye:...}} must name a token for each eye, e.g. "
+            raise PatternError(f"--pattern {pattern!r}: {{eye:...}} must name a token for each eye, e.g. "
                              f"{{eye:1=right,2=left}}")
         return tokens
 
@@ -124,7 +128,7 @@ class FolderPairs:
     """What `find_pairs` finds in a folder.
 
     table: one row per patient, sorted by ID: id, left, right (source paths, None when absent), status ("ok" or why
-        the patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1,
+        the patient cannot be scored, e.g. "right eye: no photograph"), plus the sheet's columns (N..O as int 0/1,
         age, sex, keywords) when labelled.
     ignored: (file name, reason) for files that name no patient eye, and for subfolders.
     layout: the ODIR sheet and images folder when the folder has one (the labels are known), else None.
@@ -259,7 +263,7 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None) -> Folde
             elif not images and others:
                 problems.append(f"{eye} eye: not an image file ({Path(others[0]).name})")
             elif not images:
-                problems.append(f"{eye} eye: missing file")
+                problems.append(f"{eye} eye: no photograph")
             if images:
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"

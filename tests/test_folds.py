@@ -19,7 +19,7 @@ from odir_dual.model.metrics import odir_score, paired_bootstrap, roc_auc
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.sampling import steps_per_epoch
 from odir_dual.pipeline.split import load_split, stratified_folds, cross_validation_split, three_way_split
-from odir_dual.training import checkpoint, evaluation, folds
+from odir_dual.training import checkpoint, folds, loop
 
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32", "--batch-size", "8",
         "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1", "--folds", "2"]
@@ -81,7 +81,7 @@ def fold_run(tmp_path_factory):
     data = make_synthetic_odir(tmp / "odir", n_patients=48, seed=1, min_px=64, max_px=96, workers=1)
     run_dir = tmp / "k"
     quiet = pytest.MonkeyPatch()
-    quiet.setattr(train, "write_html_report", lambda run_dir: None)  # report.html: not what is tested here (~8 s)
+    quiet.setattr(loop, "write_html_report", lambda run_dir: None)  # report.html: not what is tested here (~8 s)
     quiet.setattr(folds, "write_html_report", lambda run_dir: None)
     t0 = time.perf_counter()
     try:

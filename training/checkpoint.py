@@ -233,8 +233,13 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
 
 
 def saved_run_config(resume: str) -> dict:
-    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt); a --folds run
-    (no last.pt of its own, a fold-1 folder) from its config.json.
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt)."""
+    return saved_run(resume)["config"]
+
+
+def saved_run(resume: str) -> dict:
+    """A run's last.pt (`resume`: the run folder or its last.pt): its config, weights and progress; for a --folds
+    run (no last.pt of its own, a fold-1 folder) {"config": its config.json} (its folds keep their progress).
 
     Raises:
         CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
@@ -246,10 +251,10 @@ def saved_run_config(resume: str) -> dict:
         try:
             config = json.loads(saved.read_text())
             if config_from_dict(config).folds > 1:
-                return config
+                return {"config": config}
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"--resume {resume}: {saved} is damaged ({e})") from None
     if not last.is_file():
         raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
                               f"no run folder); start it again with --overwrite")
-    return read_checkpoint(last)["config"]  # a damaged or foreign last.pt: one line naming it
+    return read_checkpoint(last)  # a damaged or foreign last.pt: one line naming it

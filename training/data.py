@@ -14,7 +14,7 @@ from odir_dual.pipeline.pairs import DataError, TrainingData, load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
 from odir_dual.pipeline.split import load_split, save_split, cross_validation_split, three_way_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
-from odir_dual.training.config import Config
+from odir_dual.training.config import Config, ConfigError
 from odir_dual.training.distributed import barrier
 
 
@@ -62,7 +62,10 @@ def fold_tables(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | 
     if resume_dir is not None:
         return [_tables(patients, load_split(fold_folder(resume_dir, n) / "split.csv"))
                 for n in range(1, cfg.folds + 1)]
-    folds, test = cross_validation_split(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
+    try:
+        folds, test = cross_validation_split(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
+    except ValueError as e:  # more folds than patients
+        raise ConfigError(f"--folds {cfg.folds}: {e}") from None
     ids = patients["id"].to_numpy()
     out = []
     for n, held in enumerate(folds, 1):

@@ -30,20 +30,22 @@ class Fitted:
     steps: int
 
 
-def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, source: dict | None = None,
-                 extra: dict | None = None) -> dict:
+def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: dict | None = None,
+                 source: dict | None = None, extra: dict | None = None) -> dict:
     """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
     predictions CSV per split (id, true labels, probabilities): predictions_val.csv for "validation", else
-    predictions_{split}.csv. `run`: train.py's Run (folder, config, start). `source`: report.json's "checkpoint"
-    (which weights these figures are of); default best.pt's file, epoch and weights hash. `extra`: more top-level
-    entries of report.json (a --folds run's per-fold figures)."""
+    predictions_{split}.csv. `run`: train.py's Run (folder, config, start); `epochs`: how far training went,
+    {"reached": 7, "of": 15, "stopped_by": "early stopping" or None}. `source`: report.json's "checkpoint" (which
+    weights these figures are of); default best.pt's file, epoch and weights hash. `extra`: more top-level entries
+    of report.json (a --folds run's per-fold figures)."""
     thresholds = np.asarray(ckpt["thresholds"])
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
               # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
               "checkpoint": source or {"file": "best.pt", "epoch": ckpt.get("epoch"),
                                        "weights": weights_digest(ckpt["model"])},
               "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
-              "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
+              "best_epoch": ckpt["best"]["epoch"], "epochs": epochs,
+              "selected_by": ckpt["best"].get("metric", "f1_macro"),
               "thresholds": dict(zip(CLASSES, thresholds.tolist())),
               # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
               "calibration": ckpt.get("calibration") or {"method": "none"},
