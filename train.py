@@ -5,7 +5,8 @@ train.py ...` for several GPUs (only rank 0 writes). `--help` lists every flag.
 Read top to bottom: `main` reads the flags, then sets up (devices, data, split) and calls training/loop.py's `fit`,
 which builds the model and loops over epochs: `train_epoch` (the steps), `validate` (metrics, best.pt), `save_last`
 (last.pt), then `report_best`. torch, timm and DALI are imported only once the flags are read, so that `--help` and
-a mistyped flag answer in well under 2 s.
+a mistyped flag answer in well under 2 s. With `--folds K`, training/folds.py calls `fit` once per fold (RUN/fold-N)
+and then reports the fold ensemble.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def _main(argv=None):
     from odir_dual.pipeline.pairs import left_out_summary
     from odir_dual.training.checkpoint import git_commit, library_versions
     from odir_dual.training.config import format_settings
-    from odir_dual.training.data import check_one_batch, data_folder, load_data, save_split, split_table
+    from odir_dual.training.data import (check_one_batch, data_folder, fold_folder, fold_tables, load_data, save_split,
+                                        split_table)
     from odir_dual.training.distributed import StopRequest, setup_distributed
+    from odir_dual.training.folds import cross_validate, describe_split
     from odir_dual.training.loop import Run, fit
     from odir_dual.training.runlog import (RunFolderError, check_run_folder, log_console_to, next_steps, run_folder,
                                            run_id)
@@ -86,9 +89,12 @@ def _main(argv=None):
     cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
     data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
     patients, left_out = data.patients, data.left_out
-    split = split_table(patients, cfg, resume_dir)  # a resumed run: the same photographs and labels, or refused
-    train_tab, val_tab, test_tab = split.tables
-    check_one_batch(train_tab, len(patients), cfg, world)
+    # a resumed run: the same photographs and labels, or refused; --folds K: one split per fold
+    splits = fold_tables(patients, cfg, resume_dir) if cfg.folds > 1 else [split_table(patients, cfg, resume_dir)]
+    tables = [split.tables for split in splits]
+    for train_tab, _, _ in tables:
+        check_one_batch(train_tab, len(patients), cfg, world)
+    train_tab, val_tab, test_tab = tables[0]
     # Every check has passed: only now is the folder claimed (created, or emptied by --overwrite) and written.
     with run_folder(run_dir if is_main else None, resume=resume_dir is not None, overwrite=cfg.overwrite,
                     unique=not cfg.name) as claimed:
@@ -97,14 +103,14 @@ def _main(argv=None):
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
                 log_console_to(run_dir / "train.log")  # with what was printed so far
-                save_split(run_dir / "split.csv", split)
+                for n, split in enumerate(splits, 1):
+                    save_split((fold_folder(run_dir, n) if cfg.folds > 1 else run_dir) / "split.csv", split)
                 left_out.to_csv(run_dir / "left_out.csv", index=False)
                 (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
                 if len(left_out):
                     print(f"  every left-out eye and why: {run_dir / 'left_out.csv'}")
             print(describe(patients))
-            print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)} · test "
-                  f"{len(test_tab)}")
+            print(describe_split(tables, cfg.seed))
             print(format_settings(cfg, every=run_dir / "config.json" if run_dir else None))
         if cfg.dry_run:
             if is_main:
@@ -113,15 +119,16 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started,
-                             run_id(run_dir) if run_dir is not None else None), train_tab, val_tab, test_tab)
+            run = Run(cfg, rank, world, device, run_dir, resume_dir, stop, started,
+                      run_id(run_dir) if run_dir is not None else None)
+            result = cross_validate(run, tables, fit) if cfg.folds > 1 else fit(run, *tables[0])
         finally:
             stop.restore()
         if stop.signum is not None:  # fit printed where it stopped and how to continue; the shell's status
             return EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-        if is_main and result is not None:
+        if is_main and result.ckpt is not None:
             print("\n".join(next_steps(run_dir)))
-        return result
+        return result.ckpt
 
 
 def saved_run(resume: str) -> dict:
@@ -136,7 +143,7 @@ def finished(last: dict, epochs: int) -> bool:
     epoch done, or stopped early by --patience at its own length. A last.pt from before `epochs_done` was recorded
     is never taken as finished (it resumes, as it always did)."""
     done = last.get("epochs_done")
-    if done is None:
+    if done is None or last.get("unvalidated_row") is not None:  # (a signal skipped its last epoch's validation)
         return False
     return done >= epochs or bool(last.get("stopped_early") and epochs <= last["config"]["epochs"])
 

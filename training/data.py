@@ -14,10 +14,11 @@ from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import Layout, label_matrix
 from odir_dual.pipeline.pairs import DataError, TrainingData, load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
-from odir_dual.pipeline.split import SplitError, load_split, load_split_records, three_way_split
+from odir_dual.pipeline.split import (SplitError, cross_validation_split, load_split, load_split_records,
+                                      three_way_split)
 from odir_dual.pipeline.split import save_split as pipeline_save_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
-from odir_dual.training.config import Config
+from odir_dual.training.config import Config, ConfigError
 from odir_dual.training.distributed import barrier
 
 
@@ -59,21 +60,60 @@ def split_table(patients, cfg: Config, resume_dir: Path | None) -> Split:
 
     Raises:
         DataError: a resumed run whose data differ from what it was trained on, or a damaged split.csv."""
-    records = {int(r.id): {"left_sha256": r.left_sha256, "right_sha256": r.right_sha256, "labels": "".join(map(str, y))}
-               for r, y in zip(patients.itertuples(), label_matrix(patients))}
+    records = split_records(patients)
     if resume_dir is not None:
-        path = resume_dir / "split.csv"
-        try:
-            ids = load_split(path)
-            recorded = load_split_records(path)
-        except (OSError, SplitError) as e:
-            raise DataError(f"--resume {resume_dir}: {one_line(e)}") from None
-        check_same_data(resume_dir, ids, recorded, records)
-    else:
-        parts = three_way_split(label_matrix(patients), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        ids = [patients["id"].to_numpy()[p] for p in parts]
+        return _resumed_split(patients, resume_dir, records)
+    parts = three_way_split(label_matrix(patients), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    ids = [patients["id"].to_numpy()[p] for p in parts]
+    return Split(_tables(patients, ids), records)
+
+
+def split_records(patients) -> dict:
+    """id → {left_sha256, right_sha256, labels}: what split.csv records of each patient."""
+    return {int(r.id): {"left_sha256": r.left_sha256, "right_sha256": r.right_sha256, "labels": "".join(map(str, y))}
+            for r, y in zip(patients.itertuples(), label_matrix(patients))}
+
+
+def _resumed_split(patients, folder: Path, records: dict) -> Split:
+    """The split saved in `folder`/split.csv, its data compared with `records` (`check_same_data`)."""
+    path = folder / "split.csv"
+    try:
+        ids = load_split(path)
+        recorded = load_split_records(path)
+    except (OSError, SplitError) as e:
+        raise DataError(f"--resume {folder}: {one_line(e)}") from None
+    check_same_data(folder, ids, recorded, records)
+    return Split(_tables(patients, ids), records)
+
+
+def fold_tables(patients, cfg: Config, resume_dir: Path | None) -> list[Split]:
+    """--folds K: one Split (train, held-out fold, test) per fold (`split.cross_validation_split`: the test part
+    is the one a plain run with this seed has), saved by train.py as RUN/fold-N/split.csv once the folder is
+    claimed; reloaded from there, and compared with the data, when resuming."""
+    records = split_records(patients)
+    if resume_dir is not None:
+        return [_resumed_split(patients, fold_folder(resume_dir, n), records) for n in range(1, cfg.folds + 1)]
+    try:
+        folds, test = cross_validation_split(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
+    except ValueError as e:  # more folds than patients
+        raise ConfigError(f"--folds {cfg.folds}: {e}") from None
+    ids = patients["id"].to_numpy()
+    out = []
+    for n, held in enumerate(folds, 1):
+        train = np.sort(np.concatenate([f for m, f in enumerate(folds, 1) if m != n]))
+        out.append(Split(_tables(patients, (ids[train], ids[held], ids[test])), records))
+    return out
+
+
+def fold_folder(run_dir: Path, n: int) -> Path:
+    """Fold n's own run folder (1-based) inside a --folds run."""
+    return Path(run_dir) / f"fold-{n}"
+
+
+def _tables(patients, ids):
+    """The patients' rows of each part of a split, in the order of `ids`."""
     by_id = patients.set_index("id", drop=False)
-    return Split(tuple(by_id.loc[part].reset_index(drop=True) for part in ids), records)
+    return tuple(by_id.loc[part].reset_index(drop=True) for part in ids)
 
 
 def check_same_data(run: Path, ids, recorded: dict | None, now: dict) -> None:

@@ -29,7 +29,7 @@ from odir_dual.training.checkpoint import (CheckpointError, checkpoint_payload, 
 from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config
 from odir_dual.training.distributed import StopRequest, broadcast_flag, check_replicas
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import final_report, plain, write_html_report
+from odir_dual.training.evaluation import Fitted, final_report, plain, write_html_report
 from odir_dual.training.runlog import RunLog, format_duration, print_epoch, print_final_report
 from odir_dual.training.data import per_eye_targets
 
@@ -69,6 +69,9 @@ class Progress:
     ema: object = None  # timm ModelEmaV3 of the model when --model-ema
     epochs_done: int = 0  # complete epochs (passes over the training split)
     stopped_early: bool = False  # by --patience
+    # A finished epoch's training row whose validation a signal skipped: --resume validates it first, so that epoch
+    # can still become best.pt
+    unvalidated_row: dict | None = None
 
 
 @dataclass
@@ -91,7 +94,7 @@ class RunClock:
                 + (format_duration(eta) if eta is not None else "?"))
 
 
-def fit(run: Run, train_tab, val_tab, test_tab):
+def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
     report of best.pt on validation and test."""
     cfg, device = run.cfg, run.device
@@ -147,15 +150,26 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
     clock = RunClock(total_updates=updates_per_epoch * cfg.epochs, start_step=progress.step)
+    stop_now = False
+    header = True  # the validation table's header, once per process
+    if run.is_main and progress.unvalidated_row is not None:  # the epoch a signal ended before its validation
+        validate(run, model, val_loader, y_val, stepper.loss_fn, progress.unvalidated_row, progress, log, trivial,
+                 header=header, eval_model=stepper.eval_model, **checkpoint_args)
+        progress.unvalidated_row, header = None, False
+        save_last(run, stepper, progress, start_epoch - 1, **checkpoint_args)  # a second resume owes nothing
     for epoch in range(start_epoch, cfg.epochs):
         row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule, eye_targets, clock)
         finished_epoch = progress.step % updates_per_epoch == 0
         stop_now = broadcast_flag(run.should_stop(progress.step), device)
-        if run.is_main and finished_epoch and not run.stop.requested:  # a signal asks to stop now: no evaluation
+        if finished_epoch:
             row["lr"] = lr * lr_factor(progress.step - 1, **schedule)
+        if run.is_main and finished_epoch and run.stop.requested:  # a signal asks to stop now: no evaluation
+            progress.unvalidated_row = row
+        elif run.is_main and finished_epoch:
             validate(run, model, val_loader, y_val, stepper.loss_fn, row, progress, log, trivial,
-                     header=epoch == start_epoch, eval_model=stepper.eval_model, eta_s=clock.eta_s(progress.step),
+                     header=header, eval_model=stepper.eval_model, eta_s=clock.eta_s(progress.step),
                      **checkpoint_args)
+            header = False
         early = broadcast_flag(bool(cfg.patience and finished_epoch and not run.stop.requested
                                     and epoch + 1 - progress.best["epoch"] >= cfg.patience), device)
         progress.epochs_done, progress.stopped_early = progress.step // updates_per_epoch, early
@@ -169,17 +183,18 @@ def fit(run: Run, train_tab, val_tab, test_tab):
                         f"{progress.step}), last.pt saved; resume:")
                 command = f"{tool_command('train')} --resume {shell_path(run.run_dir)}"  # whole: copyable
                 print(f"{head} {command}" if len(head) + len(command) < 110 else f"{head}\n  {command}", flush=True)
-            return None
+            return Fitted(None, None, stopped=True, steps=progress.step)
         if stop_now or early:
             break
     check_replicas(model, device, run.is_main)
+    best = None
     if run.is_main:
         reached = -(-progress.step // updates_per_epoch)  # the epoch it ended in, counted from 1
         stopped = ("early stopping" if progress.stopped_early else "--stop-after-steps" if reached < cfg.epochs
                    or progress.step % updates_per_epoch else None)
-        return report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype,
+        best = report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype,
                            epochs={"reached": reached, "of": cfg.epochs, "stopped_by": stopped})
-    return None
+    return Fitted(*(best or (None, None)), stopped=bool(stop_now), steps=progress.step)
 
 
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
@@ -294,6 +309,7 @@ def restore(path: Path, model, stepper: Stepper, progress: Progress) -> int:
         stepper.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         progress.step, progress.best = int(state["step"]), dict(state["best"])
+        progress.unvalidated_row = state.get("unvalidated_row")
         return int(state["epoch"])
     except KeyError as e:
         why = f"it has no {e.args[0]!r} (written by export or by hand, not by train.py's last.pt)"
@@ -308,7 +324,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
     extra = {"optimizer": stepper.optimizer.state_dict(), "scaler": stepper.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state(),
              # whether this run is finished (train.py's --resume answers "finished" without touching the folder)
-             "epochs_done": progress.epochs_done, "stopped_early": progress.stopped_early}
+             "epochs_done": progress.epochs_done, "stopped_early": progress.stopped_early,
+             "unvalidated_row": progress.unvalidated_row}
     if progress.ema is not None:
         extra["model_ema"] = {k: v.detach().cpu() for k, v in progress.ema.module.state_dict().items()}
     save_checkpoint(checkpoint_payload(stepper.model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
@@ -320,7 +337,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
 def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epochs: dict | None = None):
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
-    predictions_{val,test}.csv and printed. `epochs`: how far training went (report.json's "epochs")."""
+    predictions_{val,test}.csv and printed. `epochs`: how far training went (report.json's "epochs").
+    Returns (best.pt's contents, its logits per split), or None without a completed epoch."""
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
         print(f"no completed epoch yet: continue with {tool_command('train')} --resume {shell_path(run.run_dir)}")
@@ -341,7 +359,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     report = final_report(run, ckpt, tables, logits, y_train, epochs)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
-    return ckpt
+    return ckpt, logits
 
 
 def _check_finite(first_bad, epoch, accum):
