@@ -4,8 +4,9 @@
     python export.py RUN -o model.onnx [--fp16] [--opset 20] [--check-images FOLDER]
 
 The ONNX file takes `left` and `right` (N, 3, img_px, img_px), normalised with the model's mean/std, and gives
-`probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; its metadata carries what score.py needs
-(classes, thresholds, img_px, mean, std, backbone, commit, config).
+`probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; a model trained with the per-eye head
+(--eye-loss-weight) also `eye_probs` (N, 2, 8) [left, right], calibrated on validation eyes. Its metadata carries
+what score.py needs (classes, thresholds, per-eye thresholds, img_px, mean, std, backbone, commit, config).
 
 The file is written only when the checks pass: `onnx.checker` (full check), and onnxruntime against PyTorch on
 random inputs and on real images (--check-images, else the run's validation patients when found), with a largest
@@ -35,6 +36,7 @@ from torch import nn
 
 from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
+from odir_dual.model.eyes import EYE_NAMES, LABELS_FOLLOW
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
 from odir_dual.pipeline.odir import SheetError
@@ -54,23 +56,40 @@ class ExportCheckError(RuntimeError):
 
 
 class ProbsAndLogits(nn.Module):
-    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype.
+    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype; with
+    `eye_calibration`, also eye_probs (N, 2, K) of the per-eye head: (probs, logits, eye_probs).
 
     probs are the calibrated probabilities: sigmoid(a * logits + b) with the per-class (a, b) that training fitted
     on validation (model.calibration; a = 1, b = 0 when the checkpoint has none), so every consumer of the ONNX
-    file (score.py, an ODIR submission) gets the same probabilities as the run's report."""
+    file (score.py, an ODIR submission) gets the same probabilities as the run's report; eye_probs likewise with
+    the per-eye head's (a, b), fitted on validation eyes (model/eyes.py)."""
 
-    def __init__(self, net: nn.Module, calibration: dict | None = None):
+    def __init__(self, net: nn.Module, calibration: dict | None = None, eye_calibration: dict | None = None):
         super().__init__()
         self.net = net
+        self.eyes = eye_calibration is not None
         k = net.config["num_classes"]
-        cal = calibration if calibration and "a" in calibration else None
-        self.register_buffer("scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
-        self.register_buffer("shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
+        for prefix, cal in (("", calibration), ("eye_", eye_calibration)):
+            cal = cal if cal and "a" in cal else None
+            self.register_buffer(f"{prefix}scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
+            self.register_buffer(f"{prefix}shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
 
     def forward(self, left: torch.Tensor, right: torch.Tensor):
-        logits = self.net(left, right).float()  # (N, 8)
-        return torch.sigmoid(logits * self.scale + self.shift), logits
+        if not self.eyes:
+            logits = self.net(left, right).float()  # (N, 8)
+            return torch.sigmoid(logits * self.scale + self.shift), logits
+        logits, eye_logits = self.net(left, right, eye_logits=True)  # (N, 8), (N, 2, 8)
+        logits = logits.float()
+        return (torch.sigmoid(logits * self.scale + self.shift), logits,
+                torch.sigmoid(eye_logits.float() * self.eye_scale + self.eye_shift))
+
+
+def exported_eye_calibration(ckpt: dict, net: nn.Module) -> dict | None:
+    """The per-eye head's calibration when the export includes it: a network with the head whose best.pt has the
+    per-eye thresholds fitted on validation eyes (train.py writes them); None otherwise (exported as before)."""
+    if not net.config.get("eye_head") or "eye_thresholds" not in ckpt:
+        return None
+    return ckpt.get("eye_calibration") or {"method": "none"}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -101,8 +120,9 @@ def _quiet():
 
 
 def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                  exporter: str = "auto", calibration: dict | None = None):
-    """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch.
+                  exporter: str = "auto", calibration: dict | None = None, eye_calibration: dict | None = None):
+    """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch (outputs probs, logits, and
+    eye_probs with `eye_calibration`).
 
     Args:
         exporter: "dynamo" (torch.export based), "torchscript" (the legacy tracer), or "auto": dynamo, falling back
@@ -112,9 +132,10 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         (model_proto, exporter actually used, message of the dynamo failure or "").
     """
     dtype = torch.float16 if fp16 else torch.float32
-    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration).eval()
+    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration, eye_calibration).eval()
     args = _example_inputs(img_px, dtype)
-    names = dict(input_names=["left", "right"], output_names=["probs", "logits"], opset_version=opset)
+    outputs = ["probs", "logits", *(["eye_probs"] if eye_calibration is not None else [])]
+    names = dict(input_names=["left", "right"], output_names=outputs, opset_version=opset)
     failure = ""
     if exporter in ("auto", "dynamo"):
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -131,13 +152,19 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         out = Path(tmp) / "model.onnx"
         with _quiet(), torch.no_grad():
             torch.onnx.export(wrapped, args, str(out), dynamo=False, verbose=False,
-                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", "probs", "logits")}, **names)
+                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", *outputs)}, **names)
         return onnx.load(str(out)), "torchscript", failure
 
 
-def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path) -> dict[str, str]:
+def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path,
+             eye_calibration: dict | None = None) -> dict[str, str]:
     """metadata_props of our ONNX files: plain strings, JSON for lists and dicts."""
     cfg = ckpt["config"]
+    eyes = {}
+    if eye_calibration is not None:  # the per-eye head's, applied to eye_probs; labels stay the patient head's
+        eyes = {"eye_thresholds": json.dumps([float(t) for t in ckpt["eye_thresholds"]]),
+                "eye_calibration": json.dumps(eye_calibration), "eye_order": json.dumps(list(EYE_NAMES)),
+                "labels_follow": LABELS_FOLLOW}
     return {
         "format": ONNX_FORMAT,
         "classes": json.dumps(list(ckpt["classes"])),
@@ -158,6 +185,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
+        **eyes,
     }
 
 
@@ -165,7 +193,8 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
     """Set metadata and write one self-contained .onnx file atomically (external data only past protobuf's 2 GB)."""
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = "odir-dual: (left, right) fundus photographs -> probs, logits (N, 8); see metadata_props"
+    proto.doc_string = ("odir-dual: (left, right) fundus photographs -> probs, logits (N, 8)[, eye_probs (N, 2, 8)]; "
+                        "see metadata_props")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     large = proto.ByteSize() > 1_900_000_000
@@ -182,14 +211,17 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
 
 
 def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool,
-                  calibration: dict | None = None) -> float:
-    """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model)."""
+                  calibration: dict | None = None, eye_calibration: dict | None = None) -> float:
+    """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model), over probs
+    and, with `eye_calibration`, eye_probs."""
     np_dtype = np.float16 if fp16 else np.float32
     feeds = {"left": left.numpy().astype(np_dtype), "right": right.numpy().astype(np_dtype)}
-    probs_ort = session.run(["probs"], feeds)[0]
+    eyes = eye_calibration is not None
+    ort = session.run(["probs", *(["eye_probs"] if eyes else [])], feeds)
     with torch.no_grad():
-        probs_pt = ProbsAndLogits(net, calibration)(left, right)[0].numpy()
-    return float(np.abs(probs_ort.astype(np.float64) - probs_pt).max())
+        ref = ProbsAndLogits(net, calibration, eye_calibration)(left, right)
+    pt = [ref[0], *([ref[2]] if eyes else [])]
+    return max(float(np.abs(a.astype(np.float64) - b.numpy()).max()) for a, b in zip(ort, pt))
 
 
 def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) -> tuple[list, str]:
@@ -245,14 +277,15 @@ def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, f
     g = torch.Generator().manual_seed(1234)  # fresh inputs, not the tracing ones, at another batch size
     img_px = int(ckpt["img_px"])
     left, right = (torch.randn(3, 3, img_px, img_px, generator=g) for _ in range(2))
-    cal = ckpt.get("calibration")
-    result = {"random": max_prob_diff(session, net, left, right, fp16, cal), "real": None, "tolerance": tol}
+    cal, eye_cal = ckpt.get("calibration"), exported_eye_calibration(ckpt, net)
+    result = {"random": max_prob_diff(session, net, left, right, fp16, cal, eye_cal), "real": None, "tolerance": tol}
     log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: random inputs (3 pairs) {result['random']:.2e}")
     if pairs:
         left, right = real_inputs(pairs, ckpt)
         used = len(left)
         if used:
-            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16, cal) for i in range(0, used, 8)]
+            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16, cal, eye_cal)
+                     for i in range(0, used, 8)]
             result["real"] = max(diffs)
             log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: real images ({pairs_note}, {used} read) "
                 f"{result['real']:.2e}")
@@ -304,12 +337,17 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
         log(f"removed {len(stale)} temporary file(s) of an earlier, killed export: {', '.join(stale)}")
     log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · epoch {ckpt.get('epoch')} · "
         f"commit {ckpt.get('commit', 'unknown')}")
+    eye_cal = exported_eye_calibration(ckpt, net)
+    if net.config.get("eye_head"):
+        log("per-eye head: exported as eye_probs (N, 2, 8), thresholds fitted on validation eyes" if eye_cal else
+            "per-eye head: not exported (this best.pt has no per-eye thresholds: trained before they were fitted)")
     proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter,
-                                         calibration=ckpt.get("calibration"))
+                                         calibration=ckpt.get("calibration"), eye_calibration=eye_cal)
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
-    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path))
+    save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
+                                    eye_calibration=eye_cal))
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)

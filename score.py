@@ -27,6 +27,11 @@ the patient was not scored (a missing eye, a truncated/corrupt/non-image file, a
 thresholds and the model they belong to are recorded: in a sheet "model" of the workbook, or for a CSV in
 `NAME.thresholds.json` beside it. `--submission` writes the ODIR submission format instead: exactly
 `ID,N,D,G,C,A,H,M,O` with probabilities, scored patients only.
+
+A model trained with the per-eye head (train.py --eye-loss-weight, on in the cpu preset) also says which eye:
+`findings` in words ("diabetes (left, right); cataract (right)", each eye's classes above the per-eye thresholds),
+`findings_vs_labels` ("same", or the classes where the eyes and the patient labels differ: the labels and pred_*
+are the patient head's, the official ones), and the calibrated per-eye probabilities left_p_N .. right_p_O.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.model.eyes import LABELS_FOLLOW, consistency, eye_columns
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
 from odir_dual.pipeline.light import pil_batches
@@ -80,8 +86,9 @@ def resolve_loader(loader: str = "auto") -> str:
 
 def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batch_size: int = 32,
                 tta: bool = False, device=None, progress: bool = True, num_threads: int | None = None,
-                loader: str = "auto") -> np.ndarray:
-    """Probabilities (N, K) for N prepared (left, right) image paths, in input order; streams in batches.
+                loader: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, K) for N prepared (left, right) image paths, in input order, and the per-eye probabilities
+    (N, 2, K) of a model with the per-eye head (else None); streams in batches.
 
     Args:
         session, meta, provider: from `load_session`.
@@ -95,8 +102,9 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
     """
     n = len(left)
     probs = np.zeros((n, len(meta["classes"])), np.float32)
+    eye_probs = np.zeros((n, 2, len(meta["classes"])), np.float32) if meta.get("eye_thresholds") is not None else None
     if n == 0:
-        return probs
+        return probs, eye_probs
     batch_size = min(batch_size, n)  # a batch larger than the folder only pads: --batch-size 4000 on 100 pairs
     make = _dali_batches if resolve_loader(loader) == "dali" else _pil_batches
     batches = make(list(left), list(right), meta, batch_size, device=device, num_threads=num_threads)
@@ -106,12 +114,15 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
         for lb, rb, index in batches:
             real = int((index >= 0).sum())  # the last batch is padded at its end (index -1): not worth running
             lb, rb, index = lb[:real], rb[:real], index[:real]
-            p = run(lb, rb)
+            p, e = run(lb, rb)
             if tta:
-                p = (p + run(_hflip(lb), _hflip(rb))) / 2
+                p_flip, e_flip = run(_hflip(lb), _hflip(rb))
+                p, e = (p + p_flip) / 2, None if e is None else (e + e_flip) / 2
             probs[index] = p
+            if eye_probs is not None:
+                eye_probs[index] = e
             bar.update(real)
-    return probs
+    return probs, eye_probs
 
 
 def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
@@ -143,8 +154,9 @@ def _hflip(batch):
 # ----------------------------------------------------------------------------------------------- output
 
 
-def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
-    """The output table: ID, probabilities, pred_*, labels, [true_labels], status (one row per patient)."""
+def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, eyes_by_row: dict | None = None):
+    """The output table: ID, probabilities, pred_*, labels, [findings, findings_vs_labels], [true_labels], status,
+    [left_p_*, right_p_*] (one row per patient; the per-eye columns with `eyes_by_row`: row → (2, K))."""
     classes = list(meta["classes"])
     thr = meta["thresholds"]
     rows = []
@@ -157,10 +169,15 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict):
         for j, c in enumerate(classes):
             row[f"pred_{c}"] = None if pred is None else int(pred[j])
         row["labels"] = "" if pred is None else ",".join(c for c, on in zip(classes, pred) if on)
+        if eyes_by_row is not None:
+            words, eye_probs = eye_columns(eyes_by_row.get(i), meta["eye_thresholds"], pred)
+            row.update(words)
         if table.attrs.get("labelled"):
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
         row["status"] = r.status if pred is None else flag_status(r.status, classes, pred)
+        if eyes_by_row is not None:
+            row.update(eye_probs)
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
 
@@ -254,18 +271,20 @@ def write_xlsx(frame, path, model_info: dict) -> None:
                  for v in r])
     ws.freeze_panes = "B2"
     for c, cell in enumerate(ws[1], start=1):
-        if str(cell.value).startswith("p_"):
+        if str(cell.value).startswith(("p_", "left_p_", "right_p_")):
             for col in ws.iter_cols(min_col=c, max_col=c, min_row=2):
                 for x in col:
                     x.number_format = "0.0000"
     info = wb.create_sheet("model")
     for key, value in model_info.items():
-        if key != "thresholds":
+        if key not in ("thresholds", "eye_thresholds"):
             put(info, [key, value if isinstance(value, (int, float)) else str(value)])
     put(info, [])
-    put(info, ["class", "name", "threshold (a probability above it is predicted)"])
+    eye = model_info.get("eye_thresholds")
+    put(info, ["class", "name", "threshold (a probability above it is predicted)",
+               *(["per-eye threshold (findings)"] if eye else [])])
     for c, t in model_info["thresholds"].items():
-        put(info, [c, CLASS_NAMES[c], t])
+        put(info, [c, CLASS_NAMES[c], t, *([eye[c]] if eye else [])])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "wb") as f:
@@ -287,7 +306,9 @@ def model_info(model_path, meta: dict, *, tta: bool = False) -> dict:
             "trained_on": printable(str(meta.get("config", {}).get("data", ""))),
             "probabilities": "calibrated per class on the run's validation patients" + (", TTA hflip" if tta else ""),
             "scored_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["thresholds"])}}
+            "thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["thresholds"])},
+            **({"eye_thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["eye_thresholds"])},
+                "labels_follow": LABELS_FOLLOW} if meta.get("eye_thresholds") is not None else {})}
 
 
 def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> list[Path]:
@@ -379,15 +400,17 @@ def input_files(folder, table) -> list[tuple[str, str]]:
     return files
 
 
-def checked_outputs(probs: np.ndarray, ok: np.ndarray, table) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only the patients whose 8 model outputs are finite probabilities in [0, 1]; the others get a status
-    saying what the model returned (a damaged or hand-edited model), never "ok". Returns (probs, ok) of the kept."""
-    finite = np.isfinite(probs).all(axis=1)
-    good = finite & ((probs >= 0) & (probs <= 1)).all(axis=1)
+def checked_outputs(probs: np.ndarray, ok: np.ndarray, table, eye_probs=None):
+    """Keep only the patients whose 8 model outputs (and 2 x 8 per-eye outputs, when given) are finite
+    probabilities in [0, 1]; the others get a status saying what the model returned (a damaged or hand-edited
+    model), never "ok". Returns (probs, ok, eye_probs) of the kept."""
+    every = probs if eye_probs is None else np.concatenate([probs, eye_probs.reshape(len(probs), -1)], axis=1)
+    finite = np.isfinite(every).all(axis=1)
+    good = finite & ((every >= 0) & (every <= 1)).all(axis=1)
     for i, fin in zip(ok[~good], finite[~good]):
         table.iat[int(i), table.columns.get_loc("status")] = (
             "model output not finite (NaN or infinite probability)" if not fin else "model output outside [0, 1]")
-    return probs[good], ok[good]
+    return probs[good], ok[good], None if eye_probs is None else eye_probs[good]
 
 
 def resolve_model(path) -> Path:
@@ -443,14 +466,20 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
-    probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
-                        provider=provider, batch_size=batch_size, tta=tta, progress=progress, loader=loader,
-                        num_threads=loader_threads)
-    probs, ok = checked_outputs(probs, ok, table)
-    frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta)
+    probs, eye_probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
+                                   provider=provider, batch_size=batch_size, tta=tta, progress=progress,
+                                   loader=loader, num_threads=loader_threads)
+    probs, ok, eye_probs = checked_outputs(probs, ok, table, eye_probs)
+    frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta,
+                              None if eye_probs is None else dict(zip(ok.tolist(), eye_probs)))
     written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission)
     for line in status_summary(frame, ignored):
         log(line)
+    if eye_probs is not None:
+        agree = consistency(probs > meta["thresholds"], eye_probs > meta["eye_thresholds"])
+        log(f"per-eye findings (column findings): they differ from the patient labels for "
+            f"{agree['patients_differing']} of {len(probs)} patients (column findings_vs_labels; the labels are "
+            "the official ones)")
     report = None
     if table.attrs.get("labelled") and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
@@ -459,8 +488,8 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     what = "ODIR submission format" if submission else "Excel workbook" if len(written) == 1 else "predictions"
     log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
         f"{time.perf_counter() - t0:.1f} s")
-    return dict(frame=frame, probs=probs, table=table, ignored=ignored, metrics=report, out=out, provider=provider,
-                loader=loader, meta=meta, model=model_path)
+    return dict(frame=frame, probs=probs, eye_probs=eye_probs, table=table, ignored=ignored, metrics=report, out=out,
+                provider=provider, loader=loader, meta=meta, model=model_path)
 
 
 def main(argv=None) -> int:

@@ -25,9 +25,11 @@ from tqdm import tqdm
 from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
                              tune_thresholds)
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
+from odir_dual.model.eyes import fit_eye_head
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
 from odir_dual.pipeline.host import Terminated, progress_enabled, run_cli
+from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import SheetError, describe, find_layout, label_matrix
 from odir_dual.pipeline.pairs import DataError, left_out_summary
 from odir_dual.pipeline.prepare import CacheError
@@ -173,6 +175,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)
     stepper = make_stepper(model, cfg, device, lr, pos_weights_from_labels(y_train).to(device), run.world)
     eye_targets = per_eye_targets(train_tab, device, run.is_main) if cfg.eye_loss_weight > 0 else None
+    val_eyes = eye_label_matrix(val_tab) if cfg.eye_loss_weight > 0 else None  # fits the per-eye head's outputs
 
     progress = Progress()
     if cfg.model_ema:
@@ -217,7 +220,8 @@ def fit(run: Run, train_tab, val_tab, test_tab):
         if run.is_main and finished_epoch:
             row["lr"] = lr * lr_factor(progress.step - 1, **schedule)
             validate(run, model, val_loader, y_val, stepper.loss_fn, row, progress, log, trivial,
-                     header=epoch == start_epoch, eval_model=stepper.eval_model, **checkpoint_args)
+                     header=epoch == start_epoch, eval_model=stepper.eval_model, val_eyes=val_eyes,
+                     **checkpoint_args)
         if run.is_main:
             save_last(run, stepper, progress, epoch, **checkpoint_args)
         early = broadcast_flag(bool(cfg.patience and finished_epoch
@@ -290,9 +294,10 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
 
 
 def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: Progress, log: RunLog, trivial,
-             *, header: bool, mean, std, eval_model=None) -> None:
+             *, header: bool, mean, std, eval_model=None, val_eyes=None) -> None:
     """Validation metrics into the epoch's row (metrics.csv, console); a better `select_metric` writes best.pt with
-    the calibration fitted and the thresholds tuned on these validation logits.
+    the calibration fitted and the thresholds tuned on these validation logits (and with `val_eyes`, the validation
+    eyes' (keyword labels, usable) of the per-eye head, its own calibration and thresholds: model/eyes.py).
     `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
     the moving average is what is validated and saved."""
     cfg = run.cfg
@@ -300,7 +305,9 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     amp_dtype = autocast_dtype(cfg.precision, run.device)
     t0 = time.perf_counter()
     runner = eval_model if eval_model is not None else model  # (a compiled module has no truth value)
-    logits = predict(weights if progress.ema is not None else runner, val_loader, amp_dtype, run.device, len(y_val))
+    logits = predict(weights if progress.ema is not None else runner, val_loader, amp_dtype, run.device, len(y_val),
+                     eye_logits=val_eyes is not None)
+    logits, eye_logits = logits if val_eyes is not None else (logits, None)
     val_s = time.perf_counter() - t0  # predict ends with a copy to the CPU: the device's work is included
     val_loss = float(loss_fn(logits, torch.as_tensor(y_val, dtype=torch.float32)))
     metrics = evaluate(y_val, torch.sigmoid(logits).numpy())
@@ -324,6 +331,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
         progress.thresholds = tune_thresholds(y_val, probs)
         metrics = evaluate(y_val, probs, progress.thresholds)
         extra = {"val_metrics": plain(metrics), "trivial_metrics": plain(trivial), "calibration": calibration}
+        if eye_logits is not None:
+            extra.update(fit_eye_head(eye_logits.numpy(), *val_eyes, cfg.calibration))
         save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
                                            epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra),
                         run.run_dir / "best.pt")
@@ -353,15 +362,18 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype):
     if run.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(run.cfg.precision, run.device)
-    logits = {"validation": predict(model, val_loader, amp_dtype, run.device, len(val_tab)).numpy()}
-    tables = {"validation": val_tab}
+    loaders, tables = {"validation": val_loader}, {"validation": val_tab}
     if len(test_tab):
-        test_loader = eval_loader(test_tab["left"], test_tab["right"], val_loader.source.batch_size,
-                                  run.cfg.img_px, run.device, dtype=in_dtype, mean=ckpt["mean"], std=ckpt["std"],
-                                  num_threads=run.cfg.loader_threads or None)
-        logits["test"] = predict(model, test_loader, amp_dtype, run.device, len(test_tab)).numpy()
+        loaders["test"] = eval_loader(test_tab["left"], test_tab["right"], val_loader.source.batch_size,
+                                      run.cfg.img_px, run.device, dtype=in_dtype, mean=ckpt["mean"], std=ckpt["std"],
+                                      num_threads=run.cfg.loader_threads or None)
         tables["test"] = test_tab
-    report = final_report(run, ckpt, tables, logits, y_train)
+    eyes = "eye_thresholds" in ckpt  # the per-eye head, fitted on validation eyes: its figures too
+    logits, eye_logits = {}, {}
+    for split, loader in loaders.items():
+        out = predict(model, loader, amp_dtype, run.device, len(tables[split]), eye_logits=eyes)
+        logits[split], eye_logits[split] = (out[0].numpy(), out[1].numpy()) if eyes else (out.numpy(), None)
+    report = final_report(run, ckpt, tables, logits, y_train, eye_logits=eye_logits if eyes else None)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
     return ckpt
