@@ -55,7 +55,8 @@ FORM = """<form method=post action=/ enctype=multipart/form-data>
 DISEASE = {c: name[0].upper() + name[1:] for c, name in CLASS_NAMES.items()}  # "Normal", ..., "AMD", "Other"
 STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;font-size:14px}
 .synthetic{background:#b00020;color:#fff;font-size:18px;font-weight:bold;padding:.8em 1em;margin:.6em 0}
-.note{color:#555;font-size:13px}a.download{margin-right:1em}p.found{font-size:15px;margin:.1em 0 .8em}"""
+.note{color:#555;font-size:13px}a.download{margin-right:1em}
+p.found{font-size:15px;margin:.2em 0 .8em;background:#fff4d6;padding:.3em .6em;display:inline-block}"""
 
 
 def model_identity(run, explainer: Explainer) -> dict:

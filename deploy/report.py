@@ -268,12 +268,13 @@ def _eye_section(key: str, eyes: dict) -> list[str]:
         out.append(_table(["class", "positive eyes", "AUC", "F1 (per-eye thresholds)", "naive AUC", "naive F1"],
                           rows, f"{key}-eyes"))
     agree = eyes["consistency"]
-    out.append(f"<p class=note id={key}-eyes-agree>Patient labels against the eyes' findings on {agree['patients']} "
-               f"patients: {agree['patients_differing']} differ. A label positive with no eye above its threshold: "
-               + _e(" ".join(f"{c} {v}" for c, v in agree["labels_only"].items()))
-               + "; an eye above its threshold with the label negative: "
-               + _e(" ".join(f"{c} {v}" for c, v in agree["eyes_only"].items()))
-               + ". The labels (the patient head's) are the official ones.</p>")
+    out.append(_table([f"patient labels against the eyes' findings ({agree['patients']} patients)", *CLASSES],
+                      [[what, *(str(agree[k][c]) for c in CLASSES)] for what, k in (
+                          ("label positive, no eye above its threshold", "labels_only"),
+                          ("an eye above its threshold, label negative", "eyes_only"))], f"{key}-eyes-agree"))
+    out.append(f"<p class=note>{agree['patients_differing']} of {agree['patients']} patients differ in some class "
+               "(an eye's N counts for the patient only when both eyes are normal). The labels, the patient head's, "
+               "are the official ones.</p>")
     return out
 
 

@@ -68,6 +68,8 @@ def test_exported_eye_probs_equal_pytorch_and_the_thresholds_are_in_the_metadata
     assert eye_probs.shape == (5, 2, len(CLASSES))
     np.testing.assert_allclose(eye_probs, reference_eye_probs(eye_onnx["checkpoint"], left, right), atol=1e-4, rtol=0)
     assert eye_onnx["diffs"]["random"] <= export.FP32_TOL  # export's own check covers eye_probs too
+    card = eye_onnx["card"].read_text()
+    assert "`eye_probs` (N, 2, 8) [left, right]" in card and "## Per-eye findings" in card
 
 
 def test_a_model_without_the_head_exports_as_before(tiny_onnx):
@@ -276,7 +278,7 @@ def test_final_report_console_and_run_page_give_the_per_eye_figures(tmp_path, ca
     page = "".join(report._split_section("Test", out["test"], [0.55] * 8))  # report.html's section of the split
     table = page.split("<table id=test-eyes>")[1].split("</table>")[0]
     assert "0.938" in table and "0.750" in table and "0.375" in table and "0.400" in table
-    assert "1 differ" in page
+    assert "1 of 4 patients differ" in page and "<table id=test-eyes-agree>" in page
 
 
 # ----------------------------------------------------------------------------------------------- the pages
@@ -337,3 +339,14 @@ def test_web_page_shows_the_findings_per_eye_and_the_download_carries_them(eye_o
     assert len(rows) == 1 + len(CLASSES) and len(rows[1].split(",")) == 10
     headless = serve.explain_upload(report.Explainer(tiny_checkpoint), images["left"], images["right"])
     assert "Findings in the" not in headless and "left_probability" not in headless
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_io_binding_gives_the_eye_probs_too(eye_onnx, tmp_path):
+    folder = pair_folder(tmp_path / "images", [1, 2, 3])
+    common = dict(cache_dir=tmp_path / "c", batch_size=2, progress=False, workers=1, log=lambda *a: None)
+    cpu = score.score_folder(eye_onnx["path"], folder, out=tmp_path / "cpu.csv", provider="cpu", **common)
+    gpu = score.score_folder(eye_onnx["path"], folder, out=tmp_path / "gpu.csv", provider="cuda", **common)
+    assert gpu["provider"] == "cuda" and gpu["eye_probs"].shape == (3, 2, len(CLASSES))
+    np.testing.assert_allclose(gpu["eye_probs"], cpu["eye_probs"], atol=2e-2)  # nvJPEG: a few grey levels
