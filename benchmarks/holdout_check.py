@@ -100,7 +100,9 @@ def findings_beside_keywords(scored, truth, eye_thresholds, n: int) -> list[str]
         true = ",".join(c for c in CLASSES if t[c] == 1)
         labels = r["labels"] if isinstance(r["labels"], str) else "-"  # a blank cell reads back as NaN
         lines.append(f"patient {pid}: labels {labels} (sheet {true}) · findings: {r['findings']}")
-        lines += [f"  {e:<5} keywords: {t[f'{e}_keywords']!s:<48} findings: {found[e]}" for e in EYE_NAMES]
+        said = eye_findings(eye_label_matrix(truth.loc[[pid]])[0][0] > 0.5)  # the keywords as the loss reads them
+        lines += [f"  {e:<5} keywords: {t[f'{e}_keywords']!s} [{said[e]}]\n  {'':<5} findings: {found[e]}"
+                  for e in EYE_NAMES]
     return lines
 
 
