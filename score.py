@@ -52,7 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from odir_dual.model import multilabel_metrics, odir_score
-from odir_dual.model.eyes import LABELS_FOLLOW, consistency, eye_columns
+from odir_dual.model.eyes import LABELS_FOLLOW, disagreement_line, eye_columns
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
 from odir_dual.pipeline.light import pil_batches
@@ -170,14 +170,14 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, ey
             row[f"pred_{c}"] = None if pred is None else int(pred[j])
         row["labels"] = "" if pred is None else ",".join(c for c, on in zip(classes, pred) if on)
         if eyes_by_row is not None:
-            words, eye_probs = eye_columns(eyes_by_row.get(i), meta["eye_thresholds"], pred)
+            words, eye_cells = eye_columns(eyes_by_row.get(i), meta["eye_thresholds"], pred)
             row.update(words)
         if table.attrs.get("labelled"):
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
         row["status"] = r.status if pred is None else flag_status(r.status, classes, pred)
         if eyes_by_row is not None:
-            row.update(eye_probs)
+            row.update(eye_cells)
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
 
@@ -476,10 +476,7 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     for line in status_summary(frame, ignored):
         log(line)
     if eye_probs is not None:
-        agree = consistency(probs > meta["thresholds"], eye_probs > meta["eye_thresholds"])
-        log(f"per-eye findings (column findings): they differ from the patient labels for "
-            f"{agree['patients_differing']} of {len(probs)} patients (column findings_vs_labels; the labels are "
-            "the official ones)")
+        log(disagreement_line(probs > meta["thresholds"], eye_probs > meta["eye_thresholds"]))
     report = None
     if table.attrs.get("labelled") and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)

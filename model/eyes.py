@@ -93,6 +93,13 @@ def consistency(patient_pred, eye_pred) -> dict:
             "patients_differing": int((patient != union).any(1).sum())}
 
 
+def disagreement_line(patient_pred, eye_pred) -> str:
+    """score.py's console line on how many scored patients' findings differ from their labels."""
+    agree = consistency(patient_pred, eye_pred)
+    return (f"per-eye findings (column findings): they differ from the patient labels for {agree['patients_differing']}"
+            f" of {agree['patients']} patients (column findings_vs_labels; the labels are the official ones)")
+
+
 def _figures(y, p, thresholds, groups, seed) -> tuple[dict, dict]:
     """Per class AUC and F1 (at `thresholds`) of rows y, p, and their 95 % intervals (eyes resampled by patient)."""
     m = multilabel_metrics(y, p, thresholds)

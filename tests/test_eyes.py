@@ -78,6 +78,23 @@ def test_a_model_without_the_head_exports_as_before(tiny_onnx):
     assert "eye_thresholds" not in meta["raw"]
 
 
+@pytest.mark.parametrize("outputs, eye_thresholds, message", [
+    (("probs", "logits", "eye_probs"), None, r"outputs probs, logits, eye_probs; expected exactly probs, logits;"),
+    (("probs", "logits"), "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]", r"expected exactly probs, logits, eye_probs \(the "
+                                                                      r"metadata has per-eye thresholds\)"),
+    (("probs", "logits", "eye_probs"), "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]",
+     r"output eye_probs has shape \['N', 8\], expected \(N, 2, 8\)"),
+])
+def test_per_eye_outputs_and_thresholds_must_come_together(tiny_onnx, tmp_path, outputs, eye_thresholds, message):
+    from test_faults import onnx_model
+
+    raw = dict(runtime.load_session(tiny_onnx["path"], "cpu")[1]["raw"])
+    if eye_thresholds:
+        raw["eye_thresholds"] = eye_thresholds
+    with pytest.raises(runtime.ModelFileError, match=message):
+        runtime.load_session(onnx_model(tmp_path / "m.onnx", raw, outputs=outputs), "cpu")
+
+
 def test_the_cpu_preset_keeps_the_per_eye_head():
     cfg = config.resolve_config({"preset": "cpu"})
     assert cfg.eye_loss_weight > 0
