@@ -80,8 +80,8 @@ def test_a_model_without_the_head_exports_as_before(tiny_onnx):
 
 @pytest.mark.parametrize("outputs, eye_thresholds, message", [
     (("probs", "logits", "eye_probs"), None, r"outputs probs, logits, eye_probs; expected exactly probs, logits;"),
-    (("probs", "logits"), "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]", r"expected exactly probs, logits, eye_probs \(the "
-                                                                      r"metadata has per-eye thresholds\)"),
+    (("probs", "logits"), "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]",
+     r"expected exactly probs, logits, eye_probs \(the metadata has per-eye thresholds\)"),
     (("probs", "logits", "eye_probs"), "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]",
      r"output eye_probs has shape \['N', 8\], expected \(N, 2, 8\)"),
 ])
