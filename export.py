@@ -34,12 +34,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
+from odir_dual.common.errors import OdirError
+from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint
 from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
-from odir_dual.model.eyes import EYE_NAMES, LABELS_FOLLOW
+from odir_dual.model.eyes import LABELS_FOLLOW
+from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import ArgParser, check_output, remove_stale_temporaries, run_cli, shell_path, tool_command
-from odir_dual.pipeline.odir import SheetError
+from odir_dual.pipeline.host import check_output, remove_stale_temporaries
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
@@ -51,7 +53,7 @@ CHECK_PAIRS = 16  # real image pairs compared per export
 EXAMPLE_BATCH = 2  # batch of the tracing inputs; the checks run other batch sizes to prove the batch is dynamic
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(OdirError, RuntimeError):
     """The exported model disagrees with PyTorch (or fails the ONNX checker)."""
 
 
@@ -163,7 +165,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
     eyes = {}
     if eye_calibration is not None:  # the per-eye head's, applied to eye_probs; labels stay the patient head's
         eyes = {"eye_thresholds": json.dumps([float(t) for t in ckpt["eye_thresholds"]]),
-                "eye_calibration": json.dumps(eye_calibration), "eye_order": json.dumps(list(EYE_NAMES)),
+                "eye_calibration": json.dumps(eye_calibration), "eye_order": json.dumps(list(EYES)),
                 "labels_follow": LABELS_FOLLOW}
     return {
         "format": ONNX_FORMAT,
@@ -383,8 +385,7 @@ def main(argv=None) -> int:
         ap.error(f"--opset {args.opset}: use 18 or newer")
     return run_cli(lambda: export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset,
                                   check_images=args.check_images, exporter=args.exporter) and 0,
-                   "export.py", errors=(CheckpointError, ExportCheckError, SheetError),
-                   interrupted="no ONNX file was written")
+                   "export.py", interrupted="no ONNX file was written")
 
 
 if __name__ == "__main__":

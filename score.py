@@ -51,14 +51,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from odir_dual.common.cli import ArgParser, run_cli
+from odir_dual.common.errors import OdirError, printable
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.eyes import LABELS_FOLLOW, disagreement_line, eye_columns
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import ArgParser, atomic_write, check_output, printable, progress_enabled, run_cli
+from odir_dual.pipeline.host import atomic_write, check_output, progress_enabled
 from odir_dual.pipeline.light import pil_batches
-from odir_dual.pipeline.odir import SheetError, find_layout
+from odir_dual.pipeline.odir import find_layout
 from odir_dual.pipeline.pairs import NAMING_HELP, NamePattern, default_cache, find_pairs, prepare_pairs
-from odir_dual.pipeline.prepare import CacheError
 from odir_dual.deploy.report import write_folder_report
 from odir_dual.deploy.runtime import ModelFileError, OrtRunner, load_session
 
@@ -66,7 +67,7 @@ SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly:
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula (OWASP)
 
 
-class ScoreError(ValueError):
+class ScoreError(OdirError, ValueError):
     """Nothing to score, or nowhere to write the result; the message names the folder or file."""
 
 
@@ -80,7 +81,7 @@ def resolve_loader(loader: str = "auto") -> str:
         raise ValueError(f"loader {loader!r}: choose {', '.join(LOADERS)}")
     full = all(importlib.util.find_spec(m) is not None for m in ("torch", "nvidia.dali"))
     if loader == "dali" and not full:
-        raise SystemExit("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")
+        raise ScoreError("--loader dali: needs torch and nvidia-dali (the full install: pip install '.[train]')")
     return loader if loader != "auto" else "dali" if full else "pil"
 
 
@@ -537,8 +538,7 @@ def main(argv=None) -> int:
         ap.error(f"-o {args.out}: a workbook is written as .xlsx (or give a .csv name)")
     if args.submission and args.out and Path(args.out).suffix.lower() == ".xlsx":
         ap.error("--submission writes the ODIR CSV format: give -o a .csv name")
-    return run_cli(lambda: _score_and_report(args),
-                   "score.py", errors=(ModelFileError, SheetError, ScoreError, CacheError),
+    return run_cli(lambda: _score_and_report(args), "score.py",
                    interrupted="nothing written; the images prepared so far are cached, so a rerun goes faster")
 
 

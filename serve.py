@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from odir_dual.model.eyes import EYE_NAMES, eye_findings, findings
+from odir_dual.common.cli import ArgParser
+from odir_dual.common.errors import OdirError
+from odir_dual.model.eyes import eye_findings, findings
 from odir_dual.pipeline import prepare
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import ArgParser
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.prepare import BadImage
 from odir_dual.pipeline.split import load_split
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -100,8 +101,8 @@ def result_links(result: dict) -> str:
                                                             "left_found,right_found" if eyes else "")] + [
         f"{c},{DISEASE[c]},{result['probabilities'][c]:.6f},{result['thresholds'][c]:.4f},"
         f"{int(c in result['predicted'])}"
-        + ("".join(f",{eyes[e]['probabilities'][c]:.6f}" for e in EYE_NAMES) + f",{eyes['thresholds'][c]:.4f}"
-           + "".join(f",{int(c in eyes[e]['found'])}" for e in EYE_NAMES) if eyes else "") for c in CLASSES]
+        + ("".join(f",{eyes[e]['probabilities'][c]:.6f}" for e in EYES) + f",{eyes['thresholds'][c]:.4f}"
+           + "".join(f",{int(c in eyes[e]['found'])}" for e in EYES) if eyes else "") for c in CLASSES]
     uri = lambda text, kind: f"data:{kind};base64," + base64.b64encode(text.encode()).decode()  # noqa: E731
     return (f"<p><a class=download download='odir-result.json' href='{uri(as_json, 'application/json')}'>Download "
             f"the result (JSON)</a><a class=download download='odir-result.csv' "
@@ -112,7 +113,7 @@ def eye_result(eye_probs, eye_thresholds) -> dict:
     """The download's per-eye part: findings in words, and per eye its probabilities and classes found."""
     eye_pred = np.asarray(eye_probs) > np.asarray(eye_thresholds)  # (2, K)
     per_eye = {e: {"probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, eye_probs[i])},
-                   "found": [c for c, on in zip(CLASSES, eye_pred[i]) if on]} for i, e in enumerate(EYE_NAMES)}
+                   "found": [c for c, on in zip(CLASSES, eye_pred[i]) if on]} for i, e in enumerate(EYES)}
     return {"findings": findings(eye_pred),
             "eyes": {"thresholds": {c: round(float(t), 6) for c, t in zip(CLASSES, eye_thresholds)}, **per_eye}}
 
@@ -284,11 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
-    from odir_dual.training.checkpoint import CheckpointError  # slow: imports torch; --help must not wait for it
-
     try:
         explainer = Explainer(args.run)
-    except CheckpointError as e:
+    except OdirError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
     if not 0 <= args.port <= 65535:

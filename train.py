@@ -22,20 +22,20 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from odir_dual.common.cli import Terminated, run_cli
 from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
                              tune_thresholds)
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.model.eyes import fit_eye_head
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
-from odir_dual.pipeline.host import Terminated, progress_enabled, run_cli
+from odir_dual.pipeline.host import progress_enabled
 from odir_dual.pipeline.keywords import eye_label_matrix
-from odir_dual.pipeline.odir import SheetError, describe, find_layout, label_matrix
-from odir_dual.pipeline.pairs import DataError, left_out_summary
-from odir_dual.pipeline.prepare import CacheError
-from odir_dual.training.checkpoint import (CheckpointError, build_model, checkpoint_payload, git_commit,
-                                           library_versions, load_checkpoint, model_from_checkpoint,
-                                           save_checkpoint, saved_run_config, weights_description)
+from odir_dual.pipeline.odir import describe, find_layout, label_matrix
+from odir_dual.pipeline.pairs import left_out_summary
+from odir_dual.training.checkpoint import (build_model, checkpoint_payload, git_commit, library_versions,
+                                           load_checkpoint, model_from_checkpoint, save_checkpoint,
+                                           saved_run_config, weights_description)
 from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
 from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
@@ -396,7 +396,6 @@ def cli(argv=None) -> int:
     """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
     file, row, column or flag, an interruption says what was kept."""
     return run_cli(lambda: main(argv) and None, "train.py",
-                   errors=(DataError, SheetError, CheckpointError, RunFolderError, CacheError),
                    interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")
 
 

@@ -25,8 +25,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT  # noqa: E402
 from odir_dual.model import multilabel_metrics, odir_score  # noqa: E402
-from odir_dual.model.eyes import EYE_NAMES, eye_figures, eye_findings  # noqa: E402
-from odir_dual.pipeline.constants import CLASSES  # noqa: E402
+from odir_dual.model.eyes import eye_figures, eye_findings  # noqa: E402
+from odir_dual.pipeline.constants import CLASSES, EYES  # noqa: E402
 from odir_dual.pipeline.keywords import eye_label_matrix  # noqa: E402
 from odir_dual.pipeline.odir import read_patients, subset_folder  # noqa: E402
 from odir_dual.pipeline.split import load_split  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     eyes = "findings" in scored.columns and theirs.get("eyes", {}).get("model")
     if eyes:  # the per-eye head: its AUC per class on the same eyes
         eye_thr = np.array([report["eye_thresholds"][c] for c in CLASSES])
-        eye_probs = scored[[f"{e}_p_{c}" for e in EYE_NAMES for c in CLASSES]].to_numpy(float).reshape(-1, 2, 8)
+        eye_probs = scored[[f"{e}_p_{c}" for e in EYES for c in CLASSES]].to_numpy(float).reshape(-1, 2, 8)
         mine = eye_figures(*eye_label_matrix(truth), eye_probs, eye_thr, probs, thresholds)["model"]
         rows += [(f"per-eye AUC {c}", mine["auc"][c], theirs["eyes"]["model"]["auc"][c]) for c in CLASSES]
     print(f"\n{'figure':<28} {'score.py (ONNX)':>16} {'report.json':>12}  same to 3 decimals")
@@ -95,14 +95,14 @@ def findings_beside_keywords(scored, truth, eye_thresholds, n: int) -> list[str]
              "eye's finding name what its keywords say?)"]
     for pid in ids[:n]:
         r, t = scored.loc[pid], truth.loc[pid]
-        probs = np.array([[r[f"{e}_p_{c}"] for c in CLASSES] for e in EYE_NAMES], float)
+        probs = np.array([[r[f"{e}_p_{c}"] for c in CLASSES] for e in EYES], float)
         found = eye_findings(probs > eye_thresholds)
         true = ",".join(c for c in CLASSES if t[c] == 1)
         labels = r["labels"] if isinstance(r["labels"], str) else "-"  # a blank cell reads back as NaN
         lines.append(f"patient {pid}: labels {labels} (sheet {true}) · findings: {r['findings']}")
         said = eye_findings(eye_label_matrix(truth.loc[[pid]])[0][0] > 0.5)  # the keywords as the loss reads them
         lines += [f"  {e:<5} keywords: {t[f'{e}_keywords']!s} [{said[e]}]\n  {'':<5} findings: {found[e]}"
-                  for e in EYE_NAMES]
+                  for e in EYES]
     return lines
 
 

@@ -26,9 +26,9 @@ from PIL import Image
 
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.calibration import apply_calibration, describe_calibration
-from odir_dual.model.eyes import EYE_NAMES, eye_findings
+from odir_dual.model.eyes import eye_findings
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.pipeline.host import atomic_write
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
@@ -698,7 +698,7 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
         eyes = ""
         if ok[i]:
             found = _row_eye_findings(r, eye_thr) if eye_thr is not None else {}
-            for eye in EYE_NAMES:
+            for eye in EYES:
                 thumb = files_dir / f"{_safe(r.ID)}_{eye}.jpg"
                 save_image(network_view(t[f"{eye}_prepared"], thumb_px), thumb)
                 eyes += _img(thumb.relative_to(out_dir).as_posix(), eye, thumb_px, found.get(eye))
@@ -748,7 +748,7 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
 
 def _row_eye_findings(r, eye_thresholds) -> dict[str, str]:
     """{"left": "normal", "right": "diabetes, cataract"} from a predictions row's left_p_* and right_p_*."""
-    probs = np.array([[float(r[f"{eye}_p_{c}"]) for c in CLASSES] for eye in EYE_NAMES])  # (2, K)
+    probs = np.array([[float(r[f"{eye}_p_{c}"]) for c in CLASSES] for eye in EYES])  # (2, K)
     return eye_findings(probs > np.asarray(eye_thresholds))
 
 

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.constants import MAX_IMG_PX, MAX_PREPARE_PX
 from odir_dual.pipeline.host import usable_cores
 
 ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of every ONNX file export.py writes
 
 
-class ModelFileError(ValueError):
+class ModelFileError(OdirError, ValueError):
     """Not an ONNX model exported by export.py; the message names the file."""
+
+
+class ProviderError(OdirError, ValueError):
+    """An onnxruntime provider that cannot be used here (`--provider cuda` without a usable GPU)."""
 
 
 def cuda_usable() -> bool:
@@ -57,12 +62,12 @@ def _driver_gpu_count() -> int:
 def resolve_provider(provider: str = "auto") -> str:
     """auto → "cuda" when usable, else "cpu". Asking for cuda where it is not usable is an error."""
     if provider not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"provider {provider!r}: choose auto, cpu or cuda")
+        raise ProviderError(f"provider {provider!r}: choose auto, cpu or cuda")
     if provider == "cpu":
         return "cpu"
     usable = cuda_usable()
     if provider == "cuda" and not usable:
-        raise SystemExit("--provider cuda: no CUDA GPU visible to torch, or onnxruntime has no CUDA provider")
+        raise ProviderError("--provider cuda: no CUDA GPU visible to torch, or onnxruntime has no CUDA provider")
     return "cuda" if usable else "cpu"
 
 

@@ -16,10 +16,9 @@ import numpy as np
 
 from odir_dual.model.calibration import apply_calibration, fit_calibration
 from odir_dual.model.metrics import BOOTSTRAP_RESAMPLES, bootstrap_intervals, multilabel_metrics, tune_thresholds
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.keywords import patient_from_eyes
 
-EYE_NAMES = ("left", "right")  # the order of the eye axis of every (N, 2, K) array
 LABELS_FOLLOW = ("labels and pred_* are the patient head's (the official ODIR labels); findings are the per-eye "
                  "head's, each eye at its own thresholds; findings_vs_labels names the classes where the two differ")
 
@@ -58,7 +57,7 @@ def findings(eye_pred) -> str:
     "normal (left); diabetes (right)", "diabetes (left, right); cataract (right)"; "none" when no class of either
     eye is above its threshold."""
     eye_pred = np.asarray(eye_pred).astype(bool)
-    parts = [f"{CLASS_NAMES[c]} ({', '.join(e for e, on in zip(EYE_NAMES, eye_pred[:, k]) if on)})"
+    parts = [f"{CLASS_NAMES[c]} ({', '.join(e for e, on in zip(EYES, eye_pred[:, k]) if on)})"
              for k, c in enumerate(CLASSES) if eye_pred[:, k].any()]
     return "; ".join(parts) or "none"
 
@@ -67,7 +66,7 @@ def eye_findings(eye_pred) -> dict[str, str]:
     """(2, K) 0/1 → {"left": "normal", "right": "diabetes, cataract"}: each eye's own findings ("none")."""
     eye_pred = np.asarray(eye_pred).astype(bool)
     return {e: ", ".join(CLASS_NAMES[c] for c, on in zip(CLASSES, eye_pred[i]) if on) or "none"
-            for i, e in enumerate(EYE_NAMES)}
+            for i, e in enumerate(EYES)}
 
 
 def differences(patient_pred, eye_pred) -> str:
@@ -148,7 +147,7 @@ def eye_figures(eye_labels, usable, eye_probs, eye_thresholds, patient_probs, pa
 def eye_columns(eye_probs, eye_thresholds, patient_pred) -> tuple[dict, dict]:
     """One scored patient's per-eye columns, as score.py writes them: ({"findings", "findings_vs_labels"},
     {"left_p_N" ... "right_p_O"}); blanks (None, "") for a patient that was not scored (`eye_probs` None)."""
-    names = [f"{e}_p_{c}" for e in EYE_NAMES for c in CLASSES]
+    names = [f"{e}_p_{c}" for e in EYES for c in CLASSES]
     if eye_probs is None:
         return {"findings": "", "findings_vs_labels": ""}, dict.fromkeys(names)
     eye_probs = np.asarray(eye_probs, np.float64)

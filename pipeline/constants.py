@@ -9,6 +9,8 @@ CLASSES = ("N", "D", "G", "C", "A", "H", "M", "O")
 NUM_CLASSES = len(CLASSES)
 CLASS_NAMES = {"N": "normal", "D": "diabetes", "G": "glaucoma", "C": "cataract",
                "A": "AMD", "H": "hypertension", "M": "myopia", "O": "other"}
+# The two eyes of a patient, in the order of every (left, right) pair: sheet columns, file names, model inputs.
+EYES = ("left", "right")
 
 # The largest image sides any tool accepts from a checkpoint or ONNX metadata (px): a 2048 px input is 50 MB per
 # image in fp32, and ODIR originals are ~2000 px tall. A larger value (a damaged or crafted file: img_px 20000 asked

@@ -1,18 +1,15 @@
-"""What this machine offers the rest of the project: usable cores, the cache folder, atomic file writes, and how the
-command-line tools end (exit statuses, one-line errors, SIGTERM as an exception)."""
+"""What this machine offers the rest of the project: usable cores, the cache folder, atomic file writes, checks of
+output paths, whether progress bars go to a terminal. (How the command-line tools start and end: common/cli.py.)"""
 from __future__ import annotations
 
-import argparse
 import contextlib
-import difflib
 import os
 import re
-import shlex
-import shutil
-import signal
 import stat
 import sys
 from pathlib import Path
+
+from odir_dual.common.errors import OdirError, printable
 
 
 def usable_cores() -> int:
@@ -54,7 +51,7 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
         raise
 
 
-class OutputError(ValueError):
+class OutputError(OdirError, ValueError):
     """An output path that must not be written (a device, FIFO, folder, link, or one of the inputs); the message
     names the flag and the path."""
 
@@ -153,123 +150,6 @@ def write_text_atomic(path, text: str) -> None:
         f.write(text)
 
 
-# ----------------------------------------------------------------------------------------------- exit statuses
-# The command-line tools (train.py, score.py, export.py, python -m pipeline.prepare) end with one of these; README
-# "Bad input" documents them.
-EXIT_OK = 0
-EXIT_BAD_INPUT = 1  # bad data, sheet, model, checkpoint, path, permissions, full disk: one line naming it
-EXIT_USAGE = 2  # a bad command line (argparse's own status)
-EXIT_SIGINT = 130  # stopped by Ctrl-C (128 + SIGINT, the shell's convention); what was finished is kept
-EXIT_SIGTERM = 143  # stopped by SIGTERM (128 + SIGTERM)
-
-
-class Terminated(BaseException):
-    """SIGTERM as an exception, so that `finally` blocks and `atomic_write` clean up as for Ctrl-C.
-
-    A BaseException, like KeyboardInterrupt: `except Exception` must not swallow it."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one printable line: its message (OSError: strerror and file name), odd bytes escaped."""
-    if isinstance(e, OSError) and e.strerror:
-        text = f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
-    else:
-        text = str(e) or type(e).__name__
-    return printable(" ".join(text.split()))
-
-
-def printable(text: str) -> str:
-    """`text` safe to print or write as UTF-8: a file name's undecodable bytes (surrogate escapes) as \\xNN."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def run_cli(main, prog: str, errors: tuple = (), interrupted: str = "") -> int:
-    """Run a tool's `main()` and turn its ending into an exit status and at most one line on stderr.
-
-    Args:
-        main: the tool's main(); returns None or an exit status.
-        prog: the tool's name in messages ("score.py").
-        errors: the exception types that mean bad input (besides OSError and OutputError, always): printed as
-            "prog: error: <message>", exit status EXIT_BAD_INPUT.
-        interrupted: what the user should know after a Ctrl-C / SIGTERM (what was kept, how to go on).
-    """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return main() or EXIT_OK
-    except (OSError, OutputError, *errors) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, Terminated) as e:
-        name = "SIGINT (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
-        print(f"\n{prog}: stopped by {name}" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
-        return EXIT_SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def progress_enabled() -> bool:
     """Progress bars only on a terminal: a redirected log gets the result lines, not carriage returns."""
     return sys.stderr.isatty()
-
-
-# ----------------------------------------------------------------------------------------------- the command line
-
-
-def shell_path(path) -> str:
-    """A path as a command line the user can paste: relative to the working directory when inside it, else
-    absolute; quoted for the shell when needed."""
-    path = Path(os.path.abspath(path))
-    try:
-        return shlex.quote(str(path.relative_to(Path.cwd())))
-    except ValueError:
-        return shlex.quote(str(path))
-
-
-def tool_command(name: str) -> str:
-    """How to run the project's tool `name` (export, score, train) from here: the interpreter running now and the
-    script beside this package (`.venv/bin/python score.py`), or `odir-score` when run as an installed command."""
-    if Path(sys.argv[0]).name.startswith("odir-"):
-        return f"odir-{name}"
-    return f"{shell_path(sys.executable)} {shell_path(Path(__file__).resolve().parents[1] / f'{name}.py')}"
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help as wide as the terminal up to 110 columns (descriptions keep their own line breaks)."""
-
-    def __init__(self, prog, **kwargs):
-        width = min(110, shutil.get_terminal_size((110, 24)).columns) - 2
-        super().__init__(prog, max_help_position=32, width=width)
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse for the tools: no abbreviations (`--epoch` is not silently `--epochs`), and a bad command line is
-    answered in a few lines: what was wrong, the closest flag ("did you mean --epochs?"), where to read more; not
-    the whole usage."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        lines, tool = [], self.prog.split()[-1]  # "python score.py" → "score.py", as in run_cli's messages
-        m = re.match(r"unrecognized arguments: (.*)", message)
-        unknown = [w.split("=")[0] for w in m[1].split() if w.startswith("-")] if m else []
-        flags = [o for o in self._option_string_actions if o.startswith("--")]
-        for flag in unknown:
-            close = [o for o in flags if o.startswith(flag)][:2] or difflib.get_close_matches(flag, flags, n=2,
-                                                                                                cutoff=0.6)
-            lines.append(f"{tool}: error: unknown flag {flag}" + (f"; did you mean {' or '.join(close)}?" if close
-                                                                  else ""))
-        if not unknown:
-            lines.append(f"{tool}: error: {message}")
-        command = f"python {self.prog}" if self.prog.endswith(".py") and " " not in self.prog else self.prog
-        if self.usage:
-            lines.append(f"usage: {self.format_usage().split(':', 1)[1].strip()}")
-        lines.append(f"{command} --help lists every flag")
-        sys.stderr.write(printable("\n".join(lines)) + "\n")
-        sys.exit(EXIT_USAGE)

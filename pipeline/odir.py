@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
@@ -33,9 +34,14 @@ FIRST_DATA_ROW = 2  # spreadsheet row of the first data row: the header is row 1
 EYES = ("left", "right")
 
 
-class SheetError(ValueError):
+class SheetError(OdirError, ValueError):
     """Bad annotation sheet; message names the sheet file, the row (spreadsheet row number,
     header = row 1, as a user sees it in Excel) and the column."""
+
+
+class DataFolderError(OdirError, FileNotFoundError):
+    """The data folder, or the images folder its sheet names, is not there or holds no ODIR layout; the message
+    says what was looked for. Also a FileNotFoundError, as it was before the error family."""
 
 
 # ----------------------------------------------------------------------------- layout
@@ -57,21 +63,21 @@ def find_layout(data_dir) -> tuple[Path, Path]:
         (sheet, images_dir).
 
     Raises:
-        FileNotFoundError: nothing matched; the message lists what was looked for.
-        ValueError: several candidate sheets in one folder (pass the sheet file instead).
+        DataFolderError: nothing matched; the message lists what was looked for.
+        SheetError: several candidate sheets in one folder (pass the sheet file instead).
     """
     root = Path(data_dir).expanduser()
     if root.is_file():
         images = _images_beside(root)
         if images is None:
-            raise FileNotFoundError(f"no images folder beside {root}: looked for a subfolder "
+            raise DataFolderError(f"no images folder beside {root}: looked for a subfolder "
                                     f"holding the files its Left-/Right-Fundus columns name")
         return root, images
     if not root.is_dir():
-        raise FileNotFoundError(f"ODIR data folder not found: {root}")
+        raise DataFolderError(f"ODIR data folder not found: {root}")
     found = _layout_in(root) or _known_layout_below(root)
     if found is None:
-        raise FileNotFoundError(_not_found_message(root))
+        raise DataFolderError(_not_found_message(root))
     return found
 
 
@@ -92,7 +98,7 @@ def _layout_in(folder: Path) -> tuple[Path, Path] | None:
     pairs = [(s, i) for s in _odir_sheets(folder) if (i := _images_beside(s)) is not None]
     if len(pairs) > 1:
         names = ", ".join(s.name for s, _ in pairs)
-        raise ValueError(f"several ODIR sheets in {folder} ({names}); pass the sheet file itself")
+        raise SheetError(f"several ODIR sheets in {folder} ({names}); pass the sheet file itself")
     return pairs[0] if pairs else None
 
 
@@ -459,7 +465,7 @@ def read_patients(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Raises:
         SheetError: a bad sheet (missing column, repeated ID, label not 0/1, disagreeing rows, ...).
-        FileNotFoundError: no layout found, or none of the named images exists (wrong folder).
+        DataFolderError: no layout found, or none of the named images exists (wrong folder).
     """
     sheet, images = find_layout(data_dir)
     raw = _read_raw(sheet)
@@ -487,7 +493,7 @@ def _split_missing(table: pd.DataFrame, images: Path, sheet: Path) -> tuple[pd.D
     prefix = str(images) + os.sep
     found = {eye: _present(table[eye], images) for eye in EYES}
     if len(table) and not (found["left"].any() or found["right"].any()):
-        raise FileNotFoundError(f"none of the {2 * len(table)} images named in {sheet} is in {images}")
+        raise DataFolderError(f"none of the {2 * len(table)} images named in {sheet} is in {images}")
     for eye in EYES:
         table[eye] = prefix + table[eye]
     missing = pd.concat([pd.DataFrame({"id": table.loc[~found[eye], "id"], "eye": eye,

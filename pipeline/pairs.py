@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import cache_root
-from odir_dual.pipeline.odir import SheetError, find_layout, read_patients
+from odir_dual.pipeline.odir import DataFolderError, SheetError, find_layout, read_patients
 from odir_dual.pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -93,7 +94,7 @@ def match_name(name: str, pattern: NamePattern | None = None) -> tuple[str, str]
     return (m["id"], EYE_TOKENS[m["eye"].lower()]) if m else None
 
 
-class DataError(RuntimeError):
+class DataError(OdirError, RuntimeError):
     """Bad input that the user asked to be fatal (--strict)."""
 
 
@@ -128,12 +129,12 @@ def find_pairs(folder, pattern: NamePattern | str | None = None) -> tuple[pd.Dat
         files that name no patient eye, and for subfolders.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
+        pipeline.odir.DataFolderError: the folder does not exist.
         pipeline.odir.SheetError: the folder has an ODIR sheet with a bad row (the message names it).
     """
     folder = Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"no such folder: {folder}")
+        raise DataFolderError(f"no such folder: {folder}")
     if isinstance(pattern, str):
         pattern = NamePattern(pattern)
     if pattern is not None:
@@ -256,7 +257,7 @@ def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, work
     kept in `left_src`/`right_src`). left_out: one row per bad eye (id, eye, path, reason): missing, unreadable
     or corrupt. With strict=True any left-out patient is an error instead.
     """
-    find_layout(data_dir)  # training needs labels: no sheet is a FileNotFoundError naming what was looked for
+    find_layout(data_dir)  # training needs labels: no sheet is a DataFolderError naming what was looked for
     table, _ = find_pairs(data_dir)
     table = prepare_pairs(table, Path(cache_dir) if cache_dir else default_cache(), short_px, workers=workers,
                           progress=progress)

@@ -33,8 +33,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from odir_dual.pipeline.host import (atomic_write, cache_root, progress_enabled, run_cli, usable_cores,
-                                     write_text_atomic)
+from odir_dual.common.cli import run_cli
+from odir_dual.common.errors import OdirError
+from odir_dual.pipeline.host import atomic_write, cache_root, progress_enabled, usable_cores, write_text_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes never need it (~0.4 s less start-up each)
     import pandas as pd
@@ -61,15 +62,18 @@ IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers bus
 MIN_POOL_IMAGES = 32  # fewer images to do: prepare in-process (a pool takes ~1 s to start; 32 images take ~1 s)
 
 
-class BadImage(Exception):
-    """An image that cannot be prepared. `reason` is a short human string ('missing file', 'truncated JPEG', ...)."""
+class BadImage(OdirError):
+    """An image that cannot be prepared. `reason` is a short human string ('missing file', 'truncated JPEG', ...).
+
+    Mostly an internal signal: `prepare_table` records it as the eye's reason and goes on with the other images;
+    it reaches a user as such only from serve.py (an uploaded photograph) or a direct `prepare_image` call."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-class CacheError(RuntimeError):
+class CacheError(OdirError, RuntimeError):
     """The prepared copy cannot be written (disk full, permissions): a problem of the cache, not of the image;
     the message names the source and the cache file."""
 
@@ -563,7 +567,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from odir_dual.pipeline.odir import SheetError  # slow: imports pandas
-
-    sys.exit(run_cli(main, "python -m pipeline.prepare", errors=(SheetError, CacheError),
+    sys.exit(run_cli(main, "python -m pipeline.prepare",
                      interrupted="the images prepared so far are kept; run again to go on"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odir_dual.common.cli import EXIT_USAGE, NothingToRun, UsageError
 from odir_dual.training import config
 from odir_dual import train
 from test_train import TINY, tiny_odir  # noqa: F401 (fixture)
@@ -29,9 +30,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_print_config_is_a_config_file_and_flags_override_it(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(NothingToRun):  # printed; a library call keeps its process (train.py ends with status 0)
         config.parse_config(["--preset", "seed", "--epochs", "7", "--print-config"])
-    assert e.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["preset"] == "seed" and printed["epochs"] == 7 and printed["backbone"] == "convnext_small"
     path = tmp_path / "config.json"
@@ -50,23 +50,23 @@ def test_yaml_config_and_bad_files_name_the_problem(tmp_path):
     cfg = config.parse_config(["--config", str(path)])
     assert (cfg.preset, cfg.img_px, cfg.same_eye_aug, cfg.backbone) == ("demo", 96, True, "test_resnet")
     path.write_text("img_px: big\n")
-    with pytest.raises(SystemExit, match=r"exp.yaml: field 'img_px' is 'big', expected"):
+    with pytest.raises(config.ConfigError, match=r"exp.yaml: field 'img_px' is 'big', expected"):
         config.parse_config(["--config", str(path)])
-    with pytest.raises(SystemExit, match="missing.json"):
+    with pytest.raises(config.ConfigError, match="missing.json"):
         config.parse_config(["--config", str(tmp_path / "missing.json")])
 
 
 def test_backbone_args_are_checked_when_the_flags_are_read():
     cfg = config.parse_config(["--backbone-args", '{"channels": [64, 96, 96, 192]}'])
     assert config.backbone_args(cfg.backbone_args) == {"channels": [64, 96, 96, 192]}
-    with pytest.raises(SystemExit, match=r"--backbone-args .*not valid JSON"):
+    with pytest.raises(config.ConfigError, match=r"--backbone-args .*not valid JSON"):
         config.parse_config(["--backbone-args", '{"channels": [64'])
-    with pytest.raises(SystemExit, match=r"--backbone-args .*expected a JSON object"):
+    with pytest.raises(config.ConfigError, match=r"--backbone-args .*expected a JSON object"):
         config.parse_config(["--backbone-args", "[64, 96]"])
 
 
 def test_help_says_what_each_flag_does_its_choices_and_preset_values(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(NothingToRun):
         config.parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert "--preset {auto,seed,fast,demo,cpu}" in text and "--precision {auto,bf16,fp16,fp32}" in text
@@ -81,7 +81,7 @@ def test_each_field_declares_its_help_and_help_prints_it(capsys):
     """The help text is the field's own metadata (config.option), and --help prints it beside the flag."""
     for f in config.fields(config.Config):
         assert isinstance(f.metadata.get("help"), str) and f.metadata["help"].strip(), f.name
-    with pytest.raises(SystemExit):
+    with pytest.raises(NothingToRun):
         config.parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     for f in config.fields(config.Config):  # field names in a help text are written as flags (img_px → --img-px)
@@ -93,7 +93,7 @@ def test_each_field_declares_its_help_and_help_prints_it(capsys):
 
 def test_help_is_grouped_and_says_nothing_about_the_code(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "110")
-    with pytest.raises(SystemExit):
+    with pytest.raises(NothingToRun):
         config.parse_config(["--help"])
     text = capsys.readouterr().out
     sections = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
@@ -112,10 +112,11 @@ def test_help_is_grouped_and_says_nothing_about_the_code(capsys, monkeypatch):
     (["--lr", "0.1", "--batchsize=4"], "unknown flag --batchsize; did you mean --batch-size"),
 ])
 def test_unknown_flags_get_a_suggestion_in_a_few_lines(argv, suggestion, capsys):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:  # the library call raises the text ...
         config.parse_config(argv)
-    assert e.value.code == 2
+    assert train.cli(argv) == EXIT_USAGE  # ... which the command line prints, ending with argparse's status
     err = capsys.readouterr().err.strip().splitlines()
+    assert err == str(e.value).splitlines()
     assert err[0].startswith(f"train.py: error: {suggestion}") and len(err) <= 4
     assert err[-1] == "python train.py --help lists every flag"
 
@@ -174,11 +175,11 @@ def test_resume_runs_added_epochs_and_refuses_other_changes(logged_run, tmp_path
     run_dir = tmp_path / "a"
     shutil.copytree(logged_run[0], run_dir)
     done = torch.load(run_dir / "last.pt", weights_only=True)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(config.ConfigError) as e:
         train.main(["--resume", str(run_dir), "--epochs", "3", "--lr", "0.5", "--img-px", "64"])
     assert "--lr 0.5 (the run has 0.001)" in str(e.value) and "--img-px 64 (the run has 48)" in str(e.value)
     assert "--epochs" not in str(e.value).split("cannot change")[1].split(".")[0]  # a larger --epochs is allowed
-    with pytest.raises(SystemExit, match="--epochs 1"):
+    with pytest.raises(config.ConfigError, match="--epochs 1"):
         train.main(["--resume", str(run_dir), "--epochs", "1"])
     capsys.readouterr()
     train.main(["--resume", str(run_dir), "--epochs", "3", "--lr", "0.001"])  # the run's own lr: no change

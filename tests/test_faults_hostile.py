@@ -41,7 +41,8 @@ from odir_dual.deploy import runtime
 from odir_dual import score
 from odir_dual import serve
 from odir_dual import train
-from odir_dual.pipeline.host import EXIT_BAD_INPUT, OutputError, check_output, remove_stale_temporaries
+from odir_dual.common.cli import EXIT_BAD_INPUT
+from odir_dual.pipeline.host import OutputError, check_output, remove_stale_temporaries
 from odir_dual.pipeline.odir import SheetError, read_patients
 from odir_dual.pipeline.pairs import find_pairs, prepare_pairs
 from odir_dual.pipeline.prepare import prepare_paths
@@ -633,10 +634,9 @@ def test_8d_yaml_python_tags_are_refused_in_one_line(tmp_path, capsys):
     marker = tmp_path / "ran"
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"img_px: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(SystemExit) as e:
-        train.cli(["--config", str(cfg), "--dry-run"])
-    message = str(e.value.code)
-    assert message.startswith(f"--config {cfg}: not a plain YAML mapping") and "\n" not in message
+    assert train.cli(["--config", str(cfg), "--dry-run"]) == EXIT_BAD_INPUT
+    message = one_error_line(capsys.readouterr().err, "train.py")
+    assert message.startswith(f"train.py: error: --config {cfg}: not a plain YAML mapping")
     assert not marker.exists()
 
 

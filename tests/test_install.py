@@ -9,8 +9,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from test_layout import PACKAGES  # the packages the install must carry
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "model", "training", "deploy")
 COMMANDS = ("odir-train", "odir-export", "odir-score", "odir-serve")
 # What README's "Use as a library" names: each must import from the installed copy.
 LIBRARY = ("from odir_dual.model import DualEyeNet, odir_score, multilabel_metrics",

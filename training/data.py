@@ -10,7 +10,7 @@ import torch
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
-from odir_dual.pipeline.pairs import load_prepared
+from odir_dual.pipeline.pairs import DataError, load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
 from odir_dual.pipeline.split import load_split, save_split, three_way_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
@@ -54,7 +54,7 @@ def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | 
     by_id = patients.set_index("id", drop=False)
     missing = set(np.concatenate(ids).tolist()) - set(by_id.index)
     if missing:
-        raise SystemExit(f"split.csv names {len(missing)} patient(s) that are no longer usable, e.g. "
+        raise DataError(f"split.csv names {len(missing)} patient(s) that are no longer usable, e.g. "
                          f"{sorted(missing)[:5]}: was the data changed since the run started?")
     return tuple(by_id.loc[part].reset_index(drop=True) for part in ids)
 
@@ -64,7 +64,7 @@ def check_one_batch(train_tab, usable: int, cfg: Config, world: int) -> None:
     try:
         steps_per_epoch(len(train_tab), cfg.batch_size, world, cfg.accum_steps)
     except ValueError:
-        raise SystemExit(f"error: {len(train_tab)} training patients (of {usable} usable) cannot fill one update of "
+        raise DataError(f"{len(train_tab)} training patients (of {usable} usable) cannot fill one update of "
                          f"--batch-size {cfg.batch_size} × --accum-steps {cfg.accum_steps} × {world} rank(s): use a "
                          f"smaller --batch-size or more data") from None
 

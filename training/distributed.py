@@ -11,6 +11,12 @@ import signal
 import torch
 import torch.distributed as dist
 
+from odir_dual.common.errors import OdirError
+
+
+class ReplicasDiverged(OdirError, RuntimeError):
+    """The DDP ranks no longer hold the same weights (a broken all-reduce); the message lists each rank's sum."""
+
 
 def setup_distributed():
     """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -47,7 +53,7 @@ def check_replicas(model, device, is_main) -> None:
         same = all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
         print(f"replicas identical across {len(gathered)} ranks: {'yes' if same else 'NO'}")
         if not same:
-            raise SystemExit("DDP replicas diverged: " + ", ".join(f"{g[0].item():.10g}" for g in gathered))
+            raise ReplicasDiverged("DDP replicas diverged: " + ", ".join(f"{g[0].item():.10g}" for g in gathered))
 
 
 def broadcast_flag(flag: bool, device) -> bool:

@@ -11,9 +11,9 @@ import pandas as pd
 
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
-from odir_dual.model.eyes import EYE_NAMES, LABELS_FOLLOW, eye_figures
+from odir_dual.model.eyes import LABELS_FOLLOW, eye_figures
 from odir_dual.model.metrics import bootstrap_intervals, class_rates
-from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.constants import CLASSES, EYES
 from odir_dual.pipeline.host import atomic_write, write_text_atomic
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
@@ -67,7 +67,7 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, eye_logit
             eye_probs = apply_calibration(eye_logits[split], ckpt["eye_calibration"])  # (N, 2, K)
             report[split]["eyes"] = eye_figures(*eye_label_matrix(table), eye_probs, ckpt["eye_thresholds"], probs,
                                                 thresholds, seed=run.cfg.seed)
-            frame = frame.assign(**{f"{eye}_p_{c}": eye_probs[:, e, k] for e, eye in enumerate(EYE_NAMES)
+            frame = frame.assign(**{f"{eye}_p_{c}": eye_probs[:, e, k] for e, eye in enumerate(EYES)
                                     for k, c in enumerate(CLASSES)})
         with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
             frame.to_csv(f, index=False, float_format="%.8f")

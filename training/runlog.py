@@ -17,10 +17,12 @@ import socket
 import sys
 from pathlib import Path
 
+from odir_dual.common.errors import OdirError
+from odir_dual.common.cli import shell_path, tool_command
 from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries, shell_path, tool_command
+from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
 
 
 class RunLog:
@@ -299,7 +301,7 @@ RUN_OUTPUTS = frozenset({MARKER_NAME, "config.json", "best.pt", "last.pt", "metr
                          "best.onnx.data", "best.fp16.onnx.data", "MODEL_CARD.md"})
 
 
-class RunFolderError(ValueError):
+class RunFolderError(OdirError, ValueError):
     """A run folder that this training may not use (exists, in use, not a run folder); the message says why and
     which flag to use."""
 
