@@ -233,7 +233,7 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
     checkpoint's run (RUN/split.csv + the data folder the run recorded: --data, or the synthetic demo set).
     """
     if folder is not None:
-        table, _ = find_pairs(folder)
+        table = find_pairs(folder).table
         ok = table[table["status"] == "ok"].head(n)
         return list(zip(ok["left"], ok["right"])), f"{len(ok)} pairs from {folder}"
     run_dir = ckpt_path.parent
@@ -244,7 +244,7 @@ def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) 
     if not data:
         return [], "the checkpoint does not name its data folder"
     try:
-        table, _ = find_pairs(data)
+        table = find_pairs(data).table
         _, ids_val, _ = load_split(split)
     except (OSError, ValueError) as e:
         return [], f"the run's validation images are not readable ({type(e).__name__}: {e})"

@@ -9,6 +9,6 @@ cd "$(dirname "$0")"
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[train,test]"  # everything; a scoring-only install: README, "Score"
+  .venv/bin/python -m pip install -q -e ".[train,test]"  # everything; a scoring-only install: docs/scoring.md
   rm -f .venv/.installed-* && touch "$stamp"
 fi

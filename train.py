@@ -23,25 +23,26 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from odir_dual.common.cli import Terminated, run_cli
-from odir_dual.model import (backbone_norm, count_parameters, multilabel_metrics, pos_weights_from_labels,
+from odir_dual.model import (backbone_norm, count_parameters, evaluate, multilabel_metrics, pos_weights_from_labels,
                              tune_thresholds)
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
 from odir_dual.model.eyes import fit_eye_head
+from odir_dual.model.factory import build_model, weights_description
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
 from odir_dual.pipeline.host import progress_enabled
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import describe, find_layout, label_matrix
 from odir_dual.pipeline.pairs import left_out_summary
-from odir_dual.training.checkpoint import (build_model, checkpoint_payload, git_commit, library_versions,
-                                           load_checkpoint, model_from_checkpoint, save_checkpoint,
-                                           saved_run_config, weights_description)
-from odir_dual.training.config import REFERENCE_BATCH, Config, format_settings, parse_config, resume_folder
+from odir_dual.training.checkpoint import (checkpoint_payload, git_commit, library_versions, load_checkpoint,
+                                           model_from_checkpoint, save_checkpoint, saved_run_config)
+from odir_dual.training.config import (REFERENCE_BATCH, SELECT_COLUMNS, Config, format_settings, parse_config,
+                                       resume_folder)
 from odir_dual.training.data import check_one_batch, data_folder, load_data, per_eye_targets, split_table
 from odir_dual.training.distributed import (StopRequest, broadcast_flag, check_replicas, setup_distributed,
                                             shutdown)
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import evaluate, final_report, plain, write_html_report
+from odir_dual.training.evaluation import final_report, plain, write_html_report
 from odir_dual.training.runlog import (RunFolderError, RunLog, console_log, log_console_to, next_steps, print_epoch,
                                        print_final_report, run_folder)
 
@@ -62,8 +63,9 @@ def _main(argv=None):
     if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
                              "(no '/', '..' or absolute path)")
-    if cfg.data:  # a wrong --data is one line before anything else happens (no run folder, no header)
-        find_layout(cfg.data)
+    # the data folder's layout, found once and passed down; a wrong --data is one line before anything else happens
+    # (no run folder, no header)
+    layout = find_layout(cfg.data) if cfg.data else None
     rank, world, device = setup_distributed()
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
@@ -85,8 +87,10 @@ def _main(argv=None):
 
         # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
         # in the config, so --resume, export.py and the reports find the same images from any working directory.
-        cfg = dataclasses.replace(cfg, data=str(data_folder(cfg, is_main).resolve()))
-        patients, left_out = load_data(cfg, Path(cfg.data), is_main)
+        folder = data_folder(cfg, is_main)
+        cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
+        data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
+        patients, left_out = data.patients, data.left_out
         train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
         check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
@@ -319,7 +323,7 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
            **{k: row[k] for k in ("pairs_per_s", "data_s", "data_pct", "epoch_s", "lr")}, "val_s": val_s,
            "train_patient_loss": row["train_patient_loss"]}  # new columns at the end: readers by position keep working
     log.append(row, keep_epochs_below=row["epoch"])
-    score = {"f1_macro": row["val_f1_macro"], "auc_macro": row["val_auc_macro"], "loss": -val_loss}[cfg.select_metric]
+    score = row[SELECT_COLUMNS[cfg.select_metric]] * (-1 if cfg.select_metric == "loss" else 1)  # higher is better
     better = bool(np.isfinite(score) and score > progress.best.get("score", -math.inf))
     print_epoch(row, header=header, epochs=cfg.epochs, select_metric=cfg.select_metric, best=better)
     if better:
@@ -393,8 +397,8 @@ def _progress_bar(total, epoch, epochs):
 
 
 def cli(argv=None) -> int:
-    """`python train.py`: `main`, ended with an exit status (README "Bad input"): bad input is one line naming the
-    file, row, column or flag, an interruption says what was kept."""
+    """`python train.py`: `main`, ended with an exit status (docs/data.md, "Exit statuses"): bad input is one line
+    naming the file, row, column or flag, an interruption says what was kept."""
     return run_cli(lambda: main(argv) and None, "train.py",
                    interrupted="the checkpoints written so far are complete; continue with --resume RUN_FOLDER")
 

@@ -236,7 +236,7 @@ def prepared_table(folder, short_px: int, n_patients: int | None = None, workers
     """
     from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
-    table, _ = find_pairs(folder)
+    table = find_pairs(folder).table
     table = table[table["status"] == "ok"]
     table = prepare_pairs(table.head(n_patients) if n_patients else table, default_cache(), short_px,
                           workers=workers, progress=False)

@@ -16,6 +16,9 @@
 # GPU_CHECK_CANDIDATES (default: candidates = fast + every candidate) picks candidate rows, e.g. the ones a first
 # run did not reach. The torch.compile cache persists in $ODIR_CACHE/torch-compile (engine.persist_compile_cache).
 # Exit status: 0 all stages passed and every target met; 1 a stage failed; 2 preflight failed; 3 targets missed.
+# GPU_CHECK_DEVICE=cpu, a dry run of the plumbing (tests/test_gpu.py runs it in the slow suite): smaller benchmark
+# settings and twice the time limits (see SMALL_*), and the targets, a GPU's, only shown: exit 0 when every stage
+# passed.
 # Logs and result files are copied to $OUT when it is set (the device runner brings $OUT back).
 #
 #   bash OUTDIR/install.sh && export PYTHONPATH=/tmp/site:$PYTHONPATH \
@@ -35,6 +38,17 @@ DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the plumbing on a machine wit
 COMPILE=$([ "$DEV" = cuda ] && echo --compile)  # compiled candidates on a CPU: minutes of C++ compilation each
 # Stage caps and minimums, seconds (H100 estimates from the issue's H200 figures: ConvNeXt-S compiles in ~35 s).
 CAP_TESTS=80 CAP_LOADER=60 CAP_STEP=100 CAP_CAND=90 CAP_INFER=45 MIN_E2E=110 MIN_STAGE=20
+# The CPU dry run checks that every stage runs, not speed: fewer patients and timed steps than the benchmarks' CPU
+# defaults (4 min 11 s without these on a shared 2-core Xeon), and twice every limit, budget included, since a
+# shared CPU under load runs several times slower than an idle one. The GPU run passes none of these.
+SMALL_LOADER=() SMALL_STEP=() SMALL_E2E=()
+if [ "$DEV" = cpu ]; then
+  SMALL_LOADER=(--n-patients 32 --full-px 1024 --batches 4 --full-batches 2)  # originals 1 MP, not 5 MP
+  SMALL_STEP=(--steps 3 --data-steps 3 --data-patients 32 --data-src-px 1024)  # the loader's synthetic set
+  SMALL_E2E=(--n-patients 120)
+  BUDGET_S=$((BUDGET_S * 2)) CAP_TESTS=$((CAP_TESTS * 2)) CAP_LOADER=$((CAP_LOADER * 2)) CAP_STEP=$((CAP_STEP * 2))
+  CAP_CAND=$((CAP_CAND * 2)) CAP_INFER=$((CAP_INFER * 2)) MIN_E2E=$((MIN_E2E * 2))
+fi
 LOGS=benchmarks/results/gpu_check
 mkdir -p "$LOGS"
 T0=$(date +%s)
@@ -149,17 +163,18 @@ if wanted tests; then
     "$PY" -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider "${deselect[@]}"
 fi
 if wanted loader; then  # prepared and real rows first, full-size last (the summary needs the prepared row)
-  stage loader "$(slot $CAP_LOADER $((CAP_STEP + CAP_CAND + MIN_E2E)))" -- "$PY" benchmarks/loader.py --device $DEV
+  stage loader "$(slot $CAP_LOADER $((CAP_STEP + CAP_CAND + MIN_E2E)))" -- "$PY" benchmarks/loader.py --device $DEV \
+    "${SMALL_LOADER[@]}"
 fi
 if wanted train_step; then  # the summary's rows; the compiled ablation rows (compile, all) cost a compilation each
   limit=$(slot $CAP_STEP $((CAP_CAND + MIN_E2E)))
   stage train_step "$limit" -- "$PY" benchmarks/train_step.py --device $DEV --budget-s $((limit - 15)) \
-    --rows eager_fp32,seed,seed_pil,fast,fast_dali,bf16,channels_last
+    --rows eager_fp32,seed,seed_pil,fast,fast_dali,bf16,channels_last "${SMALL_STEP[@]}"
 fi
 if wanted candidates; then  # fast first (a compile-cache hit after train_step), then each candidate; see CANDIDATES
   limit=$(slot $CAP_CAND $MIN_E2E)
   stage candidates "$limit" -- "$PY" benchmarks/train_step.py --device $DEV --budget-s $((limit - 15)) \
-    $COMPILE --rows "$CANDIDATE_ROWS" --results train_step_candidates
+    $COMPILE --rows "$CANDIDATE_ROWS" --results train_step_candidates "${SMALL_STEP[@]}"
 fi
 if wanted infer && [ -f "$ORT_OK" ] && [ -f benchmarks/infer.py ]; then
   stage infer "$(slot $CAP_INFER $MIN_E2E)" tolerate -- "$PY" benchmarks/infer.py --device $DEV
@@ -171,7 +186,7 @@ if wanted end_to_end; then
   left=$(( BUDGET_S - $(elapsed) - 10 ))
   # data generation and preparation come first (~40 s for 3,500 synthetic patients); the run gets the rest
   stage end_to_end "$left" -- "$PY" benchmarks/end_to_end.py --device $DEV \
-    --time-limit-s $(( left > 70 ? left - 60 : 10 ))
+    --time-limit-s $(( left > 70 ? left - 60 : 10 )) "${SMALL_E2E[@]}"
 fi
 
 # ------------------------------------------------------------------------------------------------ 4. summary
@@ -266,7 +281,9 @@ if cand:
     if cand.get("not_reached"):
         print(f"not reached in this run (GPU_CHECK_STAGES=candidates GPU_CHECK_CANDIDATES=fast,...): "
               f"{','.join(cand['not_reached'])}")
-sys.exit(3 if missed else 0)
+if missed and sys.argv[2] == "cpu":  # a CPU is not held to a GPU's targets: the dry run checked the plumbing
+    print(f"\nCPU dry run: {missed} GPU target(s) not met on this CPU, as expected; not an error here")
+sys.exit(3 if missed and sys.argv[2] != "cpu" else 0)
 PY
 summary_rc=$?
 

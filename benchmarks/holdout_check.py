@@ -24,8 +24,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT  # noqa: E402
-from odir_dual.model import multilabel_metrics, odir_score  # noqa: E402
 from odir_dual.model.eyes import eye_figures, eye_findings  # noqa: E402
+from odir_dual.model.metrics import evaluate  # noqa: E402
 from odir_dual.pipeline.constants import CLASSES, EYES  # noqa: E402
 from odir_dual.pipeline.keywords import eye_label_matrix  # noqa: E402
 from odir_dual.pipeline.odir import read_patients, subset_folder  # noqa: E402
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     truth = read_patients(folder)[0].set_index("id").loc[scored["ID"]]
     y, probs = truth[list(CLASSES)].to_numpy(int), scored[[f"p_{c}" for c in CLASSES]].to_numpy(float)
     thresholds = np.array([report["thresholds"][c] for c in CLASSES])
-    ours = {"odir": odir_score(y, probs), "tuned": multilabel_metrics(y, probs, thresholds),
-            "at_0.5": multilabel_metrics(y, probs)}
+    ours = evaluate(y, probs, thresholds)
     theirs = report["test"]
     rows = [("official final", ours["odir"]["final"], theirs["odir"]["final"]),
             ("kappa", ours["odir"]["kappa"], theirs["odir"]["kappa"]),

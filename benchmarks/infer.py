@@ -58,7 +58,7 @@ COLUMNS = [("setting", "setting", "{}"), ("pairs_per_s", "pairs/s", "{:.1f}"), (
 
 # ---------------------------------------------------------------------------------------------------- runners
 def build_net(s: Settings):
-    from odir_dual.training.checkpoint import build_model
+    from odir_dual.model.factory import build_model
     from odir_dual.training.config import resolve_config
 
     cfg = resolve_config({"backbone": s.backbone, "pretrained": False, "img_px": s.img_px,

@@ -185,7 +185,7 @@ class Trainer:
     trainer starts from the same initial weights (seeded), whatever its row changes."""
 
     def __init__(self, s: Settings, device, sp: Spec):
-        from odir_dual.training.checkpoint import build_model
+        from odir_dual.model.factory import build_model
         from odir_dual.training.config import REFERENCE_BATCH, Config
         from odir_dual.training.engine import make_optimizer, make_stepper
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from odir_dual.common.errors import OdirError, one_line, printable
 
-# The command-line tools end with one of these; README "Bad input" documents them.
+# The command-line tools end with one of these; docs/data.md, "Exit statuses", documents them.
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1  # bad data, sheet, model, checkpoint, path, permissions, full disk: one line naming it
 EXIT_USAGE = 2  # a bad command line (argparse's own status)

@@ -264,10 +264,6 @@ def _positives(predictions_csv: Path) -> dict:
     return {c: sum(int(float(r[c])) for r in rows) for c in CLASSES if rows and c in rows[0]}
 
 
-def _per(metrics: dict | None, key: str, c: str) -> str:
-    return _num(((metrics or {}).get(key) or {}).get(c))
-
-
 def _num(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"

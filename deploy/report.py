@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odir_dual.model import multilabel_metrics, odir_score
+from odir_dual.common.errors import OdirError
+from odir_dual.deploy.predictions import is_flagged, is_scored
 from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.eyes import eye_findings
-from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, evaluate, format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.pipeline.host import atomic_write
@@ -37,10 +38,18 @@ CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}th{background:#f3f3f3}
 td.l,th.l{text-align:left}td.on{background:#ffd9a0;font-weight:bold}td.bad{color:#b00}img{display:block}
 figure{display:inline-block;margin:4px;text-align:center;font-size:12px}h2{margin-top:1.5em}"""
-GALLERY_SIZE = 2  # patients per class in the run report's gallery: the most confident correct and wrong
 
 
 # ----------------------------------------------------------------------------------------------- images
+
+
+
+class ReportError(OdirError, ValueError):
+    """A run's saved predictions that a report cannot read (the message names the file)."""
+
+
+class RunReportMissing(OdirError, FileNotFoundError):
+    """A run folder without report.json: training has not finished there."""
 
 
 def network_view(path, img_px: int) -> np.ndarray:
@@ -291,7 +300,7 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         rows = list(csv.DictReader(f))
     need = ["id", *CLASSES, *(f"p_{c}" for c in CLASSES)]
     if rows and (absent := [c for c in need if c not in rows[0]]):
-        raise ValueError(f"{path}: missing column(s) {', '.join(absent)}")
+        raise ReportError(f"{path}: missing column(s) {', '.join(absent)}")
     ids = [r["id"] for r in rows]
     y = np.array([[int(float(r[c])) for c in CLASSES] for r in rows], np.int64).reshape(-1, len(CLASSES))
     p = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], np.float64).reshape(-1, len(CLASSES))
@@ -452,7 +461,7 @@ def _plot_reliability(y, p, out: Path, bins: int = 10) -> None:
 def _prepared_pairs(cfg: dict, ids: set[str], px: int | None = None) -> dict[str, tuple[str, str]]:
     """id → (left, right) prepared image paths for a few patients of the run's data folder (prepared if needed), at
     the run's size or, with `px`, at that short side."""
-    table, _ = find_pairs(cfg["data"])
+    table = find_pairs(cfg["data"]).table
     table = table[table["id"].astype(str).isin(ids) & (table["status"] == "ok")]
     table = prepare_pairs(table, Path(cfg["cache_dir"]) if cfg.get("cache_dir") else default_cache(),
                           px or cfg.get("prepare_px") or cfg["img_px"], workers=1, progress=False)
@@ -600,13 +609,13 @@ def write_run_report(run_dir) -> Path:
     missing. Returns the page's path.
 
     Raises:
-        FileNotFoundError: no report.json in run_dir (written by train.py at the end of a run).
+        RunReportMissing: no report.json in run_dir (written by train.py at the end of a run).
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise FileNotFoundError(f"{report_path}: no run report data (train.py writes it at the end of a run)")
+        raise RunReportMissing(f"{report_path}: no run report data (train.py writes it at the end of a run)")
     report = json.loads(report_path.read_text())
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else \
         report.get("config", {})
@@ -685,9 +694,8 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
     frame, table = scored["frame"], scored["table"]
     thr = [float(t) for t in thresholds]
     labelled = "true_labels" in frame.columns
-    status = frame["status"].astype(str)
-    flagged = status.str.startswith("ok; ").to_numpy()
-    ok = (status == "ok").to_numpy() | flagged
+    flagged = frame["status"].map(is_flagged).to_numpy(dtype=bool)
+    ok = frame["status"].map(is_scored).to_numpy(dtype=bool)
     heatmaps = _folder_heatmaps(frame, table, files_dir, out_dir, explain_run) if explain_run else {}
     eye_thr = (scored.get("meta") or {}).get("eye_thresholds")  # a model with the per-eye head: findings per eye
     eye_thr = eye_thr if eye_thr is not None and "findings" in frame.columns else None
@@ -762,29 +770,22 @@ def _safe(pid) -> str:
 
 def _folder_metrics(frame, table, thr) -> str:
     """Metric tables of a labelled folder: multi-label at the tuned thresholds and at 0.5, and the ODIR score."""
-    status = frame["status"].astype(str)
-    ok = ((status == "ok") | status.str.startswith("ok; ")).to_numpy()
+    ok = frame["status"].map(is_scored).to_numpy(dtype=bool)
     y = table.loc[ok, list(CLASSES)].to_numpy(dtype=np.int64)
     p = frame.loc[ok, [f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
-    rows = []
-    for label, t in (("tuned thresholds", thr), ("threshold 0.5", 0.5)):
-        m = multilabel_metrics(y, p, t)
-        rows.append([label, _num(m["f1_micro"]), _num(m["f1_macro"]), _num(m["auc_macro"]),
-                     *(_num(m["f1"][c]) for c in CLASSES)])
+    ev = evaluate(y, p, thr)
+    rows = [[label, *(_num(m[k]) for k in ("f1_micro", "f1_macro", "auc_macro")), *(_num(m["f1"][c]) for c in CLASSES)]
+            for label, m in (("tuned thresholds", ev["tuned"]), ("threshold 0.5", ev["at_0.5"]))]
     out = _table(["", "F1 micro", "F1 macro", "AUC macro", *(f"F1 {c}" for c in CLASSES)], rows, "metrics")
-    try:
-        o = odir_score(y, p)
-        out += _table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"],
-                      [["model", *(_num(o[k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
-    except ValueError as e:  # one label value in every cell: AUC undefined
-        out += f"<p>official ODIR-2019 score: not defined on these labels ({_e(e)})</p>"
-    return out
+    if ev["odir"] is None:
+        return out + f"<p>official ODIR-2019 score: not defined on these labels ({_e(ev['odir_undefined'])})</p>"
+    return out + _table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"],
+                        [["model", *(_num(ev["odir"][k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
 
 
 def _folder_heatmaps(frame, table, files_dir: Path, out_dir: Path, run) -> dict[str, list[tuple[str, str]]]:
     """id → [(relative PNG path, caption)]: Grad-CAM of the predicted classes (else the most probable), both eyes."""
-    status = frame["status"].astype(str)
-    ok = np.flatnonzero(((status == "ok") | status.str.startswith("ok; ")).to_numpy())
+    ok = np.flatnonzero(frame["status"].map(is_scored).to_numpy(dtype=bool))
     if not len(ok):
         return {}
     explainer = Explainer(run)

@@ -125,6 +125,32 @@ def multilabel_metrics(y_true, probs, thresholds=0.5, classes=CLASSES) -> dict:
     )
 
 
+def evaluate(y_true, probs, thresholds=None, *, per_class: bool = False, classes=CLASSES) -> dict:
+    """The figures every report of a model shows (training's report.json, score.py, the folder report, the holdout
+    check), computed here once.
+
+    Args:
+        y_true, probs: (N, K) 0/1 ground truth and probabilities.
+        thresholds: (K,) tuned per-class thresholds, or None.
+        per_class: also the per-class rates (`class_rates`) at the tuned thresholds (0.5 without them).
+
+    Returns:
+        dict: "at_0.5" and, with thresholds, "tuned": `multilabel_metrics` there; "odir": the official ODIR-2019
+        score (`odir_score`, threshold 0.5), None when it is undefined on these labels (one label value in every
+        cell), the reason then under "odir_undefined"; with per_class=True "per_class".
+    """
+    out = {"at_0.5": multilabel_metrics(y_true, probs, 0.5, classes=classes)}
+    try:
+        out["odir"] = odir_score(y_true, probs)
+    except ValueError as e:  # a single label value across all cells: the pooled AUC is undefined
+        out.update(odir=None, odir_undefined=str(e))
+    if thresholds is not None:
+        out["tuned"] = multilabel_metrics(y_true, probs, thresholds, classes=classes)
+    if per_class:
+        out["per_class"] = class_rates(y_true, probs, 0.5 if thresholds is None else thresholds, classes=classes)
+    return out
+
+
 def tune_thresholds(y_true, probs, grid=DEFAULT_THRESHOLD_GRID) -> np.ndarray:
     """Per-class threshold that maximises that class's F1 on the given data.
 

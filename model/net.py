@@ -21,6 +21,7 @@ from timm.data import resolve_model_data_config
 from timm.utils.model import freeze
 from torch import nn
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -49,6 +50,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         trainable_only: count only parameters with ``requires_grad``.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class BackboneError(OdirError, ValueError):
+    """A backbone that cannot do what a flag asks (e.g. --freeze-stages beyond its stages)."""
 
 
 class EyeBranch(nn.Module):
@@ -235,10 +240,10 @@ class DualEyeNet(nn.Module):
             stage_names = [n for n in names if re.fullmatch(r"layer\d+", n)]
             first = names.index(stage_names[0]) if stage_names else 0
         if not stage_names:
-            raise ValueError(f"--freeze-stages: {self.config['backbone']} has no `blocks`, `stages` or `layerN` to "
+            raise BackboneError(f"--freeze-stages: {self.config['backbone']} has no `blocks`, `stages` or `layerN` to "
                              "freeze")
         if stages > len(stage_names):
-            raise ValueError(f"--freeze-stages {stages}: {self.config['backbone']} has {len(stage_names)} stages")
+            raise BackboneError(f"--freeze-stages {stages}: {self.config['backbone']} has {len(stage_names)} stages")
         freeze(self.backbone, names[:first] + stage_names[:stages])  # the stem, then the first stages
         self.config["freeze_stages"] = stages
 

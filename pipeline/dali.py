@@ -21,8 +21,6 @@ from odir_dual.pipeline.constants import CLASSES, IMAGENET_MEAN, IMAGENET_STD, N
 from odir_dual.pipeline.host import usable_cores
 from odir_dual.pipeline.sampling import epoch_order, rank_positions, rarity_weights, steps_per_epoch
 
-EYES = ("left", "right")
-
 
 @dataclass(frozen=True)
 class Augment:

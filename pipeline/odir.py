@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from odir_dual.common.errors import OdirError
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 
 REQUIRED = ("ID", "Left-Fundus", "Right-Fundus", *CLASSES)
 # sheet column -> patient-table column; absent columns become NaN (age) or "" (text)
@@ -31,7 +32,6 @@ KAGGLE_MARK = "filename"  # only Kaggle's one-row-per-image sheet has this colum
 KNOWN_LAYOUTS = (("data.xlsx", "Training Images"), ("full_df.csv", "preprocessed_images"))
 SHEET_SUFFIXES = (".xlsx", ".csv")
 FIRST_DATA_ROW = 2  # spreadsheet row of the first data row: the header is row 1, as Excel shows it
-EYES = ("left", "right")
 
 
 class SheetError(OdirError, ValueError):
@@ -46,7 +46,19 @@ class DataFolderError(OdirError, FileNotFoundError):
 
 # ----------------------------------------------------------------------------- layout
 
-def find_layout(data_dir) -> tuple[Path, Path]:
+class Layout(NamedTuple):
+    """Where an ODIR download keeps its annotation sheet and its images: found once per folder (`find_layout`) and
+    passed down, so that reading the patients does not search the folder again."""
+    sheet: Path
+    images: Path
+
+
+def as_layout(data_dir) -> Layout:
+    """`data_dir` itself when it is a Layout already, else the layout found there (`find_layout`)."""
+    return data_dir if isinstance(data_dir, Layout) else find_layout(data_dir)
+
+
+def find_layout(data_dir) -> Layout:
     """Locate the annotation sheet and the images folder of an ODIR-5K download.
 
     Args:
@@ -60,7 +72,7 @@ def find_layout(data_dir) -> tuple[Path, Path]:
             A sheet file may also be given directly; its images folder is looked for beside it.
 
     Returns:
-        (sheet, images_dir).
+        Layout(sheet, images): a named pair.
 
     Raises:
         DataFolderError: nothing matched; the message lists what was looked for.
@@ -72,13 +84,13 @@ def find_layout(data_dir) -> tuple[Path, Path]:
         if images is None:
             raise DataFolderError(f"no images folder beside {root}: looked for a subfolder "
                                     f"holding the files its Left-/Right-Fundus columns name")
-        return root, images
+        return Layout(root, images)
     if not root.is_dir():
         raise DataFolderError(f"ODIR data folder not found: {root}")
     found = _layout_in(root) or _known_layout_below(root)
     if found is None:
         raise DataFolderError(_not_found_message(root))
-    return found
+    return Layout(*found)
 
 
 def _known_layout(folder: Path) -> tuple[Path, Path] | None:
@@ -449,11 +461,12 @@ def _one_row_per_patient(table: pd.DataFrame, sheet: Path) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- patients
 
-def read_patients(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_patients(data_dir: Path | str | Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read an ODIR-5K annotation sheet into a patient table; set aside patients missing an eye.
 
     Args:
-        data_dir: any layout :func:`find_layout` accepts (a folder, or the sheet file itself).
+        data_dir: any layout :func:`find_layout` accepts (a folder, or the sheet file itself), or the Layout it
+            found.
 
     Returns:
         patients: columns id (int), left, right (str, absolute image paths), N D G C A H M O
@@ -467,7 +480,7 @@ def read_patients(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         SheetError: a bad sheet (missing column, repeated ID, label not 0/1, disagreeing rows, ...).
         DataFolderError: no layout found, or none of the named images exists (wrong folder).
     """
-    sheet, images = find_layout(data_dir)
+    sheet, images = as_layout(data_dir)
     raw = _read_raw(sheet)
     table = _parse_sheet(raw, sheet)
     if KAGGLE_MARK in raw.columns:
@@ -527,8 +540,8 @@ def subset_folder(data_dir, ids, out_dir) -> Path:
 
     Returns out_dir. Raises FileExistsError if out_dir exists.
     """
-    sheet, _ = find_layout(data_dir)
-    patients, _ = read_patients(data_dir)
+    layout = find_layout(data_dir)
+    sheet, patients = layout.sheet, read_patients(layout)[0]
     keep = patients[patients["id"].isin(set(int(i) for i in ids))]
     raw = _read_raw(sheet)
     if KAGGLE_MARK in raw.columns:  # one row per image: back to one row per patient, the original columns

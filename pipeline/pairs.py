@@ -3,33 +3,39 @@ real-image check and the benchmarks use.
 
     find_pairs(folder)          an ODIR folder with its sheet, or a folder of images named by patient and eye
                                 ({ID}_left/_right, _L/_R, _OD/_OS; or a --pattern)
-                                → one row per patient: id, left, right (source paths), status, [labels]
+                                → FolderPairs: one row per patient (id, left, right (source paths), status,
+                                [labels]), the ignored files, the layout when labelled, the missing eyes
     prepare_pairs(table, ...)   both eyes of every scorable patient prepared once (pipeline.prepare, cached)
                                 → + left_prepared, right_prepared; a bad image sets the patient's status
-    load_prepared(folder, ...)  the training view: labelled patients with both eyes prepared, and every
-                                left-out eye with its reason
+    load_prepared(folder, ...)  the training view (TrainingData): labelled patients with both eyes prepared,
+                                and every left-out eye with its reason
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from odir_dual.common.errors import OdirError
+from odir_dual.common.errors import OdirError, printable
+from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.host import cache_root
-from odir_dual.pipeline.odir import DataFolderError, SheetError, find_layout, read_patients
+from odir_dual.pipeline.odir import DataFolderError, Layout, SheetError, as_layout, find_layout, read_patients
 from odir_dual.pipeline.prepare import prepare_table
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-EYES = ("left", "right")
 # The eye tokens of the common naming conventions, any case: left/right, L/R, and the ophthalmic OD (oculus dexter,
 # the right eye) / OS (oculus sinister, the left eye).
 EYE_TOKENS = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
 # {ID}{separator}{eye}.{extension}, separator one of _ - . or a space: 12_left.jpg, 106-L.jpg, P1_OD.png, 7 os.JPG
 PAIR_NAME = re.compile(r"^(?P<id>.+?)[_\-. ](?P<eye>left|right|l|r|od|os)\.(?P<ext>[^.]+)$", re.IGNORECASE)
 NAMING_HELP = "{ID}_left/_right, _L/_R or _OD/_OS (any case; separator _ - . or space)"
+
+
+class PatternError(OdirError, ValueError):
+    """A --pattern that cannot pair file names (the message quotes it and says what is wrong)."""
 
 
 class NamePattern:
@@ -45,7 +51,7 @@ class NamePattern:
         self.text = pattern
         parts = re.split(r"(\{id\}|\{eye(?::[^}]*)?\}|\*)", pattern)
         if parts.count("{id}") != 1 or sum(p.startswith("{eye") for p in parts) != 1:
-            raise ValueError(f"--pattern {pattern!r}: needs exactly one {{id}} and one {{eye}} "
+            raise PatternError(f"--pattern {pattern!r}: needs exactly one {{id}} and one {{eye}} "
                              f"(e.g. \"{{id}}_{{eye}}.jpg\")")
         self.tokens = dict(EYE_TOKENS)
         regex = ""
@@ -68,11 +74,11 @@ class NamePattern:
         for item in filter(None, (t.strip() for t in text.split(","))):
             token, _, eye = item.partition("=")
             if eye.strip().lower() not in EYES or not token.strip():
-                raise ValueError(f"--pattern {pattern!r}: {item!r} in {{eye:...}} should be TOKEN=left or "
+                raise PatternError(f"--pattern {pattern!r}: {item!r} in {{eye:...}} should be TOKEN=left or "
                                  f"TOKEN=right")
             tokens[token.strip().lower()] = eye.strip().lower()
         if set(tokens.values()) != set(EYES):
-            raise ValueError(f"--pattern {pattern!r}: {{eye:...}} must name a token for each eye, e.g. "
+            raise PatternError(f"--pattern {pattern!r}: {{eye:...}} must name a token for each eye, e.g. "
                              f"{{eye:1=right,2=left}}")
         return tokens
 
@@ -95,7 +101,8 @@ def match_name(name: str, pattern: NamePattern | None = None) -> tuple[str, str]
 
 
 class DataError(OdirError, RuntimeError):
-    """Bad input that the user asked to be fatal (--strict)."""
+    """Bad input data: a folder with no patient to score, or bad eye images that the user asked to be fatal
+    (--strict). The message names the folder or the files."""
 
 
 def default_cache() -> Path:
@@ -112,26 +119,72 @@ def _id_key(pid):
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def find_pairs(folder, pattern: NamePattern | str | None = None) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def _eye_rows() -> pd.DataFrame:
+    return pd.DataFrame(columns=["id", "eye", "path", "reason"])
+
+
+@dataclass
+class FolderPairs:
+    """What `find_pairs` finds in a folder.
+
+    table: one row per patient, sorted by ID: id, left, right (source paths, None when absent), status ("ok" or why
+        the patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1,
+        age, sex, keywords) when labelled.
+    ignored: (file name, reason) for files that name no patient eye, and for subfolders.
+    layout: the ODIR sheet and images folder when the folder has one (the labels are known), else None.
+    missing: the eyes the sheet names whose file is absent, one row each (id, eye, path, reason).
+    """
+    table: pd.DataFrame
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    layout: Layout | None = None
+    missing: pd.DataFrame = field(default_factory=_eye_rows)
+
+    @property
+    def labelled(self) -> bool:
+        return self.layout is not None
+
+    def input_files(self) -> list[tuple[str, str]]:
+        """(what, path) of every file read from the folder: the eye images and the sheet, if any (an output path
+        equal to one of them is refused: `pipeline.host.check_output`)."""
+        files = [("input image", p) for eye in EYES for p in self.table[eye] if isinstance(p, str)]
+        return files + ([("annotation sheet", str(self.layout.sheet))] if self.labelled else [])
+
+
+def check_scorable(found: FolderPairs, folder, pattern: NamePattern | None = None) -> None:
+    """Refuse a folder with no patient to score: no image at all, or none named by patient and eye by the naming
+    looked for (the message names it, and how to give another).
+
+    Raises:
+        DataError: the message names the folder and a few of its files.
+    """
+    naming = f"--pattern {pattern}" if pattern else NAMING_HELP
+    if found.table.empty:
+        names = ", ".join(name for name, _ in found.ignored[:5])
+        seen = f"; found only: {names}" if names else " (it is empty)"
+        raise DataError(printable(f"{folder}: no patient images to score, looked for {naming} .jpg/.jpeg/.png files "
+                                  f"or an ODIR sheet{seen}"))
+    if found.table["status"].str.startswith("not paired").all():
+        raise DataError(printable(f"{folder}: none of its {len(found.table)} images is named by patient and eye "
+                                  f"({naming}), e.g. {', '.join(found.table['id'].head(3))}; give their naming with "
+                                  f"--pattern, e.g. --pattern \"{{id}}_{{eye}}.jpg\""))
+
+
+def find_pairs(folder, pattern: NamePattern | str | None = None) -> FolderPairs:
     """The patients of a folder, one row each, sorted by ID.
 
     Args:
-        folder: an ODIR folder with a sheet (labels known), or a folder of images named by a common convention
-            (`{ID}_left.jpg`, `{ID}-L.png`, `{ID}_OD.jpeg`, ...: `PAIR_NAME`; only the folder itself is read: its
-            subfolders are listed in `ignored`). An image whose name pairs with nothing becomes a row of its own
-            (ID: the file name), its status saying why.
+        folder: an ODIR folder with a sheet (labels known; or its `Layout`, found already), or a folder of images
+            named by a common convention (`{ID}_left.jpg`, `{ID}-L.png`, `{ID}_OD.jpeg`, ...: `PAIR_NAME`; only the
+            folder itself is read: its subfolders are listed in `ignored`). An image whose name pairs with nothing
+            becomes a row of its own (ID: the file name), its status saying why.
         pattern: a `NamePattern` (or its text) for other naming schemes; then the folder's sheet is not read.
-
-    Returns:
-        (table, ignored). table: columns id, left, right (source paths, None when absent), status ("ok" or why the
-        patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1, age,
-        sex, keywords) when labelled; `table.attrs["labelled"]` tells which. ignored: (file name, reason) for
-        files that name no patient eye, and for subfolders.
 
     Raises:
         pipeline.odir.DataFolderError: the folder does not exist.
         pipeline.odir.SheetError: the folder has an ODIR sheet with a bad row (the message names it).
     """
+    if isinstance(folder, Layout):
+        return _pairs_from_sheet(folder)
     folder = Path(folder)
     if not folder.exists():
         raise DataFolderError(f"no such folder: {folder}")
@@ -140,18 +193,18 @@ def find_pairs(folder, pattern: NamePattern | str | None = None) -> tuple[pd.Dat
     if pattern is not None:
         return _pairs_from_names(folder, pattern)
     try:
-        find_layout(folder)
+        layout = find_layout(folder)
     except FileNotFoundError:  # no sheet: pair the images by file name
         return _pairs_from_names(folder)
     except SheetError:
         raise
     except ValueError as e:  # e.g. several ODIR sheets in one folder: a user-facing message, same path as a bad sheet
         raise SheetError(str(e)) from None
-    return _pairs_from_sheet(folder), []
+    return _pairs_from_sheet(layout)
 
 
-def _pairs_from_sheet(folder: Path) -> pd.DataFrame:
-    patients, missing = read_patients(folder)
+def _pairs_from_sheet(layout: Layout) -> FolderPairs:
+    patients, missing = read_patients(layout)
     table = patients.copy()
     table["status"] = "ok"
     if len(missing):
@@ -163,12 +216,10 @@ def _pairs_from_sheet(folder: Path) -> pd.DataFrame:
         absent["right"] = None  # only patients with both files get paths; the reason names the missing one
         table = pd.concat([table, absent], ignore_index=True)
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
-    table.attrs["labelled"] = True
-    table.attrs["missing"] = missing  # per-eye rows (id, eye, path, reason) for the training view's left_out
-    return table
+    return FolderPairs(table, layout=layout, missing=missing)
 
 
-def _pairs_from_names(folder: Path, pattern: NamePattern | None = None):
+def _pairs_from_names(folder: Path, pattern: NamePattern | None = None) -> FolderPairs:
     files: dict[str, dict[str, list[str]]] = {}
     ignored, unpaired = [], []
     naming = f"--pattern {pattern}" if pattern else "{ID}_left/_right, _L/_R or _OD/_OS"
@@ -219,8 +270,7 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None):
         rows.append(row)
     table = pd.DataFrame(rows + unpaired, columns=["id", "left", "right", "status"])
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
-    table.attrs["labelled"] = False
-    return table, ignored
+    return FolderPairs(table, ignored)
 
 
 # ----------------------------------------------------------------------------------------------- preparing
@@ -231,9 +281,14 @@ def prepare_pairs(table: pd.DataFrame, cache_dir, short_px: int, *, workers=None
     """Prepare both eyes of every patient whose status is "ok" (fundus crop + resize, cached).
 
     Returns a copy of table with columns left_prepared, right_prepared (None if not prepared) and the status of
-    patients with a bad image set to the reason (e.g. "left eye: truncated JPEG (12_left.jpg)");
-    `attrs["bad_eyes"]` holds those eyes as rows (id, eye, path, reason).
+    patients with a bad image set to the reason (e.g. "left eye: truncated JPEG (12_left.jpg)").
     """
+    return _prepare_pairs(table, cache_dir, short_px, workers=workers, progress=progress, stats=stats)[0]
+
+
+def _prepare_pairs(table: pd.DataFrame, cache_dir, short_px: int, *, workers=None, progress=True,
+                   stats: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`prepare_pairs`, and the bad eyes as rows (id, eye, path, reason)."""
     out = table.copy()
     out["left_prepared"] = None
     out["right_prepared"] = None
@@ -246,22 +301,36 @@ def prepare_pairs(table: pd.DataFrame, cache_dir, short_px: int, *, workers=None
     for pid, group in bad.groupby("id", sort=False):
         out.at[row_of[pid], "status"] = "; ".join(f"{r.eye} eye: {r.reason} ({Path(r.path).name})"
                                                   for r in group.itertuples())
-    out.attrs["bad_eyes"] = bad
-    return out
+    return out, bad
 
 
-def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None, progress=True):
-    """Read the sheet, check and prepare every image; return (patients, left_out).
+@dataclass
+class TrainingData:
+    """What `load_prepared` returns.
 
-    patients: only patients with both eyes usable, left/right pointing at the prepared copies (original paths
-    kept in `left_src`/`right_src`). left_out: one row per bad eye (id, eye, path, reason): missing, unreadable
-    or corrupt. With strict=True any left-out patient is an error instead.
+    patients: only patients with both eyes usable, left/right pointing at the prepared copies (original paths kept in
+        `left_src`/`right_src`), the sheet's labels and columns.
+    left_out: one row per bad eye (id, eye, path, reason): missing, unreadable or corrupt; sorted by id, eye.
+    layout: where the sheet and the images were found.
     """
-    find_layout(data_dir)  # training needs labels: no sheet is a DataFolderError naming what was looked for
-    table, _ = find_pairs(data_dir)
-    table = prepare_pairs(table, Path(cache_dir) if cache_dir else default_cache(), short_px, workers=workers,
-                          progress=progress)
-    left_out = pd.concat([table.attrs["missing"], table.attrs["bad_eyes"]], ignore_index=True)
+    patients: pd.DataFrame
+    left_out: pd.DataFrame
+    layout: Layout
+
+
+def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None,
+                  progress=True) -> TrainingData:
+    """Read the sheet, check and prepare every image: the labelled patients to train on, and the left-out eyes.
+
+    Args:
+        data_dir: an ODIR folder (or sheet file), or the `Layout` found there already (then it is not searched again).
+        strict: any left-out patient is a DataError instead.
+    """
+    layout = as_layout(data_dir)  # training needs labels: no sheet is a DataFolderError naming what was looked for
+    found = find_pairs(layout)
+    table, bad_eyes = _prepare_pairs(found.table, Path(cache_dir) if cache_dir else default_cache(), short_px,
+                                     workers=workers, progress=progress)
+    left_out = pd.concat([found.missing, bad_eyes], ignore_index=True)
     left_out = left_out.sort_values(["id", "eye"], ignore_index=True)
     if strict and len(left_out):
         raise DataError(f"--strict: {left_out['id'].nunique()} patient(s) have bad eye images, first: "
@@ -271,7 +340,7 @@ def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, work
         columns={"left": "left_src", "right": "right_src"})
     patients.insert(1, "left", ok["left_prepared"])
     patients.insert(2, "right", ok["right_prepared"])
-    return patients, left_out
+    return TrainingData(patients, left_out, layout)
 
 
 def left_out_summary(left_out: pd.DataFrame) -> str:

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import atomic_write
+
+
+class SplitError(OdirError, ValueError):
+    """A split file (RUN/split.csv) that cannot be read: the message names the file and the row."""
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -170,21 +175,21 @@ def load_split(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["id", "split"]:
-            raise ValueError(f"{path}: row 1: expected header 'id,split', got {header}")
+            raise SplitError(f"{path}: row 1: expected header 'id,split', got {header}")
         for row_no, row in enumerate(reader, start=2):
             pid = _split_row(path, row_no, row)
             if pid in seen:
-                raise ValueError(f"{path}: rows {seen[pid]} and {row_no}: id {pid} appears twice")
+                raise SplitError(f"{path}: rows {seen[pid]} and {row_no}: id {pid} appears twice")
             seen[pid] = row_no
             parts[row[1].strip()].append(pid)
     return tuple(np.sort(np.array(parts[name], dtype=np.int64)) for name in SPLIT_NAMES)
 
 
 def _split_row(path, row_no: int, row: list[str]) -> int:
-    """The id of one split CSV row; ValueError naming the row when it is malformed."""
+    """The id of one split CSV row; SplitError naming the row when it is malformed."""
     if len(row) != 2 or row[1].strip() not in SPLIT_NAMES:
-        raise ValueError(f"{path}: row {row_no}: expected '<id>,train', '<id>,val' or '<id>,test', got {row}")
+        raise SplitError(f"{path}: row {row_no}: expected '<id>,train', '<id>,val' or '<id>,test', got {row}")
     try:
         return int(row[0])
     except ValueError:
-        raise ValueError(f"{path}: row {row_no}: id must be an integer, got {row[0]!r}") from None
+        raise SplitError(f"{path}: row {row_no}: id must be an integer, got {row[0]!r}") from None

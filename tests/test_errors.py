@@ -1,5 +1,5 @@
 """One error family: library code raises an `OdirError` subclass and never ends the process; only the scripts'
-entry points (common.cli.run_cli) turn an error into one line and an exit status (README "Bad input")."""
+entry points (common.cli.run_cli) turn an error into one line and an exit status (docs/data.md, "Exit statuses")."""
 from __future__ import annotations
 
 import ast
@@ -79,6 +79,8 @@ def _readme_calls(tmp_path):
     from odir_dual.deploy.runtime import ModelFileError, load_session
     from odir_dual.export import export
     from odir_dual.pipeline.odir import DataFolderError, read_patients
+    from odir_dual.pipeline.pairs import NamePattern, PatternError
+    from odir_dual.pipeline.split import SplitError, load_split
     from odir_dual.training.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
     from odir_dual.training.config import ConfigError, config_from_dict, parse_config
 
@@ -87,6 +89,8 @@ def _readme_calls(tmp_path):
     onnx = tmp_path / "junk.onnx"
     onnx.write_bytes(b"\x00not onnx")
     (tmp_path / "empty").mkdir()
+    split = tmp_path / "split.csv"
+    split.write_text("id,split\n1,train\n2,holdout\n")
     return [
         ("read_checkpoint(junk)", lambda: read_checkpoint(junk), CheckpointError),
         ("read_checkpoint(missing)", lambda: read_checkpoint(tmp_path / "missing.pt"), CheckpointError),
@@ -100,6 +104,8 @@ def _readme_calls(tmp_path):
         ("parse_config(bad value)", lambda: parse_config(["--ensemble", "0"]), ConfigError),
         ("parse_config(--help)", lambda: parse_config(["--help"]), NothingToRun),
         ("parse_config(--print-config)", lambda: parse_config(["--print-config"]), NothingToRun),
+        ("load_split(bad row)", lambda: load_split(split), SplitError),
+        ("NamePattern(no {eye})", lambda: NamePattern("{id}.jpg"), PatternError),
         ("train.main(unknown flag)", lambda: _train_main(["--bogus"]), UsageError),
         ("train.main(no data there)", lambda: _train_main(["--data", str(tmp_path / "missing"), "--dry-run",
                                                            "--out", str(tmp_path / "runs")]), DataFolderError),

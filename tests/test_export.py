@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from odir_dual.model import factory
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual import export
@@ -28,7 +29,7 @@ def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """A best.pt exactly as train.py writes it, for a tiny random-weight model."""
     torch.manual_seed(seed)
     cfg = config.resolve_config({**TINY, **overrides})
-    model = checkpoint.build_model(cfg)
+    model = factory.build_model(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = checkpoint.checkpoint_payload(model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=1, step=1,
                                             best={"f1_macro": 0.1, "epoch": 1})

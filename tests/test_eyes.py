@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from odir_dual import export, score, serve
-from odir_dual.deploy import report, runtime
+from odir_dual.deploy import predictions, report, runtime
 from odir_dual.model import eyes
+from odir_dual.model.factory import build_model
 from odir_dual.model.metrics import bootstrap_intervals
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.training import checkpoint, config, evaluation, runlog
@@ -98,7 +99,7 @@ def test_per_eye_outputs_and_thresholds_must_come_together(tiny_onnx, tmp_path, 
 def test_the_cpu_preset_keeps_the_per_eye_head():
     cfg = config.resolve_config({"preset": "cpu"})
     assert cfg.eye_loss_weight > 0
-    assert checkpoint.build_model(dataclasses.replace(cfg, pretrained=False)).eye_head is not None
+    assert build_model(dataclasses.replace(cfg, pretrained=False)).eye_head is not None
 
 
 # ----------------------------------------------------------------------------------------------- score.py
@@ -115,7 +116,7 @@ def test_scored_folder_has_per_eye_columns_and_findings(eye_onnx, tmp_path, caps
     header = list(rows[0])
     assert header == ["ID", *(f"p_{c}" for c in CLASSES), *(f"pred_{c}" for c in CLASSES), "labels", "findings",
                       "findings_vs_labels", "status", *EYE_COLUMNS]
-    scored = [r for r in rows if score.is_scored(r["status"])]
+    scored = [r for r in rows if predictions.is_scored(r["status"])]
     assert [r["ID"] for r in scored] == ["1", "2", "3"]
     for r in scored:
         eye_probs = np.array([float(r[c]) for c in EYE_COLUMNS]).reshape(2, len(CLASSES))
@@ -135,7 +136,7 @@ def test_scored_folder_has_per_eye_columns_and_findings(eye_onnx, tmp_path, caps
     np.testing.assert_allclose(got, expected[index.numpy()], atol=1e-4, rtol=0)
     unscored = next(r for r in rows if r["ID"] == "4")
     assert unscored["findings"] == "" and all(unscored[c] == "" for c in EYE_COLUMNS)
-    sidecar = json.loads(score.thresholds_file(out).read_text())
+    sidecar = json.loads(predictions.thresholds_file(out).read_text())
     assert sidecar["eye_thresholds"] == dict(zip(CLASSES, EYE_THRESHOLDS.tolist())) and "official" in \
         sidecar["labels_follow"]
     # --submission stays the ODIR format
@@ -172,7 +173,7 @@ def test_a_model_without_the_head_scores_without_the_columns(tiny_onnx, tmp_path
     assert "per-eye" not in capsys.readouterr().out
     header = list(read_csv(out)[0])
     assert not {"findings", "findings_vs_labels", *EYE_COLUMNS} & set(header)
-    assert "eye_thresholds" not in json.loads(score.thresholds_file(out).read_text())
+    assert "eye_thresholds" not in json.loads(predictions.thresholds_file(out).read_text())
 
 
 def test_findings_say_each_class_with_its_eyes_and_where_they_differ_from_the_labels():
@@ -192,7 +193,8 @@ def test_findings_say_each_class_with_its_eyes_and_where_they_differ_from_the_la
     assert eyes.findings(np.zeros((2, len(CLASSES)), bool)) == "none"
     table = pd.DataFrame({"id": ["7", "8"], "status": ["ok", "left eye: missing file"]})
     meta = {"classes": list(CLASSES), "thresholds": np.full(len(CLASSES), 0.5), "eye_thresholds": np.full(8, 0.5)}
-    frame = score.predictions_frame(table, {0: np.where(patient, 0.9, 0.1)}, meta, {0: np.where(eye_pred, 0.8, 0.2)})
+    frame = predictions.predictions_frame(table, {0: np.where(patient, 0.9, 0.1)}, meta,
+                                          eyes_by_row={0: np.where(eye_pred, 0.8, 0.2)})
     assert frame.loc[0, "findings"] == "diabetes (left, right); cataract (right)"
     assert frame.loc[0, "findings_vs_labels"] == "labels only: G; eyes only: C" and frame.loc[0, "labels"] == "D,G"
     assert frame.loc[1, "findings"] == "" and frame.loc[1, "right_p_C"] is None

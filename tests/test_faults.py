@@ -7,7 +7,7 @@ other cases that already held are tested where their code lives: tests/test_prep
 PNG-as-JPEG, CMYK, grayscale images), tests/test_train.py (kill -9 during a checkpoint write, resume equality,
 Ctrl-C → exit 130), tests/test_export.py (malicious pickles).
 
-Exit statuses (README "Bad input"): 0 ok, 1 bad input (one line naming the file, row, column or flag), 2 bad
+Exit statuses (docs/data.md): 0 ok, 1 bad input (one line naming the file, row, column or flag), 2 bad
 command line, 130 / 143 stopped by SIGINT / SIGTERM.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from odir_dual.training import checkpoint
 from odir_dual import export
 from odir_dual.deploy import runtime
 from odir_dual import score
+from odir_dual.deploy import predictions
 from odir_dual import train
 from odir_dual.common.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, run_cli
 from odir_dual.pipeline.odir import SheetError, read_patients
@@ -210,7 +211,7 @@ def test_4a_undecodable_file_name_is_scored_and_written(scored):
     assert scored["status"] == 0
     text = scored["out"].read_bytes().decode("utf-8")  # valid UTF-8 throughout
     rows = {r["ID"]: r for r in csv.DictReader(text.splitlines())}
-    assert score.is_scored(rows["3\\xff"]["status"]) and rows["3\\xff"]["p_N"] != ""
+    assert predictions.is_scored(rows["3\\xff"]["status"]) and rows["3\\xff"]["p_N"] != ""
 
 
 def test_4b_unwritable_output_fails_before_any_work(tiny_onnx, tmp_path, capsys):
@@ -278,7 +279,7 @@ def test_8e_formula_ids_are_escaped_in_the_csv(scored):
 def test_8f_subfolders_are_reported(scored):
     from odir_dual.pipeline.pairs import find_pairs
 
-    _, ignored = find_pairs(scored["out"].parent / "images")
+    ignored = find_pairs(scored["out"].parent / "images").ignored
     assert ("more/", "a subfolder: not searched, score it on its own") in ignored
 
 

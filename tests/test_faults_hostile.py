@@ -514,8 +514,7 @@ def test_5c_a_fifo_eye_is_not_a_regular_file(tmp_path):
     folder = pair_folder(tmp_path / "images", [1, 2])
     (folder / "2_left.jpg").unlink()
     os.mkfifo(folder / "2_left.jpg")
-    table, ignored = find_pairs(folder)
-    table = prepare_pairs(table, tmp_path / "c", 64, workers=1, progress=False)
+    table = prepare_pairs(find_pairs(folder).table, tmp_path / "c", 64, workers=1, progress=False)
     status = dict(zip(table["id"], table["status"]))
     assert status == {"1": "ok", "2": "left eye: not a regular file (2_left.jpg)"}
 
@@ -524,7 +523,8 @@ def test_5d_a_symlink_loop_skips_one_entry_not_the_folder(tmp_path):
     folder = pair_folder(tmp_path / "images", [1])
     (folder / "loop_a").symlink_to(folder / "loop_b")
     (folder / "loop_b").symlink_to(folder / "loop_a")
-    table, ignored = find_pairs(folder)
+    found = find_pairs(folder)
+    table, ignored = found.table, found.ignored
     assert list(table["status"]) == ["ok"]
     assert ("loop_a", "cannot be read: Too many levels of symbolic links") in ignored
     df = small()  # an ODIR folder with a loop beside its sheet and images

@@ -1,20 +1,27 @@
 """GPU-only checks: DALI's GPU decoding against its CPU decoding; train.py's fast preset (compiled, bf16, DALI
 decoding on the GPU) for one epoch with a finite loss; onnxruntime's CUDA provider against its CPU provider.
-Skipped without CUDA.
+Skipped without CUDA. And, in the slow suite on any machine, benchmarks/gpu_check.sh's dry run on the CPU, so the
+script that runs all of this on a GPU host cannot rot unseen.
 
     python -m pytest -m gpu tests/test_gpu.py -q        # what benchmarks/gpu_check.sh runs
+    python -m pytest -m slow tests/test_gpu.py -q       # the dry run (.ci/run runs the slow suite)
 """
 import csv
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-ODIR256 = Path(__file__).resolve().parents[1].parent / "shared/data/odir5k-256"  # as in conftest.py
+ROOT = Path(__file__).resolve().parents[1]
+ODIR256 = ROOT.parent / "shared/data/odir5k-256"  # as in conftest.py
 
 IMG_PX = 224
 # nvJPEG (CUDA or the hardware decoder) and libjpeg-turbo differ in IDCT rounding and chroma upsampling by a grey
@@ -43,6 +50,8 @@ def pairs(tmp_path_factory):
     return list(patients["left"]), list(patients["right"])
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_decoding_matches_cpu_decoding(pairs):
     from odir_dual.pipeline.dali import eval_loader
 
@@ -62,6 +71,8 @@ def test_gpu_decoding_matches_cpu_decoding(pairs):
     assert p99 < DECODE_P99_ABS, f"99th percentile |GPU - CPU| {p99:.4f} >= {DECODE_P99_ABS}"
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_fast_preset_trains_compiled_bf16_on_gpu(tmp_path):
     """train.py itself, fast preset (bf16 autocast, channels_last, torch.compile, DALI GPU decoding), one epoch
     of a tiny backbone: the run finishes, validates, writes best.pt, and its loss is finite."""
@@ -98,6 +109,8 @@ def _tiny_onnx(path):
     return model
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_onnxruntime_cuda_provider_matches_cpu(tmp_path):
     import onnxruntime as ort
 
@@ -124,3 +137,43 @@ def test_onnxruntime_cuda_provider_matches_cpu(tmp_path):
     np.testing.assert_allclose(out_cuda, out_cpu, atol=ORT_ATOL, rtol=0)
     np.testing.assert_allclose(out_cpu, out_torch, atol=ORT_ATOL, rtol=0)
 
+
+
+DRY_RUN_TIMEOUT_S = 1000  # a CPU dry run's own budget: 2 × 465 s (GPU_CHECK_BUDGET_S), + 5 s per stage to be killed
+
+
+def _copy_of_the_project(dst: Path) -> Path:
+    """What gpu_check.sh runs (the scripts, packages, benchmarks, tests, pyproject.toml), copied: its benchmarks
+    write benchmarks/results/*.json beside themselves, and those files in the repository hold measured figures."""
+    skip = shutil.ignore_patterns("__pycache__", "gpu_check")
+    dst.mkdir()
+    for path in ROOT.iterdir():
+        if path.is_file() and path.suffix in (".py", ".toml"):
+            shutil.copy2(path, dst / path.name)
+        elif path.name in ("benchmarks", "tests") or (path / "__init__.py").is_file():
+            shutil.copytree(path, dst / path.name, ignore=skip)
+    return dst
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """`GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh`: every stage of the GPU host check (preflight, GPU
+    tests, loader, train_step, candidates, end_to_end) runs with small CPU settings and passes, and the summary
+    reads every result file back. 3 min 47 s to 7 min 56 s on a 2-core Intel Xeon shared with other jobs (load
+    average 4-16), with an empty cache."""
+    repo = _copy_of_the_project(tmp_path / "repo")
+    link = tmp_path / "path"
+    link.mkdir()
+    (link / "odir_dual").symlink_to(repo)  # `import odir_dual` is the copy, as the script's own link would do
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # OUT: the script would copy its results there
+    env.update(GPU_CHECK_DEVICE="cpu", PYTHON=sys.executable, ODIR_CACHE=str(tmp_path / "cache"),
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(link), env.get("PYTHONPATH")])))
+    p = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=DRY_RUN_TIMEOUT_S)
+    out = p.stdout + p.stderr
+    print(out)
+    assert p.returncode == 0, out[-4000:]
+    for stage in ("tests", "loader", "train_step", "candidates", "end_to_end"):
+        assert f"--- {stage}: ok in" in out, f"stage {stage} did not pass:\n{out[-4000:]}"
+    assert "training, fast preset fed by DALI" in out and "candidates against fast" in out, out[-4000:]  # summary
+    assert "failed stages: none; skipped for time: none; summary rc 0" in out, out[-2000:]

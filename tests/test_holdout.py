@@ -8,6 +8,7 @@ import pytest
 
 from odir_dual import export
 from odir_dual import score
+from odir_dual.deploy import predictions
 from odir_dual import train
 from odir_dual.model import odir_score
 from odir_dual.pipeline.constants import CLASSES
@@ -39,7 +40,7 @@ def test_scored_holdout_folder_matches_the_runs_test_report(tmp_path, small_odir
                                 workers=1, log=lambda *a: None)
     scored = result["frame"]
     assert scored["ID"].astype(int).tolist() == sorted(test_ids.tolist())
-    assert scored["status"].map(score.is_scored).all()
+    assert scored["status"].map(predictions.is_scored).all()
     probs = scored[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=float)
     y = result["table"][list(CLASSES)].to_numpy(dtype=int)
     # id, N..O, p_N..p_O, left_p_N..left_p_O, right_p_N..right_p_O

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from odir_dual.pipeline.constants import CLASSES
-from odir_dual.model.metrics import bootstrap_intervals, multilabel_metrics, odir_score, tune_thresholds
+from odir_dual.model.metrics import (bootstrap_intervals, class_rates, evaluate, multilabel_metrics, odir_score,
+                                     tune_thresholds)
 
 
 def _random_problem(seed=0, n=200):
@@ -97,6 +98,21 @@ def test_tuned_thresholds_not_worse_on_tuning_data():
     for c in CLASSES:
         assert tuned["f1"][c] >= base["f1"][c]
     assert tuned["f1_macro"] >= base["f1_macro"]
+
+
+def test_evaluate_is_the_figures_of_every_report():
+    """One evaluation for training's report, score.py, the folder report and the holdout check: the official score
+    at 0.5, multi-label metrics at 0.5 and at the tuned thresholds, per-class rates at the tuned thresholds."""
+    y, p = _random_problem(6)
+    thr = tune_thresholds(y, p)
+    ev = evaluate(y, p, thr, per_class=True)
+    assert ev == {"at_0.5": multilabel_metrics(y, p, 0.5), "odir": odir_score(y, p),
+                  "tuned": multilabel_metrics(y, p, thr), "per_class": class_rates(y, p, thr)}
+    assert set(evaluate(y, p)) == {"at_0.5", "odir"}
+    # no positive cell at all: the official score is undefined, said once, and the rest is still computed
+    none = evaluate(np.zeros_like(y), p, thr)
+    assert none["odir"] is None and "one class" in none["odir_undefined"]
+    assert none["tuned"]["f1_macro"] == 0.0
 
 
 def test_tune_thresholds_ties_and_empty_class():

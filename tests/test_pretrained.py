@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from odir_dual.training.checkpoint import WeightsError, build_model, weights_description, weights_source
+from odir_dual.model.factory import WeightsError, build_model, weights_description, weights_source
 from odir_dual.training.config import resolve_config
 from odir_dual.model.pretrained import WEIGHT_PACKAGES, WeightsMismatch, is_lite_checkpoint, lite_to_timm
 from odir_dual.model.net import backbone_norm

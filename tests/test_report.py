@@ -16,10 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
+from odir_dual.model import factory
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.deploy import report
 from odir_dual import score
+from odir_dual.deploy import predictions
 from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, format_interval
 from odir_dual.model.explain import cam_peak, explain_pair, grad_cam
@@ -133,7 +135,7 @@ def test_read_regions_names_a_set_without_them(tmp_path):
 def tiny_model(seed=0, backbone="test_resnet"):
     torch.manual_seed(seed)
     cfg = config.resolve_config({"backbone": backbone, "pretrained": False, "img_px": 64, "embed_dim": 32})
-    return checkpoint.build_model(cfg).eval()
+    return factory.build_model(cfg).eval()
 
 
 def test_grad_cam_is_the_gradient_weighted_activation():
@@ -244,7 +246,7 @@ def fake_run(tmp_path, synth):
     cfg = config.resolve_config({"backbone": "test_resnet", "pretrained": False, "img_px": 64, "embed_dim": 32,
                                  "data": str(synth), "cache_dir": str(tmp_path / "cache"), "preset": "demo"})
     torch.manual_seed(0)
-    model = checkpoint.build_model(cfg)
+    model = factory.build_model(cfg)
     run.mkdir()
     checkpoint.save_checkpoint(checkpoint.checkpoint_payload(
         model, cfg, thresholds=THRESHOLDS, mean=MEAN, std=STD, epoch=2, step=4, best={"f1_macro": 0.3, "epoch": 2}),
@@ -435,10 +437,10 @@ def test_folder_report_shows_unscored_patients(tmp_path, synth):
     folder.mkdir()
     for name in ("0_left.jpg", "0_right.jpg", "1_left.jpg"):
         shutil.copy(synth / "Training Images" / name, folder / name)
-    table = prepare_pairs(find_pairs(folder)[0], tmp_path / "cache", 64, workers=1, progress=False)
+    table = prepare_pairs(find_pairs(folder).table, tmp_path / "cache", 64, workers=1, progress=False)
     probs = {0: np.linspace(0.1, 0.8, 8)}
     meta = {"classes": list(CLASSES), "thresholds": THRESHOLDS}
-    scored = {"frame": score.predictions_frame(table, probs, meta), "table": table, "metrics": None}
+    scored = {"frame": predictions.predictions_frame(table, probs, meta), "table": table, "metrics": None}
     page = Page(report.write_folder_report(scored, tmp_path / "page", THRESHOLDS))
     _check_images_exist(page, tmp_path / "page")
     assert page.rows["patient-1"][-1] == "right eye: missing file" and page.rows["patient-1"][2] == "n/a"
@@ -458,11 +460,11 @@ def test_folder_report_starts_with_per_class_counts_and_lists_flagged_patients_f
         for eye in ("left", "right"):
             shutil.copy(synth / "Training Images" / f"{pid}_{eye}.jpg", folder / f"{pid}_{eye}.jpg")
     shutil.copy(synth / "Training Images" / "3_left.jpg", folder / "3_left.jpg")
-    table = prepare_pairs(find_pairs(folder)[0], tmp_path / "cache", 64, workers=1, progress=False)
+    table = prepare_pairs(find_pairs(folder).table, tmp_path / "cache", 64, workers=1, progress=False)
     thr = np.full(len(CLASSES), 0.5)
     probs = {0: np.array([0.1, 0.9, 0, 0, 0, 0, 0, 0.2]), 1: np.array([0.1, 0.2, 0, 0, 0, 0, 0, 0.1]),
              2: np.array([0.8, 0.9, 0, 0, 0, 0.6, 0, 0])}  # patient 2: normal together with D and H
-    scored = {"frame": score.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr}),
+    scored = {"frame": predictions.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr}),
               "table": table, "metrics": None}
     page = Page(report.write_folder_report(scored, tmp_path / "page", thr))
     counts = {r[0]: r for r in page.tables["counts"][1:]}
@@ -505,7 +507,7 @@ def pointing_game(run: Path, data: Path, ids, tolerance_cells: float = TOLERANCE
     cfg = explainer.config
     regions = read_regions(data)
     regions = regions[regions["class"].isin(LOCALISED) & regions["id"].astype(str).isin(set(map(str, ids)))]
-    table, _ = find_pairs(data)
+    table = find_pairs(data).table
     table = table[table["id"].astype(str).isin(set(regions["id"].astype(str)))]
     table = prepare_pairs(table, cfg["cache_dir"], cfg["img_px"], workers=1, progress=False).reset_index(drop=True)
     by_eye = regions.groupby(["id", "eye"])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from odir_dual.deploy import runtime
 from odir_dual import score
+from odir_dual.deploy import predictions
 from odir_dual.pipeline import pairs
 from odir_dual.pipeline.constants import CLASSES
 from test_export import MEAN, STD, THRESHOLDS, tiny_checkpoint, tiny_net, tiny_onnx  # noqa: F401 (fixtures)
@@ -92,9 +93,9 @@ def test_round_trip_matches_pytorch_and_is_quiet(tiny_onnx, tmp_path):
     rows = read_csv(out)
     assert [r["ID"] for r in rows] == ["1", "3", "7", "8", "25", "100"]  # every patient, numeric ID order
     assert list(rows[0]) == ["ID", *(f"p_{c}" for c in CLASSES), *(f"pred_{c}" for c in CLASSES), "labels", "status"]
-    assert all(score.is_scored(r["status"]) for r in rows)
+    assert all(predictions.is_scored(r["status"]) for r in rows)
     probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
-    table = pairs.prepare_pairs(pairs.find_pairs(folder)[0], tmp_path / "cache" / "prepared", 64, workers=1,
+    table = pairs.prepare_pairs(pairs.find_pairs(folder).table, tmp_path / "cache" / "prepared", 64, workers=1,
                                 progress=False)
     np.testing.assert_allclose(probs, reference_probs(tiny_onnx["checkpoint"], table), atol=1e-4, rtol=0)
     # decisions at the model's tuned thresholds, and the label string built from them
@@ -120,7 +121,7 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tiny_onnx, tmp_path, capsys
     text = capsys.readouterr().out
     rows = {r["ID"]: r for r in read_csv(out)}
     assert list(rows) == ["1", "2", "3", "4", "5", "6", "7"]
-    assert all(score.is_scored(rows[i]["status"]) and rows[i]["p_N"] for i in "123")
+    assert all(predictions.is_scored(rows[i]["status"]) and rows[i]["p_N"] for i in "123")
     assert rows["4"]["status"] == "left eye: truncated JPEG (4_left.jpg)"
     assert rows["5"]["status"] == "left eye: not an image (5_left.jpg)"
     assert rows["6"]["status"] == "right eye: missing file"
@@ -295,15 +296,16 @@ def test_cuda_io_binding_matches_cpu(tiny_onnx, tmp_path):
 def test_common_naming_conventions_pair_left_and_right(tmp_path, left, right):
     for name in (left, right):
         (tmp_path / name).write_bytes(b"x")
-    table, ignored = pairs.find_pairs(tmp_path)
-    assert ignored == [] and table["id"].tolist() == ["12"] and table["status"].tolist() == ["ok"]
+    found = pairs.find_pairs(tmp_path)
+    table, ignored = found.table, found.ignored
+    assert ignored == [] and not found.labelled and table["id"].tolist() == ["12"] and table["status"].tolist() == ["ok"]
     assert Path(table["left"][0]).name == left and Path(table["right"][0]).name == right
 
 
 def test_od_is_the_right_eye_and_ids_may_hold_separators(tmp_path):
     for name in ("P-1_OD.jpg", "P-1_OS.jpg", "a b.c_left.png", "a b.c_right.png"):
         (tmp_path / name).write_bytes(b"x")
-    table, _ = pairs.find_pairs(tmp_path)
+    table = pairs.find_pairs(tmp_path).table
     by_id = table.set_index("id")
     assert Path(by_id.loc["P-1", "right"]).name == "P-1_OD.jpg" and Path(by_id.loc["P-1", "left"]).name == "P-1_OS.jpg"
     assert set(by_id.index) == {"P-1", "a b.c"} and (by_id["status"] == "ok").all()
@@ -312,7 +314,8 @@ def test_od_is_the_right_eye_and_ids_may_hold_separators(tmp_path):
 def test_unpaired_images_become_rows_with_their_reason(tmp_path):
     for name in ("1_left.jpg", "1_right.jpg", "IMG_0042.jpg", "2_left.png", "scan3.JPG", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    table, ignored = pairs.find_pairs(tmp_path)
+    found = pairs.find_pairs(tmp_path)
+    table, ignored = found.table, found.ignored
     status = dict(zip(table["id"], table["status"]))
     assert status["1"] == "ok" and status["2"] == "right eye: missing file"
     for name in ("IMG_0042.jpg", "scan3.JPG"):  # images that name no eye: a row each, not just an "ignored" line
@@ -330,7 +333,7 @@ def test_unpaired_images_become_rows_with_their_reason(tmp_path):
 def test_pattern_pairs_other_naming_schemes(tmp_path, pattern, names, expected):
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    table, _ = pairs.find_pairs(tmp_path, pattern)
+    table = pairs.find_pairs(tmp_path, pattern).table
     got = {r.id: (Path(r.left).name, Path(r.right).name) for r in table.itertuples() if r.status == "ok"}
     assert got == expected
     # a file the pattern does not describe is a row saying so, naming the pattern
@@ -346,13 +349,12 @@ def test_bad_patterns_are_refused_with_an_example(bad):
 
 def test_normal_together_with_a_disease_is_flagged():
     table = pd.DataFrame({"id": [1, 2, 3], "status": ["ok", "ok", "ok"]})
-    table.attrs["labelled"] = False
     thr = np.full(len(CLASSES), 0.5)
     probs = {0: np.array([0.9, 0.8, 0, 0, 0, 0.7, 0, 0]), 1: np.array([0.9, 0, 0, 0, 0, 0, 0, 0]),
              2: np.array([0.1, 0.8, 0, 0, 0, 0, 0, 0])}
-    frame = score.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr})
+    frame = predictions.predictions_frame(table, probs, {"classes": list(CLASSES), "thresholds": thr})
     assert frame["status"].tolist() == ["ok; normal together with D,H", "ok", "ok"]
-    lines = score.status_summary(frame, [])
+    lines = predictions.status_summary(frame, [])
     assert lines[0] == "scored 3 of 3 patients" and lines[1].startswith("flagged 1 of 3 scored patients")
 
 
@@ -400,7 +402,7 @@ def test_xlsx_is_a_real_workbook_with_the_thresholds_and_csv_gets_a_sidecar(tiny
         else:
             assert list(g[1:9]) == [None] * 8
         assert g[-1] == r["status"]
-    assert rows[2]["status"].startswith("not paired") and score.is_scored(rows[3]["status"])
+    assert rows[2]["status"].startswith("not paired") and predictions.is_scored(rows[3]["status"])
     model = {r[0]: r for r in wb["model"].iter_rows(values_only=True) if r[0]}
     assert [model[c][2] for c in CLASSES] == pytest.approx(list(THRESHOLDS))
     side = json.loads((tmp_path / "r.thresholds.json").read_text())
@@ -417,4 +419,4 @@ def test_pattern_flag_end_to_end(tiny_onnx, tmp_path):
     assert score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out), "--pattern",
                        "{id}-{eye:1=right,2=left}.png", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
     rows = read_csv(out)
-    assert [r["ID"] for r in rows] == ["a", "b"] and all(score.is_scored(r["status"]) for r in rows)
+    assert [r["ID"] for r in rows] == ["a", "b"] and all(predictions.is_scored(r["status"]) for r in rows)

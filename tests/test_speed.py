@@ -13,7 +13,7 @@ from torch import nn
 from odir_dual.common.cli import UsageError
 from odir_dual.training import config
 from odir_dual.training import engine
-from odir_dual.training.checkpoint import build_model
+from odir_dual.model.factory import build_model
 from odir_dual.training.config import Config
 
 

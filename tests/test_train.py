@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from odir_dual.common.cli import UsageError
+from odir_dual.model import factory
 from odir_dual.training import checkpoint
 from odir_dual.training import config
 from odir_dual.training import engine
@@ -86,7 +87,7 @@ def test_run_folder_and_checkpoint(tmp_path, tiny_odir):
     assert "odir" in best["val_metrics"] and "tuned" in best["val_metrics"]
     rows = (d / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_odir" in rows[0]
-    model = checkpoint.build_model(config.config_from_dict(best["config"]), pretrained=False)
+    model = factory.build_model(config.config_from_dict(best["config"]), pretrained=False)
     model.load_state_dict(best["model"])
 
 
@@ -193,7 +194,7 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (README "Bad input")
+    assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (docs/data.md, "Exit statuses")
     assert "SIGINT: stopping after this update" in out
     stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 1000

@@ -20,7 +20,9 @@ from odir_dual.common.errors import OdirError
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SELECT_METRICS = ("f1_macro", "auc_macro", "loss")
+# --select-metric → the metrics.csv column it reads (validation, at threshold 0.5); "loss" is the one to minimise
+SELECT_COLUMNS = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}
+SELECT_METRICS = tuple(SELECT_COLUMNS)
 CALIBRATIONS = ("platt", "temperature", "none")
 
 

@@ -9,8 +9,8 @@ import torch
 
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.keywords import eye_label_matrix
-from odir_dual.pipeline.odir import label_matrix
-from odir_dual.pipeline.pairs import DataError, load_prepared
+from odir_dual.pipeline.odir import Layout, label_matrix
+from odir_dual.pipeline.pairs import DataError, TrainingData, load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
 from odir_dual.pipeline.split import load_split, save_split, three_way_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
@@ -30,14 +30,15 @@ def data_folder(cfg: Config, is_main: bool) -> Path:
     return ensure_synthetic_odir(root, n_patients=cfg.synthetic_patients)  # rank 0: a cache hit by now
 
 
-def load_data(cfg: Config, folder: Path, is_main: bool):
-    """(patients, left_out): rank 0 prepares the images, the others then find them up to date."""
+def load_data(cfg: Config, layout: Layout, is_main: bool) -> TrainingData:
+    """The patients and the left-out eyes of the run's data folder, found once (`layout`): rank 0 prepares the
+    images, the others then find them up to date."""
     kwargs = dict(cache_dir=cfg.cache_dir or None, strict=cfg.strict)
     if is_main:
-        result = load_prepared(folder, cfg.prepare_px or cfg.img_px, progress=True, **kwargs)
+        result = load_prepared(layout, cfg.prepare_px or cfg.img_px, progress=True, **kwargs)
     barrier()
     if not is_main:
-        result = load_prepared(folder, cfg.prepare_px or cfg.img_px, progress=False, **kwargs)
+        result = load_prepared(layout, cfg.prepare_px or cfg.img_px, progress=False, **kwargs)
     return result
 
 

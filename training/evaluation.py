@@ -1,5 +1,5 @@
-"""The figures of a trained model: metrics at 0.5 and at the tuned thresholds, the official ODIR score, and the final
-report of best.pt (report.json with 95 % bootstrap intervals, one predictions CSV per split, report.html)."""
+"""The final report of best.pt: report.json (the figures of `model.metrics.evaluate` with 95 % bootstrap intervals),
+one predictions CSV per split, report.html."""
 from __future__ import annotations
 
 import json
@@ -9,23 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odir_dual.model import multilabel_metrics, odir_score
 from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
 from odir_dual.model.eyes import LABELS_FOLLOW, eye_figures
-from odir_dual.model.metrics import bootstrap_intervals, class_rates
+from odir_dual.model.metrics import bootstrap_intervals, evaluate
 from odir_dual.pipeline.constants import CLASSES, EYES
 from odir_dual.pipeline.host import atomic_write, write_text_atomic
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import weights_digest
-
-
-def evaluate(y_true, probs, thresholds=None) -> dict:
-    """Multi-label metrics (2-D F1/AUC) and the official ODIR score, both at 0.5 and at tuned thresholds."""
-    out = {"at_0.5": multilabel_metrics(y_true, probs, 0.5), "odir": odir_score(y_true, probs)}
-    if thresholds is not None:
-        out["tuned"] = multilabel_metrics(y_true, probs, thresholds)
-    return out
 
 
 def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, eye_logits: dict | None = None) -> dict:
@@ -55,12 +46,12 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, eye_logit
         t0 = time.perf_counter()  # the same patients resampled, seeded: the same run gives the same intervals
         ci95 = bootstrap_intervals(y, probs, thresholds, baseline=trivial, seed=run.cfg.seed)
         bootstrap_s += time.perf_counter() - t0
-        report[split] = {"patients": len(y), **evaluate(y, probs, thresholds),
+        report[split] = {"patients": len(y), **evaluate(y, probs, thresholds, per_class=True),
                          "trivial": evaluate(y, trivial),
                          "calibration_error": {"ece_before": expected_calibration_error(raw, y),
                                                "ece_after": expected_calibration_error(probs, y),
                                                "brier_before": brier_score(raw, y), "brier_after": brier_score(probs, y)},
-                         "per_class": class_rates(y, probs, thresholds), "ci95": ci95}  # at the tuned thresholds
+                         "ci95": ci95}
         frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
                               **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
         if eye_logits:

@@ -23,6 +23,7 @@ from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
+from odir_dual.training.config import SELECT_COLUMNS
 
 
 class RunLog:
@@ -62,9 +63,6 @@ class RunLog:
         """curves.png (atomically): losses that compare like with like, the selection metric with the best epoch
         marked, and the F1 / official-score curves; integer epochs."""
         plot_curves(rows, self.dir / "curves.png", self.select_metric)
-
-
-SELECT_COLUMNS = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}  # config → column
 
 
 def best_epoch(rows: list[dict], select_metric: str | None) -> int | None:
@@ -166,12 +164,11 @@ EPOCH_COLUMNS = {"train_loss": ("train loss", 10, ".4f"), "val_loss": ("val loss
                  "val_auc_macro": ("AUC macro", 9, ".3f"), "val_f1_macro": ("F1 macro", 8, ".3f"),
                  "val_odir": ("ODIR", 6, ".3f"), "lr": ("lr", 8, ".2e"), "epoch_s": ("sec", 7, ".1f"),
                  "pairs_per_s": ("pairs/s", 8, ".1f"), "data_pct": ("data %", 6, ".0f")}
-SELECT_COLUMN = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}  # --select-metric
 
 
 def epoch_header(epochs: int, select_metric: str) -> list[str]:
     """The two lines above the first epoch row: what the row holds, then the column titles."""
-    title = EPOCH_COLUMNS[SELECT_COLUMN[select_metric]][0]
+    title = EPOCH_COLUMNS[SELECT_COLUMNS[select_metric]][0]
     return [f"* = new best validation {title} (--select-metric) → best.pt · at threshold 0.5 · per class: "
             f"metrics.csv",
             f"{'epoch':>{_epoch_width(epochs)}}  " + "  ".join(f"{t:>{w}}" for t, w, _ in EPOCH_COLUMNS.values())]
