@@ -127,7 +127,7 @@ def test_scored_folder_has_per_eye_columns_and_findings(eye_onnx, tmp_path, caps
     from odir_dual.pipeline import pairs
     from odir_dual.pipeline.dali import eval_loader
 
-    table = pairs.prepare_pairs(pairs.find_pairs(folder)[0], tmp_path / "c", 64, workers=1, progress=False)
+    table = pairs.prepare_pairs(pairs.find_pairs(folder).table, tmp_path / "c", 64, workers=1, progress=False)
     ok = table[table["status"] == "ok"].sort_values("id")
     left, right, _, index = eval_loader(list(ok["left_prepared"]), list(ok["right_prepared"]), len(ok), 64, "cpu",
                                         mean=MEAN, std=STD).next_batch()
