@@ -15,7 +15,6 @@ data, figures per class, thresholds, calibration, limitations).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -37,11 +36,12 @@ from torch import nn
 from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
 from odir_dual.common.errors import OdirError
 from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint
-from odir_dual.deploy.modelcard import CARD_NAME, write_model_card
+from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
 from odir_dual.model.eyes import LABELS_FOLLOW
+from odir_dual.model.trust import model_quality, untrusted_lines
 from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import check_output, remove_stale_temporaries
+from odir_dual.pipeline.host import check_output, remove_stale_temporaries, wrapped
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
@@ -159,8 +159,10 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
 
 
 def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path,
-             eye_calibration: dict | None = None) -> dict[str, str]:
-    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts."""
+             report: dict | None = None, eye_calibration: dict | None = None) -> dict[str, str]:
+    """metadata_props of our ONNX files: plain strings, JSON for lists and dicts. `report`: the run's report.json
+    of this checkpoint, whose test figures and untrusted classes go into "quality" (model/trust.py);
+    `eye_calibration`: the per-eye head's, when exported (its thresholds go in too)."""
     cfg = ckpt["config"]
     eyes = {}
     if eye_calibration is not None:  # the per-eye head's, applied to eye_probs; labels stay the patient head's
@@ -187,6 +189,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
+        "quality": json.dumps(model_quality(report), default=float),  # {} without a report of this checkpoint
         **eyes,
     }
 
@@ -322,6 +325,7 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
         dict: path, exporter, opset, precision, diffs {random, real, tolerance}, seconds.
     """
     t0 = time.perf_counter()
+    log = wrapped(log)  # every console line within 110 columns
     ckpt_path = checkpoint_file(checkpoint)
     ckpt = read_checkpoint(ckpt_path)
     net = model_from_checkpoint(ckpt, ckpt_path)
@@ -348,8 +352,11 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
+    report, _ = run_report(ckpt, ckpt_path)
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
-                                    eye_calibration=eye_cal))
+                                    report=report, eye_calibration=eye_cal))
+    for line in untrusted_lines((model_quality(report) or {}).get("untrusted", {})):
+        log(f"not to be trusted: {line}")
     try:
         diffs = run_checks(tmp, net, ckpt, pairs, note, fp16, log=log)
         os.replace(tmp, out)
@@ -369,17 +376,18 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python export.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python export.py", description=__doc__)
     ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt)")
-    ap.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
-    ap.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
-    ap.add_argument("--check-images", metavar="FOLDER",
-                    help="real images to check on: {ID}_left/_right images or an ODIR folder "
-                         "(default: the run's validation images)")
-    ap.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                    help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    out = ap.add_argument_group("output")
+    out.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
+    out.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
+    out.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18+ (default {DEFAULT_OPSET})")
+    out.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                     help="auto: torch.export-based dynamo exporter, TorchScript if it fails (default)")
+    check = ap.add_argument_group("check against PyTorch")
+    check.add_argument("--check-images", metavar="FOLDER",
+                       help="real images to check on: {ID}_left/_right images or an ODIR folder "
+                            "(default: the run's validation images)")
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")

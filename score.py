@@ -48,7 +48,9 @@ from odir_dual.common.cli import ArgParser, run_cli
 from odir_dual.common.errors import printable
 from odir_dual.model.eyes import disagreement_line
 from odir_dual.pipeline.constants import CLASSES
-from odir_dual.pipeline.host import check_output, progress_enabled
+from odir_dual.model.metrics import classification_table
+from odir_dual.model.trust import untrusted_lines
+from odir_dual.pipeline.host import check_output, progress_enabled, wrapped
 from odir_dual.pipeline.light import pil_batches
 from odir_dual.pipeline.pairs import NamePattern, check_scorable, default_cache, find_pairs, prepare_pairs
 from odir_dual.deploy.predictions import (ScoreError, check_writable, checked_outputs, metrics_report, model_info,
@@ -161,9 +163,12 @@ def resolve_model(path) -> Path:
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
                  provider="auto", progress=True, workers=None, loader="auto", loader_threads=None, pattern=None,
                  log=print) -> dict:
-    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, out path.
-    `model_path`: an .onnx file or a run folder (its best.onnx); `pattern`: see `pipeline.pairs.NamePattern`."""
+    """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, classes (the
+    per-class table of a labelled folder, `model.metrics.classification_table`), out (the file written, or None).
+    `model_path`: an .onnx file or a run folder (its best.onnx); `out`: the file to write (.csv or .xlsx), None: no
+    file (the table is returned); `pattern`: see `pipeline.pairs.NamePattern`."""
     t0 = time.perf_counter()
+    log = wrapped(log)  # every console line within 110 columns
     model_path = resolve_model(model_path)
     pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
     session, meta, provider = load_session(model_path, provider)
@@ -172,12 +177,14 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     loader = resolve_loader(loader)
     log(f"model {model_path}: {meta['backbone']} · {meta['img_px']} px · {meta['input_dtype']} · commit "
         f"{meta['commit']} · onnxruntime {provider} · {loader} loader{' · TTA hflip' if tta else ''}")
-    out = Path(out or ("submission.csv" if submission else "predictions.csv"))
-    check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
-    check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
+    out = Path(out) if out is not None else None
+    if out is not None:
+        check_output(out, "-o", [("model", model_path)])  # a device, FIFO, link or the model itself: refused
+        check_writable(out)  # before any work: a CSV that cannot be written at the end would lose all of it
     found = find_pairs(folder, pattern)
     check_scorable(found, folder, pattern)
-    check_output(out, "-o", found.input_files())
+    if out is not None:
+        check_output(out, "-o", found.input_files())
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(found.table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
@@ -187,55 +194,59 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     probs, ok, eye_probs = checked_outputs(probs, ok, table, eye_probs)
     frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta, labelled=found.labelled,
                               eyes_by_row=None if eye_probs is None else dict(zip(ok.tolist(), eye_probs)))
-    written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission)
-    for line in status_summary(frame, found.ignored):
+    written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission) if out else []
+    for line in status_summary(frame, found.ignored) + untrusted_lines(meta["untrusted"]):
         log(line)
     if eye_probs is not None:
         log(disagreement_line(probs > meta["thresholds"], eye_probs > meta["eye_thresholds"]))
-    report = None
+    report = per_class = None
     if found.labelled and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
         report = metrics_report(y, probs, meta["thresholds"], list(CLASSES))
+        per_class = classification_table(y, probs, meta["thresholds"])
         log(report)
     what = "ODIR submission format" if submission else "Excel workbook" if len(written) == 1 else "predictions"
-    log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
-        f"{time.perf_counter() - t0:.1f} s")
+    if out is not None:
+        log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
+            f"{time.perf_counter() - t0:.1f} s")
     return dict(frame=frame, probs=probs, eye_probs=eye_probs, table=table, ignored=found.ignored, metrics=report,
-                out=out, provider=provider, loader=loader, meta=meta, model=model_path)
+                classes=per_class, out=out, provider=provider, loader=loader, meta=meta, model=model_path)
 
 
 def main(argv=None) -> int:
     # --help: the docstring without its paragraphs about the code (they name modules and functions)
     ap = ArgParser(prog="python score.py", description="\n\n".join(
-                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                       part for part in __doc__.split("\n\n") if "pipeline." not in part and "`torch`" not in part))
+    out, speed, names = (ap.add_argument_group(t) for t in ("output", "speed", "file names and the cache"))
     ap.add_argument("model", metavar="RUN_OR_MODEL",
                     help="a run folder of train.py (its best.onnx) or an .onnx file written by export.py")
     ap.add_argument("folder", help="photographs named by patient and eye (see above), or an ODIR folder with its "
                                    "sheet")
-    ap.add_argument("-o", "--out", help="output file: .xlsx writes an Excel workbook, any other name a CSV (default "
-                                        "predictions.csv, submission.csv with --submission)")
-    ap.add_argument("--pattern", metavar="P", help="how the images are named, when not by a common convention: a "
-                    "file name with {id}, {eye} and * (any text), e.g. \"{id}_{eye}.jpg\"; {eye:1=right,2=left} "
-                    "names the eye tokens")
-    ap.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
-    ap.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    ap.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
-    ap.add_argument("--cache-dir", help="prepared-image cache (default $ODIR_CACHE/prepared or "
-                                        "~/.cache/odir-dual/prepared)")
-    ap.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
-    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="onnxruntime provider (auto: cuda when a GPU is visible and onnxruntime has CUDA, else cpu)")
-    ap.add_argument("--loader", choices=LOADERS, default="auto",
-                    help="image decoding: dali (GPU when present), pil (numpy + Pillow, the light install), "
-                         "auto: dali when installed (default)")
-    ap.add_argument("--workers", type=int, default=None, help="image preparation processes (default: all cores)")
-    ap.add_argument("--loader-threads", type=int, default=None,
-                    help="image decoding threads, as train.py's flag (default: min(cores, 8))")
-    ap.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
-                                                    "probabilities against thresholds, labels, status, metrics)")
-    ap.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes from "
-                                                     "the run folder's best.pt (PyTorch: one backward pass per class)")
+    out.add_argument("-o", "--out", help="output file: .xlsx writes an Excel workbook, any other name a CSV (default "
+                                         "predictions.csv, submission.csv with --submission)")
+    out.add_argument("--submission", action="store_true", help="ODIR submission format: ID,N,D,G,C,A,H,M,O")
+    out.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    out.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
+                                                     "probabilities against thresholds, labels, status, metrics)")
+    out.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes "
+                     "from the run folder's best.pt (PyTorch: one backward pass per class)")
+    speed.add_argument("--batch-size", type=int, default=32, metavar="N", help="pairs per batch (default 32)")
+    speed.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="onnxruntime provider (auto: cuda when a GPU is visible and onnxruntime has CUDA, else "
+                            "cpu)")
+    speed.add_argument("--loader", choices=LOADERS, default="auto",
+                       help="image decoding: dali (GPU when present), pil (numpy + Pillow, the light install), "
+                            "auto: dali when installed (default)")
+    speed.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="image preparation processes (default: all cores)")
+    speed.add_argument("--loader-threads", type=int, default=None, metavar="N",
+                       help="image decoding threads, as train.py's flag (default: min(cores, 8))")
+    names.add_argument("--pattern", metavar="P", help="how the images are named, when not by a common convention: a "
+                       "file name with {id}, {eye} and * (any text), e.g. \"{id}_{eye}.jpg\"; {eye:1=right,2=left} "
+                       "names the eye tokens")
+    names.add_argument("--cache-dir", metavar="DIR", help="prepared-image cache (default $ODIR_CACHE/prepared or "
+                                                          "~/.cache/odir-dual/prepared)")
+    names.add_argument("--cache", dest="cache_dir", help=argparse.SUPPRESS)  # the old spelling
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
@@ -266,14 +277,16 @@ def _score_and_report(args) -> int:
         check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
                                                                    ("checkpoint", explained)])
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
-    scored = score_folder(args.model, args.folder, out=args.out, submission=args.submission, tta=args.tta,
+    out = args.out or ("submission.csv" if args.submission else "predictions.csv")
+    scored = score_folder(args.model, args.folder, out=out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
                           pattern=args.pattern)
     if args.report:
         t0 = time.perf_counter()
         page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
-                                   title=f"{args.folder} scored with {scored['model']}")
+                                   title=f"{Path(args.folder).resolve().name} scored with "
+                                         f"{Path(scored['model']).resolve().parent.name}/{scored['model'].name}")
         print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 

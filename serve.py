@@ -15,7 +15,6 @@ at work at a time (others wait 2 s, then 503), 30 s socket timeouts, one upload 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import errno
 import html
@@ -43,7 +42,8 @@ from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.prepare import BadImage
 from odir_dual.pipeline.split import load_split
 from odir_dual.pipeline.synthetic import is_synthetic
-from odir_dual.deploy.report import CSS, Explainer, overlay
+from odir_dual.deploy.report import CSS, Explainer, colour_strip, overlay, untrusted_html
+from odir_dual.model.trust import quality_text
 
 MAX_UPLOAD_BYTES = 64 << 20  # two photographs; ODIR originals are 0.5-5 MB each
 MAX_IMAGE_PIXELS = 40_000_000  # per photograph (ODIR originals: up to ~14 MP); checked in the header, before decoding
@@ -56,7 +56,7 @@ FORM = """<form method=post action=/ enctype=multipart/form-data>
 DISEASE = {c: name[0].upper() + name[1:] for c, name in CLASS_NAMES.items()}  # "Normal", ..., "AMD", "Other"
 STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;font-size:14px}
 .synthetic{background:#b00020;color:#fff;font-size:18px;font-weight:bold;padding:.8em 1em;margin:.6em 0}
-.note{color:#555;font-size:13px}a.download{margin-right:1em}
+.note{color:#555;font-size:13px}a.download{margin-right:1em}figure.scale{vertical-align:bottom}
 p.found{font-size:15px;margin:.2em 0 .8em;background:#fff4d6;padding:.3em .6em;display:inline-block}"""
 
 
@@ -74,7 +74,8 @@ def model_identity(run, explainer: Explainer) -> dict:
         pass  # a best.pt copied without its run folder: the page says less
     return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
             "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
-            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", ""))}
+            "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", "")),
+            "quality": getattr(explainer, "quality", {})}
 
 
 def identity_html(ident: dict) -> str:
@@ -87,8 +88,10 @@ def identity_html(ident: dict) -> str:
                                                           if ident["patients"] else "")
     out.append(f"<div class=ident>Model: run <b>{html.escape(ident['run'])}</b> · {html.escape(ident['backbone'])} "
                f"at {ident['img_px']} px · preset {html.escape(str(ident['preset']))} · commit "
-               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}</div>"
-               "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
+               f"{html.escape(str(ident['commit']))}<br>Trained on: {data}<br>How good: "
+               f"{html.escape(quality_text(ident.get('quality') or {}))}</div>"
+               + "".join(untrusted_html((ident.get("quality") or {}).get("untrusted") or {}))
+               + "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
                "calibrated on the run's validation patients and compared with the thresholds tuned there.</p>")
     return "".join(out)
 
@@ -120,10 +123,16 @@ def eye_result(eye_probs, eye_thresholds) -> dict:
 
 def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
     """multipart/form-data → {field name: file bytes} (the email package: the cgi module is gone in Python 3.13)."""
+    return {name: data for name, (_, data) in parse_upload_files(content_type, body).items()}
+
+
+def parse_upload_files(content_type: str, body: bytes) -> dict[str, tuple[str, bytes]]:
+    """multipart/form-data → {field name: (the file's name as uploaded, its bytes)}."""
     msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     if not msg.is_multipart():
         raise ValueError("expected a multipart/form-data upload")
-    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) or b""
+    return {part.get_param("name", header="content-disposition"): (part.get_filename() or "",
+                                                                   part.get_payload(decode=True) or b"")
             for part in msg.iter_parts()}
 
 
@@ -152,9 +161,10 @@ def check_pixels(eye: str, data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
 
 
 def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: threading.Lock | None = None,
-                   identity: dict | None = None) -> str:
+                   identity: dict | None = None, names: tuple[str, str] = ("", "")) -> str:
     """The answer page's body for one uploaded pair (raises pipeline.prepare.BadImage naming the eye, e.g.
-    "left eye: not an image", for a bad photograph); `identity` (`model_identity`) goes into the download.
+    "left eye: not an image", for a bad photograph); `identity` (`model_identity`) goes into the download;
+    `names`: the uploaded files' names (left, right), shown with each eye.
 
     `lock`: held while the shared model runs (its Grad-CAM hooks and gradients are per model, not per thread);
     the photographs are checked and prepared outside it, in parallel."""
@@ -182,10 +192,13 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
     if "eye_probs" in item:  # the per-eye head: which eye shows what
         result.update(eye_result(item["eye_probs"], explainer.eye_thresholds))
         found = eye_findings(item["eye_probs"] > np.asarray(explainer.eye_thresholds))
-    said = ", ".join(DISEASE[CLASSES[k]] for k in predicted) or "nothing above its threshold"
-    if 0 in predicted and len(predicted) > 1:
+    untrusted = (getattr(explainer, "quality", None) or {}).get("untrusted") or {}
+    said = ", ".join(DISEASE[CLASSES[k]] + (" (not to be trusted)" if CLASSES[k] in untrusted else "")
+                     for k in predicted) or "nothing above its threshold"
+    if 0 in predicted and [k for k in predicted if k and CLASSES[k] not in untrusted]:  # (as score.py's flag)
         said += " (note: Normal means no disease, yet a disease is predicted too: look at this pair closely)"
-    out = ["<table id=probs><tr>" + "".join(f"<th>{DISEASE[c]}<br><small>{c} · threshold {t:.2f}</small></th>"
+    out = ["<table id=probs><tr>" + "".join(f"<th>{DISEASE[c]}<br><small>{c} · threshold {t:.2f}"
+                                            + ("<br>not to be trusted" if c in untrusted else "") + "</small></th>"
                                             for c, t in zip(CLASSES, explainer.thresholds))
            + f"</tr><tr>{cells}</tr></table>",
            f"<p>Predicted: <b>{html.escape(said)}</b> (probabilities above the class's threshold are highlighted)</p>",
@@ -194,16 +207,19 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
              if found else []),
            result_links(result)]
     attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
+    scale = (f"<figure class=scale><img src='{_png_uri(colour_strip())}' width=256 height=12><figcaption>0 "
+             f"&larr; heatmap weight &rarr; 1 (each map's own maximum)</figcaption></figure>")
     for e, eye in enumerate(("left", "right")):
         view = item["views"][e]
         figures = [("image", view), *((f"Grad-CAM {DISEASE[CLASSES[k]]}", overlay(view, cams[e]))
                                       for k, cams in item["cams"].items()),
                    ("attended by the other eye", overlay(view, attended[e]))]
+        upload = f" <small>({html.escape(names[e])})</small>" if names[e] else ""
         seen = f"<p class=found id=found-{eye}>Findings in the {eye} eye: <b>{html.escape(found[eye])}</b></p>" \
             if found else ""
-        out.append(f"<h2>{eye.capitalize()} eye</h2><div>" + "".join(
+        out.append(f"<h2>{eye.capitalize()} eye{upload}</h2><div>" + "".join(
             f"<figure><img src='{_png_uri(px)}' width=256><figcaption>{html.escape(cap)}</figcaption></figure>"
-            for cap, px in figures) + f"</div>{seen}")
+            for cap, px in figures) + scale + f"</div>{seen}")
     return "\n".join(out)
 
 
@@ -259,12 +275,13 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
                 body = self.rfile.read(size)
                 if len(body) < size:
                     return self._refuse(400, f"upload cut short: {len(body)} of {size} bytes")
-                files = parse_upload(self.headers.get("Content-Type", ""), body)
+                files = parse_upload_files(self.headers.get("Content-Type", ""), body)
                 del body
-                missing = [eye for eye in ("left", "right") if not files.get(eye)]
+                missing = [eye for eye in ("left", "right") if not files.get(eye, ("", b""))[1]]
                 if missing:
                     return self._answer(400, f"<p class=bad>no {' or '.join(missing)} eye photograph chosen</p>")
-                self._answer(200, explain_upload(explainer, files["left"], files["right"], model_lock, identity))
+                self._answer(200, explain_upload(explainer, files["left"][1], files["right"][1], model_lock, identity,
+                                                 names=(files["left"][0], files["right"][0])))
             except (BadImage, ValueError) as e:
                 self._answer(400, f"<p class=bad>{html.escape(str(e))}</p>")
             except OSError:  # the connection: a timeout or a client gone (http.server closes it and logs one line)
@@ -279,11 +296,11 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(prog="python serve.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python serve.py", description=__doc__)
     ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    net = ap.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = ap.parse_args(argv)
     try:
         explainer = Explainer(args.run)

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from odir_dual.common.errors import OdirError, one_line, printable
@@ -45,6 +46,12 @@ class Terminated(BaseException):
 
 def _raise_terminated(signum, frame):
     raise Terminated
+
+
+def signal_name(signum: int) -> str:
+    """"SIGINT (Ctrl-C)" or "SIGTERM" (any other signal by its name)."""
+    name = signal.Signals(signum).name
+    return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
 
 
 def run_cli(main, prog: str, interrupted: str = "") -> int:
@@ -96,11 +103,28 @@ def tool_command(name: str) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help as wide as the terminal up to 110 columns (descriptions keep their own line breaks)."""
+    """--help as wide as the terminal up to 110 columns. Descriptions keep their own line breaks, except that a line
+    wider than the help is wrapped (a docstring used as the description is written for 120 columns)."""
 
     def __init__(self, prog, **kwargs):
         width = min(110, shutil.get_terminal_size((110, 24)).columns) - 2
         super().__init__(prog, max_help_position=32, width=width)
+
+    def _fill_text(self, text, width, indent):
+        return _rewrap(super()._fill_text(text, width, indent), width)
+
+
+def _rewrap(text: str, width: int) -> str:
+    """Each paragraph that has a line wider than `width` refilled to `width`; paragraphs with indented lines
+    (commands, examples) are left as they are."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.split("\n")
+        if max(map(len, lines)) <= width or any(line.startswith(" ") for line in lines):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(" ".join(lines), width, break_on_hyphens=False, break_long_words=False))
+    return "\n\n".join(out)
 
 
 class ArgParser(argparse.ArgumentParser):

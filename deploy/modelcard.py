@@ -14,6 +14,7 @@ from pathlib import Path
 
 from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
+from odir_dual.model.trust import NOT_USED, untrusted_classes
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import write_text_atomic
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -76,6 +77,7 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
                   "demonstration of the tooling with no medical meaning at all.", ""]
     lines += ["## Intended use", "", INTENDED, "", "## Not intended for", "", NOT_INTENDED, ""]
     lines += _data_section(cfg, report)
+    lines += _untrusted_section(report)
     lines += _figures_section(ckpt, report, no_report)
     lines += _thresholds_section(ckpt)
     lines += _calibration_section(ckpt, report)
@@ -117,8 +119,7 @@ def write_model_card(onnx_path: Path, ckpt: dict, ckpt_path: Path, *, precision:
     """MODEL_CARD.md beside onnx_path, from the checkpoint and the run's report.json (beside the checkpoint)."""
     run_dir = Path(ckpt_path).parent
     report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    report, why = report_for(report, ckpt, Path(ckpt_path))
+    report, why = run_report(ckpt, ckpt_path)
     for split in ("validation", "test"):
         if report and split in report and (run_dir / f"predictions_{split}.csv").is_file():
             report[split]["positives"] = _positives(run_dir / f"predictions_{split}.csv")
@@ -127,6 +128,13 @@ def write_model_card(onnx_path: Path, ckpt: dict, ckpt_path: Path, *, precision:
                                        diffs=diffs, no_report=why))
     log(f"wrote {path} ({'with ' + str(report_path) if report else why + ': validation figures only'})")
     return path
+
+
+def run_report(ckpt: dict, ckpt_path) -> tuple[dict | None, str]:
+    """The run's report.json beside the checkpoint when it was made from this very checkpoint (`report_for`)."""
+    report_path = Path(ckpt_path).parent / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return report_for(report, ckpt, Path(ckpt_path))
 
 
 def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict | None, str]:
@@ -148,6 +156,16 @@ def report_for(report: dict | None, ckpt: dict, ckpt_path: Path) -> tuple[dict |
 
 
 # ----------------------------------------------------------------------------------------------- sections
+
+
+def _untrusted_section(report: dict | None) -> list[str]:
+    untrusted = untrusted_classes(report or {}, CLASSES)
+    if not untrusted:
+        return []
+    return ["## Classes not to be trusted", "",
+            *(f"- **{c} {CLASS_NAMES[c]}**: {why}; {NOT_USED}." for c, why in untrusted.items()), "",
+            "(model/trust.py: a class whose AUC's 95 % interval includes 0.5, or whose threshold calls more than "
+            "80 % of the patients positive, on the test or the validation split.)", ""]
 
 
 def _data_section(cfg: dict, report: dict | None) -> list[str]:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from odir_dual.common.errors import OdirError, printable
 from odir_dual.model.eyes import LABELS_FOLLOW, eye_columns
-from odir_dual.model.metrics import evaluate
+from odir_dual.model.metrics import classification_table, evaluate, format_classification_table
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write
 
@@ -52,17 +52,17 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, *,
         if labelled:
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
-        row["status"] = r.status if pred is None else flag_status(r.status, classes, pred)
+        row["status"] = r.status if pred is None else flag_status(r.status, classes, pred, meta.get("untrusted"))
         if eyes_by_row is not None:
             row.update(eye_cells)
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
 
 
-def flag_status(status: str, classes, pred) -> str:
+def flag_status(status: str, classes, pred, untrusted=()) -> str:
     """"ok", or "ok; normal together with D,H" when N (ODIR's "no disease") is predicted beside a disease: the two
     contradict each other, so the patient needs a look (each class has its own threshold, so both can pass)."""
-    on = [c for c, v in zip(classes, pred) if v]
+    on = [c for c, v in zip(classes, pred) if v and c not in (untrusted or ())]  # (model/trust.py: never flags)
     if "N" in on and len(on) > 1:
         return f"{status}; normal together with {','.join(c for c in on if c != 'N')}"
     return status
@@ -223,15 +223,18 @@ def check_writable(path) -> None:
 def metrics_report(y_true, probs, thresholds, classes) -> str:
     """Multi-label metrics (at the tuned thresholds and at 0.5) and the official ODIR-2019 score, as text."""
     ev = evaluate(y_true, probs, thresholds, classes=classes)
-    lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class; not the ODIR score):",
+    lines = [f"metrics on {len(y_true)} labelled patients (multi-label, per patient × class, F1 per class; not the "
+             f"ODIR score):",
              "                      F1 micro  F1 macro  AUC macro  " + "  ".join(f"{c:>5}" for c in classes)]
     for label, m in (("tuned thresholds", ev["tuned"]), ("threshold 0.5", ev["at_0.5"])):
         lines.append(f"  {label:<18}  {m['f1_micro']:8.3f}  {m['f1_macro']:8.3f}  {m['auc_macro']:9.3f}  "
-                     + "  ".join(f"{m['f1'][c]:5.3f}" for c in classes) + "   (per-class F1)")
+                     + "  ".join(f"{m['f1'][c]:5.3f}" for c in classes))
     o = ev["odir"]
     lines.append(f"official ODIR-2019 score (flattened matrices, threshold 0.5): kappa {o['kappa']:.3f} · "
                  f"F1 {o['f1']:.3f} · AUC {o['auc']:.3f} · final {o['final']:.3f}" if o else
                  f"official ODIR-2019 score: not defined on these labels ({ev['odir_undefined']})")
+    lines += ["per class at the model's thresholds (support: positive patients):",
+              format_classification_table(classification_table(y_true, probs, thresholds, classes))]
     return "\n".join(lines)
 
 

@@ -28,7 +28,8 @@ from odir_dual.common.errors import OdirError
 from odir_dual.deploy.predictions import is_flagged, is_scored
 from odir_dual.model.calibration import apply_calibration, describe_calibration
 from odir_dual.model.eyes import eye_findings
-from odir_dual.model.metrics import bootstrap_intervals, class_rates, evaluate, format_interval
+from odir_dual.model.metrics import bootstrap_intervals, class_rates, classification_table, evaluate, format_interval
+from odir_dual.model.trust import NOT_USED, epochs_text, model_quality, quality_text, untrusted_classes
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.pipeline.host import atomic_write
@@ -37,7 +38,8 @@ from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}th{background:#f3f3f3}
 td.l,th.l{text-align:left}td.on{background:#ffd9a0;font-weight:bold}td.bad{color:#b00}img{display:block}
-figure{display:inline-block;margin:4px;text-align:center;font-size:12px}h2{margin-top:1.5em}"""
+figure{display:inline-block;margin:4px;text-align:center;font-size:12px}h2{margin-top:1.5em}
+.warn{background:#fff0c0;padding:6px}.model{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em}"""
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -75,6 +77,14 @@ def overlay(view: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
     return np.clip((1 - alpha) * view + alpha * 255 * colours, 0, 255).astype(np.uint8)
 
 
+def colour_strip(width: int = 256, height: int = 12) -> np.ndarray:
+    """The heatmaps' scale as a uint8 (height, width, 3) strip: jet from 0 (left) to 1 (right), as `overlay` paints."""
+    import matplotlib  # optional and slow: as in overlay
+
+    row = matplotlib.colormaps["jet"](np.linspace(0, 1, width, dtype=np.float32))[:, :3]
+    return np.repeat((255 * row[None]).astype(np.uint8), height, axis=0)
+
+
 def save_image(pixels: np.ndarray, path: Path) -> None:
     """uint8 RGB → PNG or JPEG (by suffix). Not fsynced, unlike the pages (written atomically, last): a report has
     a thousand of these, and an image cut short by a crash is redrawn by the next report."""
@@ -88,9 +98,12 @@ class Explainer:
     in best.pt also gives per-eye probabilities (`eye_thresholds` is then not None)."""
 
     def __init__(self, run):
-        from odir_dual.training.checkpoint import model_from_checkpoint, read_checkpoint  # optional: torch
+        from odir_dual.deploy.modelcard import run_report
+        from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint  # torch
 
         ckpt = read_checkpoint(run)
+        # its test figures and untrusted classes, from the run's report.json of this very checkpoint
+        self.quality = model_quality(run_report(ckpt, checkpoint_file(run))[0])
         self.model = model_from_checkpoint(ckpt, run)
         self.img_px, self.mean, self.std = int(ckpt["img_px"]), ckpt["mean"], ckpt["std"]
         self.config, self.thresholds = ckpt["config"], [float(t) for t in ckpt["thresholds"]]
@@ -560,8 +573,8 @@ def _summary(report: dict, cfg: dict) -> list[str]:
             ["preset · backbone", f"{_e(cfg.get('preset', '?'))} · {_e(cfg.get('backbone', '?'))}"
              f"{' (ImageNet-pretrained)' if cfg.get('pretrained') else ' (from scratch)'} · "
              f"{_e(cfg.get('img_px'))} px"],
-            ["epochs", f"{_e(cfg.get('epochs', '?'))}; best {_e(report.get('best_epoch', '?'))} by validation "
-                       f"{_e(report.get('selected_by', '?'))}"],
+            ["epochs", f"{_e(epochs_text(report) or cfg.get('epochs', '?'))}; best "
+                       f"{_e(report.get('best_epoch', '?'))} by validation {_e(report.get('selected_by', '?'))}"],
             ["started · finished (UTC)", f"{_e(report.get('started', 'not recorded'))} · "
                                          f"{_e(report.get('finished', 'not recorded'))}"],
             ["duration", "not recorded" if duration is None else
@@ -573,7 +586,18 @@ def _summary(report: dict, cfg: dict) -> list[str]:
     if is_synthetic(data):
         out.append("<p class=warn><b>Synthetic demo data</b>: generated pictures, not patients. These figures "
                    "test the tooling and mean nothing medically.</p>")
+    out += untrusted_html(untrusted_classes(report, CLASSES))
     return out + [_table(["run", _e(report.get("run", ""))], rows, "summary", left_cols=2)]
+
+
+def untrusted_html(untrusted: dict[str, str]) -> list[str]:
+    """The warning paragraph on the classes not to be trusted (model/trust.py); none when every class is."""
+    if not untrusted:
+        return []
+    items = "".join(f"<li><b>{_e(c)} {_e(CLASS_NAMES.get(c, ''))}</b>: {_e(why)}; {NOT_USED}</li>"
+                    for c, why in untrusted.items())
+    return [f"<div class=warn id=untrusted><b>Not to be trusted</b>: {len(untrusted)} class(es) whose figures say "
+            f"this model cannot tell them apart, or whose threshold flags nearly everyone.<ul>{items}</ul></div>"]
 
 
 def _duration(seconds: float) -> str:
@@ -720,17 +744,23 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                     + (f"<td class=l>{_e(r.true_labels)}</td>" if labelled else "")
                     + f"<td class='l{kind}'>{_e(r.status)}</td>"
                     + (f"<td class=l>{maps}</td>" if explain_run else "") + "</tr>")
-    header = ["ID", "eyes", *(f"{c} (>{t:.2f})" for c, t in zip(CLASSES, thr)), "predicted",
+    untrusted = (scored.get("meta") or {}).get("untrusted") or {}
+    header = ["ID", "eyes", *(f"{c} (>{t:.2f})" + (" untrusted" if c in untrusted else "")
+                              for c, t in zip(CLASSES, thr)), "predicted",
               *(["true"] if labelled else []), "status",
               *(["Grad-CAM of the predicted classes"] if explain_run else [])]
     n_ok, n_flag = int(ok.sum()), int(flagged.sum())
     pred = frame.loc[ok, [f"pred_{c}" for c in CLASSES]].to_numpy(dtype=np.int64).reshape(-1, len(CLASSES))
-    counts = [[_e(c), _e(CLASS_NAMES[c]), f"{t:.2f}", str(int(pred[:, k].sum())),
+    counts = [[_e(c), _e(CLASS_NAMES[c]) + (" (not to be trusted)" if c in untrusted else ""), f"{t:.2f}",
+               str(int(pred[:, k].sum())),
                f"{100 * pred[:, k].mean():.0f} %" if n_ok else "n/a",
                *([str(int(table.loc[ok, c].sum()))] if labelled else [])]
               for k, (c, t) in enumerate(zip(CLASSES, thr))]
+    quality = (scored.get("meta") or {}).get("quality") or {}
     body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}td.eyes{white-space:nowrap}"
             f"figcaption b.found{{display:block;white-space:normal;max-width:{thumb_px}px}}</style>",
+            f"<p class=model>Model {_e(scored.get('model', ''))}: {_e(quality_text(quality))}</p>",
+            *untrusted_html((scored.get("meta") or {}).get("untrusted") or {}),
             f"<p><b>{n_ok} of {len(frame)} patients scored</b>"
             + (f"; <b>{len(frame) - n_ok} not scored</b> (their status says why)" if n_ok < len(frame) else "")
             + ".</p>",
@@ -777,6 +807,11 @@ def _folder_metrics(frame, table, thr) -> str:
     rows = [[label, *(_num(m[k]) for k in ("f1_micro", "f1_macro", "auc_macro")), *(_num(m["f1"][c]) for c in CLASSES)]
             for label, m in (("tuned thresholds", ev["tuned"]), ("threshold 0.5", ev["at_0.5"]))]
     out = _table(["", "F1 micro", "F1 macro", "AUC macro", *(f"F1 {c}" for c in CLASSES)], rows, "metrics")
+    table = classification_table(y, p, thr)
+    out += "<p>Per class at the model's thresholds (support: positive patients):</p>" + _table(
+        ["", "precision", "recall", "specificity", "F1", "support"],
+        [[_e(row), *(_num(v[k]) for k in ("precision", "recall", "specificity", "f1")), str(v["support"])]
+         for row, v in table.items()], "classification", left_cols=1)
     if ev["odir"] is None:
         return out + f"<p>official ODIR-2019 score: not defined on these labels ({_e(ev['odir_undefined'])})</p>"
     return out + _table(["official ODIR-2019 score (0.5)", "kappa", "F1", "AUC", "final"],

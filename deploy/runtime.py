@@ -5,7 +5,6 @@ only ever listed where a usable GPU is present, so machines without one see no p
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 
 from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.constants import MAX_IMG_PX, MAX_PREPARE_PX
-from odir_dual.pipeline.host import usable_cores
+from odir_dual.pipeline.host import driver_gpu_count, usable_cores
 
 ONNX_FORMAT = "odir-dual-onnx/1"  # metadata_props["format"] of every ONNX file export.py writes
 
@@ -39,24 +38,12 @@ def cuda_usable() -> bool:
         import torch  # optional: the light scoring install has no torch
 
         return torch.cuda.is_available()
-    return _driver_gpu_count() > 0
+    return driver_gpu_count() > 0
 
 
 def has_torch() -> bool:
     """torch is installed (the full install); the light scoring install has no torch."""
     return importlib.util.find_spec("torch") is not None
-
-
-def _driver_gpu_count() -> int:
-    """GPUs the CUDA driver sees (cuInit + cuDeviceGetCount through libcuda); 0 without a driver."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
 
 
 def resolve_provider(provider: str = "auto") -> str:
@@ -103,6 +90,7 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     Returns:
         (session, meta, provider used). meta: classes (list), thresholds (np.ndarray), img_px, prepare_px, mean,
         std, input_dtype ("float32"/"float16"), backbone, commit, config (dict), raw (every metadata string),
+        quality (`model_quality`: test figures; {} for older exports), untrusted ({class: why}),
         eye_thresholds (np.ndarray of the per-eye head, whose output eye_probs the model then has; None without).
 
     Raises:
@@ -143,9 +131,11 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
             mean=tuple(json.loads(raw["mean"])), std=tuple(json.loads(raw["std"])),
             backbone=raw.get("backbone", ""), commit=raw.get("commit", ""),
             config=json.loads(raw.get("config", "{}")), raw=raw,
+            quality=json.loads(raw.get("quality") or "{}"),  # test figures, untrusted classes: model/trust.py
             eye_thresholds=np.asarray(json.loads(raw["eye_thresholds"]), np.float64) if "eye_thresholds" in raw
             else None,
         )
+        meta["untrusted"] = dict(meta["quality"].get("untrusted") or {})
     except (KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: odir-dual metadata incomplete or malformed ({type(e).__name__}: {e})") from None
     inputs = {i.name: i.type for i in session.get_inputs()}

@@ -358,6 +358,52 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
     return out
 
 
+REPORT_AVERAGES = ("micro avg", "macro avg", "weighted avg")  # scikit-learn's classification_report rows
+
+
+def classification_table(y_true, probs, thresholds=0.5, classes=CLASSES) -> dict:
+    """scikit-learn's multi-label `classification_report` (zero_division=0), plus specificity, in numpy: per class
+    and as micro, macro and support-weighted averages, precision, recall (sensitivity), specificity, F1 and support
+    (positive patients), with a patient called positive when its probability is above the class's threshold.
+
+    Returns {row: {"precision", "recall", "specificity", "f1", "support"}}, rows: the classes, then REPORT_AVERAGES.
+    """
+    y, p = _check(y_true, probs)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (y.shape[1],))
+    truth, pred = y == 1, p > thr
+    tp, fp = (truth & pred).sum(0), (~truth & pred).sum(0)
+    fn, tn = (truth & ~pred).sum(0), (~truth & ~pred).sum(0)
+
+    def rates(tp, fp, fn, tn) -> dict:
+        ratio = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), 0.0)  # noqa: E731 - 0 when undefined
+        precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+        return {"precision": precision, "recall": recall, "specificity": ratio(tn, tn + fp),
+                "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+    per = rates(tp, fp, fn, tn)
+    support = truth.sum(0)
+    out = {c: {**{k: float(v[k_]) for k, v in per.items()}, "support": int(support[k_])}
+           for k_, c in enumerate(classes)}
+    total = int(support.sum())
+    out["micro avg"] = {k: float(v) for k, v in rates(tp.sum(), fp.sum(), fn.sum(), tn.sum()).items()}
+    out["macro avg"] = {k: float(v.mean()) for k, v in per.items()}
+    out["weighted avg"] = {k: float((v * support).sum() / total) if total else 0.0 for k, v in per.items()}
+    for avg in REPORT_AVERAGES:
+        out[avg]["support"] = total
+    return out
+
+
+def format_classification_table(table: dict) -> str:
+    """`classification_table` as text, one row per class and average (classification_report's layout)."""
+    names = ("precision", "recall", "specificity", "f1", "support")
+    lines = [f"{'':<14}" + "".join(f"{n:>12}" for n in names)]
+    for row, v in table.items():
+        if row == REPORT_AVERAGES[0]:
+            lines.append("")
+        lines.append(f"{row:<14}" + "".join(f"{v[n]:>12.3f}" for n in names[:-1]) + f"{v['support']:>12d}")
+    return "\n".join(lines)
+
+
 def format_interval(value, ci, digits: int = 3) -> str:
     """`0.656 [0.62, 0.69]`: a figure with its interval (one digit fewer); `n/a` for an undefined figure, the
     figure alone when it has no interval."""

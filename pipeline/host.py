@@ -3,10 +3,12 @@ output paths, whether progress bars go to a terminal. (How the command-line tool
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import stat
 import sys
+import textwrap
 from pathlib import Path
 
 from odir_dual.common.errors import OdirError, printable
@@ -18,6 +20,19 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def driver_gpu_count() -> int:
+    """GPUs the CUDA driver sees (cuInit + cuDeviceGetCount through libcuda); 0 without a driver. Asks without torch
+    (the light scoring install has none; train.py's --help must not wait for it)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def cache_root() -> Path:
@@ -148,6 +163,19 @@ def write_text_atomic(path, text: str) -> None:
     """`Path.write_text`, atomically (see `atomic_write`)."""
     with atomic_write(path) as f:
         f.write(text)
+
+
+def wrap(text: str, width: int = 110) -> str:
+    """Each line of `text` that is wider than `width` wrapped at spaces, continued with a 2-space indent; words
+    (paths, commands) are never broken, so they stay copyable."""
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                    break_on_hyphens=False) if len(line) > width else line
+                      for line in str(text).split("\n"))
+
+
+def wrapped(log):
+    """`log` (print, a logger's method) with every message passed through `wrap`."""
+    return lambda text="", *args, **kwargs: log(wrap(text), *args, **kwargs)
 
 
 def progress_enabled() -> bool:

@@ -128,7 +128,7 @@ class FolderPairs:
     """What `find_pairs` finds in a folder.
 
     table: one row per patient, sorted by ID: id, left, right (source paths, None when absent), status ("ok" or why
-        the patient cannot be scored, e.g. "right eye: missing file"), plus the sheet's columns (N..O as int 0/1,
+        the patient cannot be scored, e.g. "right eye: no photograph"), plus the sheet's columns (N..O as int 0/1,
         age, sex, keywords) when labelled.
     ignored: (file name, reason) for files that name no patient eye, and for subfolders.
     layout: the ODIR sheet and images folder when the folder has one (the labels are known), else None.
@@ -263,7 +263,7 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None) -> Folde
             elif not images and others:
                 problems.append(f"{eye} eye: not an image file ({Path(others[0]).name})")
             elif not images:
-                problems.append(f"{eye} eye: missing file")
+                problems.append(f"{eye} eye: no photograph")
             if images:
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"

@@ -244,7 +244,7 @@ def test_4c_disk_full_at_the_end_is_one_line_and_leaves_no_temporary_file(tiny_o
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return Writer()
 
-    monkeypatch.setattr(score.csv, "writer", full_disk)
+    monkeypatch.setattr(csv, "writer", full_disk)  # (the csv module deploy/predictions.py writes with)
     status = score.main([str(tiny_onnx["path"]), str(folder), "-o", str(out_dir / "pred.csv"), "--cache-dir",
                          str(tmp_path / "c"), "--workers", "1"])
     err = capsys.readouterr().err
@@ -513,7 +513,9 @@ def test_7e_crafted_checkpoint_config_is_one_line(tmp_path, capsys, change, mess
 
 
 def test_7f_second_ctrl_c_and_sigterm_end_with_a_message_and_130_or_143(capsys, monkeypatch):
-    stop = train.StopRequest()
+    from odir_dual.training.distributed import StopRequest
+
+    stop = StopRequest()
     try:
         stop._handle(signal.SIGINT, None)  # the first Ctrl-C asks for a stop after this update
         with pytest.raises(KeyboardInterrupt):
@@ -526,8 +528,8 @@ def test_7f_second_ctrl_c_and_sigterm_end_with_a_message_and_130_or_143(capsys, 
 
     monkeypatch.setattr(train, "main", interrupted)
     assert train.cli([]) == EXIT_SIGINT
-    assert "train.py: stopped by SIGINT (Ctrl-C); the checkpoints written so far are complete" in \
-        capsys.readouterr().err
+    assert "train.py: stopped by SIGINT (Ctrl-C); stopped at once: last.pt holds the last saved update; continue " \
+        "with " in capsys.readouterr().err
     assert run_cli(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5), "x") == EXIT_SIGTERM
     assert "x: stopped by SIGTERM" in capsys.readouterr().err
 

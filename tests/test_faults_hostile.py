@@ -569,8 +569,10 @@ def test_7b_final_report_names_its_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     val = pd.DataFrame({"id": range(12), **{c: rng.integers(0, 2, 12) for c in "NDGCAHMO"}})
     run = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(data="x", seed=0), started=0.0, resume_dir=None)
-    report = train.final_report(run, ckpt, {"validation": val}, {"validation": rng.normal(size=(12, 8))},
-                                rng.integers(0, 2, (30, 8)))
+    from odir_dual.training.evaluation import final_report
+
+    report = final_report(run, ckpt, {"validation": val}, {"validation": rng.normal(size=(12, 8))},
+                          rng.integers(0, 2, (30, 8)))
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["checkpoint"] == report["checkpoint"] == {
         "file": "best.pt", "epoch": 1, "weights": checkpoint.weights_digest(ckpt["model"])}

@@ -261,3 +261,28 @@ def test_bootstrap_of_a_report_split_is_fast(n):
     t0 = time.perf_counter()
     bootstrap_intervals(y, p, np.full(8, 0.4), baseline=np.broadcast_to(y.mean(0), y.shape))
     assert time.perf_counter() - t0 < 10  # 1.3-1.6 s and 2.7-3.2 s (B = 1000) on the 2-core CPU at load 6.4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_classification_table_equals_sklearns_classification_report(seed):
+    from sklearn.metrics import classification_report
+
+    from odir_dual.model.metrics import classification_table, format_classification_table
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random((60, 8)) < [0.4, 0.3, 0.1, 0.1, 0.05, 0.05, 0.1, 0.2]).astype(int)
+    y[:, 4] = 0  # a class with no positive: precision, recall, F1 defined as 0, as zero_division=0
+    p = np.clip(0.6 * y + rng.random((60, 8)) * 0.7, 0, 1)
+    thr = rng.uniform(0.3, 0.7, 8)
+    ours = classification_table(y, p, thr)
+    theirs = classification_report(y, (p > thr).astype(int), target_names=list(CLASSES), output_dict=True,
+                                   zero_division=0)
+    for row in [*CLASSES, "micro avg", "macro avg", "weighted avg"]:
+        for key, name in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"),
+                          ("support", "support")):
+            assert ours[row][key] == pytest.approx(theirs[row][name]), (row, key)
+    k = 2
+    tn = ((y[:, k] == 0) & (p[:, k] <= thr[k])).sum()
+    assert ours["G"]["specificity"] == pytest.approx(tn / (y[:, k] == 0).sum())
+    text = format_classification_table(ours)
+    assert "weighted avg" in text and max(map(len, text.splitlines())) <= 110

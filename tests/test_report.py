@@ -443,7 +443,7 @@ def test_folder_report_shows_unscored_patients(tmp_path, synth):
     scored = {"frame": predictions.predictions_frame(table, probs, meta), "table": table, "metrics": None}
     page = Page(report.write_folder_report(scored, tmp_path / "page", THRESHOLDS))
     _check_images_exist(page, tmp_path / "page")
-    assert page.rows["patient-1"][-1] == "right eye: missing file" and page.rows["patient-1"][2] == "n/a"
+    assert page.rows["patient-1"][-1] == "right eye: no photograph" and page.rows["patient-1"][2] == "n/a"
     assert page.rows["patient-0"][2:10] == [f"{v:.3f}" for v in probs[0]]
     assert len(page.images) == 2  # patient 0's two eyes only
 
@@ -585,6 +585,18 @@ def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
         cells = answer.split("<table id=probs>")[1].split("</table>")[0]
         assert cells.count("<td") == len(CLASSES)
         assert answer.count("data:image/png;base64,") >= 4  # both eyes: image, >= 1 Grad-CAM, attention
+        # the uploaded files' names with each eye, and the heatmaps' colour scale beside them
+        assert "<h2>Left eye <small>(left.jpg)</small></h2>" in answer and "Right eye <small>(right.jpg)" in answer
+        assert answer.count("heatmap weight") == 2
+        # a class this model is not to be trusted on (model/trust.py) is named and raises no "normal with" note
+        explainer.quality = {"untrusted": {"O": "no better than chance on this model's test patients"}}
+        answer = post(images).read().decode()
+        assert "O · threshold" in answer and "not to be trusted" in answer
+        page = serve.identity_html({"run": "r", "backbone": "b", "img_px": 64, "data": "/d", "patients": "",
+                                    "preset": "demo", "commit": "c", "synthetic": False,
+                                    "quality": {"untrusted": explainer.quality["untrusted"]}})
+        assert "O other</b>: no better than chance on this model&#x27;s test patients; its column is shown but not " \
+               "used for flags" in page
         with pytest.raises(urllib.error.HTTPError) as bad:
             post({"left": images["left"]})
         assert bad.value.code == 400 and "no right eye" in bad.value.read().decode()

@@ -124,12 +124,12 @@ def test_bad_inputs_are_reported_and_the_rest_scored(tiny_onnx, tmp_path, capsys
     assert all(predictions.is_scored(rows[i]["status"]) and rows[i]["p_N"] for i in "123")
     assert rows["4"]["status"] == "left eye: truncated JPEG (4_left.jpg)"
     assert rows["5"]["status"] == "left eye: not an image (5_left.jpg)"
-    assert rows["6"]["status"] == "right eye: missing file"
+    assert rows["6"]["status"] == "right eye: no photograph"
     assert rows["7"]["status"] == "left eye: empty file (7_left.jpg)"
     for i in "4567":  # not scored: blank probabilities and decisions
         assert rows[i]["p_N"] == "" and rows[i]["pred_N"] == "" and rows[i]["labels"] == ""
     assert "scored 3 of 7 patients; not scored 4:" in text
-    assert "ID 4: left eye: truncated JPEG" in text and "ID 6: right eye: missing file" in text
+    assert "ID 4: left eye: truncated JPEG" in text and "ID 6: right eye: no photograph" in text
     assert "notes.txt" in text and "ignored 1 file" in text
 
 
@@ -317,7 +317,7 @@ def test_unpaired_images_become_rows_with_their_reason(tmp_path):
     found = pairs.find_pairs(tmp_path)
     table, ignored = found.table, found.ignored
     status = dict(zip(table["id"], table["status"]))
-    assert status["1"] == "ok" and status["2"] == "right eye: missing file"
+    assert status["1"] == "ok" and status["2"] == "right eye: no photograph"
     for name in ("IMG_0042.jpg", "scan3.JPG"):  # images that name no eye: a row each, not just an "ignored" line
         assert status[name].startswith("not paired: the name does not say the patient and the eye")
         assert "_OD/_OS" in status[name]
@@ -420,3 +420,19 @@ def test_pattern_flag_end_to_end(tiny_onnx, tmp_path):
                        "{id}-{eye:1=right,2=left}.png", "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
     rows = read_csv(out)
     assert [r["ID"] for r in rows] == ["a", "b"] and all(predictions.is_scored(r["status"]) for r in rows)
+
+
+@pytest.mark.parametrize("tool, sections", [("score", ["output", "speed", "file names and the cache"]),
+                                            ("export", ["output", "check against PyTorch"]),
+                                            ("serve", ["network"])])
+def test_help_is_in_sections_and_within_110_columns(tool, sections, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "200")  # the help's own limit, not the terminal's
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"odir_dual.{tool}").main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 110
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [t for t in titles if t in sections] == sections, titles

@@ -153,12 +153,18 @@ def test_per_eye_loss_trains_the_eye_head_from_the_sheets_keywords(tmp_path, tin
     assert losses[0] > losses[1] * 1.2  # the per-eye BCE (~0.7 at the start) is added to the same patient loss
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_odir):
+def test_resume_equals_uninterrupted(tmp_path, tiny_odir, capsys):
     run(tmp_path, tiny_odir, "--model-ema", name="straight")
     run(tmp_path, tiny_odir, "--model-ema", "--stop-after-steps", "6", name="split")  # 4 updates/epoch: mid-epoch 2
     part = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert part["step"] == 6
+    # the report of a stopped run says so (console, report.json, report.html)
+    report = json.loads((tmp_path / "split" / "report.json").read_text())
+    assert report["epochs"] == {"reached": 2, "of": 2, "stopped_by": "--stop-after-steps"}
+    assert "epochs: stopped at epoch 2 of 2 (--stop-after-steps); best epoch 1" in capsys.readouterr().out
+    assert "stopped at epoch 2 of 2" in (tmp_path / "split" / "report.html").read_text()
     train.main(["--resume", str(tmp_path / "split")])
+    assert "at update 6: epoch 2 of 2" in capsys.readouterr().out  # epochs counted from 1, as on the console
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 8
@@ -166,6 +172,21 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_odir):
         for k in a[weights]:
             assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
     assert (tmp_path / "split" / "metrics.csv").read_text().count("\n") == 3
+    assert json.loads((tmp_path / "split" / "report.json").read_text())["epochs"]["stopped_by"] is None
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(tmp_path, tiny_odir, capsys):
+    run(tmp_path, tiny_odir, "--epochs", "1", name="done")
+    folder = tmp_path / "done"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    assert train.cli(["--resume", str(folder)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("finished: 1 of 1 epochs; extend with ") and \
+        out[0].endswith(f"--resume {folder} --epochs N"), out
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # nothing written, nothing added
+    train.main(["--resume", str(folder), "--epochs", "2"])  # a larger --epochs does resume
+    assert torch.load(folder / "last.pt", weights_only=True)["epochs_done"] == 2
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
@@ -180,7 +201,9 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
         return loss * float("nan") if calls["n"] == 7 and logits.requires_grad else loss
 
     monkeypatch.setattr(model_loss, "hybrid_loss", poisoned)
-    with pytest.raises(SystemExit, match=r"epoch 2, update 7"):
+    from odir_dual.training.loop import LossNotFinite
+
+    with pytest.raises(LossNotFinite, match=r"epoch 2, update 7"):
         run(tmp_path, tiny_odir)
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1  # the good one is kept
 
@@ -196,6 +219,12 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 130, out[-2000:]  # 128 + SIGINT: stopped, resumable (docs/data.md, "Exit statuses")
     assert "SIGINT: stopping after this update" in out
+    # one line says how to go on, with the interpreter that ran; no evaluation, no report
+    said = out[out.index("SIGINT (Ctrl-C): stopped in epoch "):].split()  # (the command on its own line if long)
+    assert " ".join(said).endswith(f"resume: {sys.executable} train.py --resume {tmp_path / 'int'}"), said
+    assert out.count("--resume") == 1  # every line within 110 columns, but a long path in the command (copyable)
+    assert [line for line in out.splitlines() if len(line) > 110 and "--resume" not in line] == []
+    assert not (tmp_path / "int" / "report.json").exists() and "official ODIR" not in out
     stopped = torch.load(tmp_path / "int" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 1000
     train.main(["--resume", str(tmp_path / "int"), "--stop-after-steps", str(stopped + 3)])

@@ -232,7 +232,12 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint") -> nn.Module:
 
 
 def saved_run_config(resume: str) -> dict:
-    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt).
+    """The config a run was started with, from its last.pt (`resume`: the run folder or its last.pt)."""
+    return saved_run(resume)["config"]
+
+
+def saved_run(resume: str) -> dict:
+    """A run's last.pt (`resume`: the run folder or its last.pt): its config, weights and progress.
 
     Raises:
         CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
@@ -242,4 +247,4 @@ def saved_run_config(resume: str) -> dict:
     if not last.is_file():
         raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
                               f"no run folder); start it again with --overwrite")
-    return read_checkpoint(last)["config"]  # a damaged or foreign last.pt: one line naming it
+    return read_checkpoint(last)  # a damaged or foreign last.pt: one line naming it

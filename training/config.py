@@ -16,6 +16,7 @@ from pathlib import Path
 
 from odir_dual.common.cli import ArgParser, NothingToRun
 from odir_dual.common.errors import OdirError
+from odir_dual.pipeline.host import driver_gpu_count
 
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
@@ -209,6 +210,21 @@ def explicit_values(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
+def config_parser(description: str | None = None) -> ArgParser:
+    """train.py's command line: --config, --print-config and one flag per Config field, in FLAG_GROUPS' sections.
+    Builds without torch (so --help and a mistyped flag answer at once). Raises instead of exiting (see
+    `parse_config`)."""
+    parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
+                       epilog=_help_epilog(), raises=True)
+    files = parser.add_argument_group("config files")
+    files.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
+                       "every field it names; flags given here override it")
+    files.add_argument("--print-config", action="store_true", default=None,
+                       help="print the resolved config as JSON (usable as --config FILE) and exit")
+    add_dataclass_flags(parser, Config, _flag_help, choices=flag_choices(), groups=FLAG_GROUPS)
+    return parser
+
+
 def parse_config(argv=None, description: str | None = None, saved_config=None) -> Config:
     """The Config from the command line: defaults ← preset ← `--config FILE` ← explicit flags; `--print-config`
     prints it as JSON. With `--resume`, the run's saved config with only `RESUMABLE` fields changed.
@@ -220,15 +236,7 @@ def parse_config(argv=None, description: str | None = None, saved_config=None) -
     saved_config: `--resume`'s value → that run's saved config (checkpoint.saved_run_config, passed in because the
     checkpoint module imports this one).
     """
-    parser = ArgParser(prog="train.py", usage=TRAIN_USAGE, description=description or TRAIN_DESCRIPTION,
-                       epilog=_help_epilog(), raises=True)
-    files = parser.add_argument_group("config files")
-    files.add_argument("--config", metavar="FILE", help="a run's config.json (or YAML with the same keys): sets "
-                       "every field it names; flags given here override it")
-    files.add_argument("--print-config", action="store_true", default=None,
-                       help="print the resolved config as JSON (usable as --config FILE) and exit")
-    add_dataclass_flags(parser, Config, _flag_help, choices=flag_choices(), groups=FLAG_GROUPS)
-    explicit = explicit_values(parser.parse_args(argv))
+    explicit = explicit_values(config_parser(description).parse_args(argv))
     show = explicit.pop("print_config", False)
     from_file = read_config_file(explicit.pop("config")) if "config" in explicit else {}
     if explicit.get("resume"):
@@ -353,16 +361,14 @@ def _flag_names(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _auto_here(has_data: bool = False) -> str | None:
-    """`auto_preset` on this machine, or None where torch is not installed (the light scoring install)."""
-    try:
-        return auto_preset(has_data)
-    except ImportError:
-        return None
+def _auto_here(has_data: bool = False) -> str:
+    """`auto_preset` on this machine for --help, asking the CUDA driver instead of torch (--help answers before
+    torch is imported; the two agree wherever torch's CUDA build matches the driver)."""
+    return "fast" if driver_gpu_count() > 0 else "cpu" if has_data else "demo"
 
 
 def _help_epilog() -> str:
-    here = f"{_auto_here(False)} (with --data: {_auto_here(True)})" if _auto_here() else "unknown (no torch)"
+    here = f"{_auto_here(False)} (with --data: {_auto_here(True)})"
     return (f"[...]: the value each preset gives the flag. On this machine --preset auto (the default) is\n"
             f"{here}; * marks the preset it picks without --data, whose values run when no flag is given.\n"
             f"Precedence: the preset < --config FILE < the flags given here.")

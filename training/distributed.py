@@ -87,5 +87,5 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this update (with torchrun: at the end of this "
-              "epoch), writing last.pt; again to stop at once", flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this update (torchrun: after this epoch), then "
+              "saving last.pt; again: at once", flush=True)

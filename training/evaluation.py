@@ -19,9 +19,11 @@ from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import weights_digest
 
 
-def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, eye_logits: dict | None = None) -> dict:
+def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: dict | None = None,
+                 eye_logits: dict | None = None) -> dict:
     """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
-    predictions CSV per split (id, true labels, probabilities). `run`: train.py's Run (folder, config, start).
+    predictions CSV per split (id, true labels, probabilities). `run`: train.py's Run (folder, config, start);
+    `epochs`: how far training went, {"reached": 7, "of": 15, "stopped_by": "early stopping" or None}.
     `eye_logits` ({split: (N, 2, K)}, a model with the per-eye head fitted in best.pt): per split also "eyes", the
     per-eye figures beside the naive baseline and the heads' agreement (model/eyes.py), and the CSVs get
     left_p_* and right_p_*."""
@@ -30,7 +32,8 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, eye_logit
               # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
               "checkpoint": {"file": "best.pt", "epoch": ckpt.get("epoch"), "weights": weights_digest(ckpt["model"])},
               "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
-              "best_epoch": ckpt["best"]["epoch"], "selected_by": ckpt["best"].get("metric", "f1_macro"),
+              "best_epoch": ckpt["best"]["epoch"], "epochs": epochs,
+              "selected_by": ckpt["best"].get("metric", "f1_macro"),
               "thresholds": dict(zip(CLASSES, thresholds.tolist())),
               # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
               "calibration": ckpt.get("calibration") or {"method": "none"},

@@ -15,12 +15,14 @@ import re
 import shutil
 import socket
 import sys
+import textwrap
 from pathlib import Path
 
 from odir_dual.common.errors import OdirError
 from odir_dual.common.cli import shell_path, tool_command
 from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
+from odir_dual.model.trust import epochs_text, untrusted_classes, untrusted_lines
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
 from odir_dual.training.config import SELECT_COLUMNS
@@ -163,7 +165,8 @@ def _tensorboard_writer(folder: Path):
 EPOCH_COLUMNS = {"train_loss": ("train loss", 10, ".4f"), "val_loss": ("val loss", 8, ".4f"),
                  "val_auc_macro": ("AUC macro", 9, ".3f"), "val_f1_macro": ("F1 macro", 8, ".3f"),
                  "val_odir": ("ODIR", 6, ".3f"), "lr": ("lr", 8, ".2e"), "epoch_s": ("sec", 7, ".1f"),
-                 "pairs_per_s": ("pairs/s", 8, ".1f"), "data_pct": ("data %", 6, ".0f")}
+                 "pairs_per_s": ("pairs/s", 8, ".1f"), "data_pct": ("data %", 6, ".0f"),
+                 "eta_s": ("run ETA", 7, "duration")}  # the whole run's remaining time (console only)
 
 
 def epoch_header(epochs: int, select_metric: str) -> list[str]:
@@ -179,8 +182,16 @@ def format_epoch(row: dict, epochs: int, best: bool = False) -> str:
     cells = [f"{row['epoch']}/{epochs}".rjust(_epoch_width(epochs))]
     for key, (_, width, fmt) in EPOCH_COLUMNS.items():
         value = row.get(key)
-        cells.append(f"{value:>{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}")
+        if fmt == "duration" and isinstance(value, (int, float)):
+            value, fmt = format_duration(value), ""
+        cells.append(f"{value:>{width}{fmt}}" if isinstance(value, (int, float, str)) else f"{'-':>{width}}")
     return "  ".join(cells) + ("  *" if best else "")
+
+
+def format_duration(seconds: float) -> str:
+    """"4:05" (minutes:seconds) or "1:02:05" (hours)."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def _epoch_width(epochs: int) -> int:
@@ -200,8 +211,11 @@ def print_final_report(report: dict, best_path: Path) -> None:
     difference), F1 micro/macro and AUC macro at the tuned thresholds and at 0.5, per class the positives, F1 and
     AUC, and the calibration error."""
     cal = report["calibration"]
-    print(f"\nbest epoch {report['best_epoch']} (by validation {report['selected_by']}) → {best_path}\n"
-          f"fitted on validation: the thresholds, and the calibration ({describe_calibration(cal)})")
+    epochs = epochs_text(report)
+    print(f"\n{f'epochs: {epochs}; ' if epochs else ''}best epoch {report['best_epoch']} (by validation "
+          f"{report['selected_by']}) → {best_path}")
+    print(textwrap.fill(f"fitted on validation: the thresholds, and the calibration ({describe_calibration(cal)})",
+                        110, subsequent_indent="  "))
     for split in ("validation", "test"):
         if split not in report:
             continue
@@ -251,6 +265,11 @@ def print_final_report(report: dict, best_path: Path) -> None:
     print("  thresholds: " + " ".join(f"{c}={t:.2f}" for c, t in report["thresholds"].items()))
     if report.get("eye_thresholds"):
         print("  per-eye thresholds: " + " ".join(f"{c}={t:.2f}" for c, t in report["eye_thresholds"].items()))
+    untrusted = untrusted_lines(untrusted_classes(report, CLASSES))
+    if untrusted:
+        print("not to be trusted (model/trust.py):")
+        for line in untrusted:
+            print(textwrap.fill(line, 110, initial_indent="  ", subsequent_indent="    "))
 
 
 def eye_lines(eyes: dict, split: str) -> list[str]:
