@@ -2,6 +2,7 @@
 
     python export.py RUN/best.pt            # or the run folder RUN (→ RUN/best.pt); writes RUN/best.onnx
     python export.py RUN -o model.onnx [--fp16] [--opset 20] [--check-images FOLDER]
+    python export.py RUN [--fold N]         # a --folds run: the fold ensemble as one graph (or fold N alone)
 
 The ONNX file takes `left` and `right` (N, 3, img_px, img_px), normalised with the model's mean/std, and gives
 `probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; a model trained with the per-eye head
@@ -35,7 +36,7 @@ from torch import nn
 
 from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
 from odir_dual.common.errors import OdirError
-from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
 from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
 from odir_dual.model.eyes import LABELS_FOLLOW
 from odir_dual.model.trust import model_quality, untrusted_lines
@@ -45,6 +46,8 @@ from odir_dual.pipeline.host import check_output, remove_stale_temporaries, wrap
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
+from odir_dual.training.data import fold_folder
+from odir_dual.training.folds import ENSEMBLE, is_fold_run, load_fold_ensemble
 
 DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime 1.31 runs up to 23
 FP32_TOL = 1e-4  # max |Δ probability|, onnxruntime fp32 vs PyTorch fp32
@@ -190,6 +193,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
         "quality": json.dumps(model_quality(report), default=float),  # {} without a report of this checkpoint
+        **({"folds": str(ckpt["folds"])} if ckpt.get("folds") else {}),  # a fold ensemble: the mean of K models
         **eyes,
     }
 
@@ -309,13 +313,16 @@ def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, f
 # ----------------------------------------------------------------------------------------------- main
 
 
-def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPSET, check_images=None,
-           exporter: str = "auto", log=print) -> dict:
+def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET,
+           check_images=None, exporter: str = "auto", log=print) -> dict:
     """Export a checkpoint to ONNX and check it; the file appears at `out` only if every check passed.
 
     Args:
-        checkpoint: RUN/best.pt or a run folder.
-        out: output path; default beside the checkpoint: best.onnx (best.fp16.onnx with fp16).
+        checkpoint: RUN/best.pt or a run folder; a --folds run's folder: the fold ensemble, one graph that averages
+            the folds' logits, calibrated as the run's report (on the out-of-fold logits).
+        out: output path; default beside the checkpoint (a --folds run: in its folder): best.onnx (best.fp16.onnx
+            with fp16).
+        fold: with a --folds run's folder, export only fold N (RUN/fold-N/best.pt).
         fp16: half-precision weights and inputs (outputs stay float32).
         opset: ONNX opset (18+).
         check_images: folder of real images to compare on (see `check_pairs`); default: the run's validation set.
@@ -326,22 +333,33 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
     """
     t0 = time.perf_counter()
     log = wrapped(log)  # every console line within 110 columns
-    ckpt_path = checkpoint_file(checkpoint)
-    ckpt = read_checkpoint(ckpt_path)
-    net = model_from_checkpoint(ckpt, ckpt_path)
+    if fold is not None:
+        if not is_fold_run(checkpoint) or not fold_folder(checkpoint, fold).is_dir():
+            raise CheckpointError(f"--fold {fold}: {checkpoint} is not a --folds run with a fold-{fold} folder")
+        checkpoint = fold_folder(checkpoint, fold)
+    if is_fold_run(checkpoint):  # the ensemble is named after the run folder; real images from fold 1's split
+        ckpt, net, read = load_fold_ensemble(checkpoint)
+        ckpt_path, pairs_from = Path(checkpoint) / ENSEMBLE, read[0]
+        out = out or Path(checkpoint) / ("best.fp16.onnx" if fp16 else "best.onnx")
+    else:
+        ckpt_path = checkpoint_file(checkpoint)
+        ckpt = read_checkpoint(ckpt_path)
+        net = model_from_checkpoint(ckpt, ckpt_path)
+        read, pairs_from = [ckpt_path], ckpt_path
     img_px = int(ckpt["img_px"])
     precision = "fp16" if fp16 else "fp32"
     out = Path(out) if out else ckpt_path.with_suffix(".fp16.onnx" if fp16 else ".onnx")
     if out.resolve() == ckpt_path.resolve() or out.suffix.lower() in (".pt", ".pth"):
         raise ExportCheckError(f"-o {out}: would overwrite a checkpoint with the ONNX file; choose a .onnx path")
-    pairs, note = check_pairs(ckpt_path, ckpt, check_images)  # before any work: the outputs must not be inputs
-    inputs = [("checkpoint", ckpt_path), *(("input image", p) for pair in pairs for p in pair)]
+    pairs, note = check_pairs(pairs_from, ckpt, check_images)  # before any work: the outputs must not be inputs
+    inputs = [*(("checkpoint", p) for p in read), *(("input image", p) for pair in pairs for p in pair)]
     check_output(out, "-o", inputs)
     check_output(out.parent / CARD_NAME, "the model card", inputs)
     stale = remove_stale_temporaries(out.parent, kinds=("checking",))  # of exports killed (-9) here before
     if stale:
         log(f"removed {len(stale)} temporary file(s) of an earlier, killed export: {', '.join(stale)}")
-    log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · epoch {ckpt.get('epoch')} · "
+    what = f"the mean of {ckpt['folds']} folds' models" if ckpt.get("folds") else f"epoch {ckpt.get('epoch')}"
+    log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · {what} · "
         f"commit {ckpt.get('commit', 'unknown')}")
     eye_cal = exported_eye_calibration(ckpt, net)
     if net.config.get("eye_head"):
@@ -377,7 +395,9 @@ def export(checkpoint, out=None, *, fp16: bool = False, opset: int = DEFAULT_OPS
 
 def main(argv=None) -> int:
     ap = ArgParser(prog="python export.py", description=__doc__)
-    ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt)")
+    ap.add_argument("checkpoint", help="RUN/best.pt, or a run folder (its best.pt; a --folds run: the fold ensemble)")
+    ap.add_argument("--fold", type=int, metavar="N", help="a --folds run: export fold N's model alone "
+                    "(default: the fold ensemble, one graph averaging the folds' logits)")
     out = ap.add_argument_group("output")
     out.add_argument("-o", "--out", help="output .onnx (default: beside the checkpoint, best.onnx / best.fp16.onnx)")
     out.add_argument("--fp16", action="store_true", help="float16 weights and inputs (outputs stay float32)")
@@ -391,7 +411,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.opset < 18:
         ap.error(f"--opset {args.opset}: use 18 or newer")
-    return run_cli(lambda: export(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset,
+    return run_cli(lambda: export(args.checkpoint, args.out, fold=args.fold, fp16=args.fp16, opset=args.opset,
                                   check_images=args.check_images, exporter=args.exporter) and 0,
                    "export.py", interrupted="no ONNX file was written")
 

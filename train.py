@@ -5,7 +5,8 @@ train.py ...` for several GPUs (only rank 0 writes). `--help` lists every flag.
 Read top to bottom: `main` reads the flags, then sets up (devices, data, split) and calls training/loop.py's `fit`,
 which builds the model and loops over epochs: `train_epoch` (the steps), `validate` (metrics, best.pt), `save_last`
 (last.pt), then `report_best`. torch, timm and DALI are imported only once the flags are read, so that `--help` and
-a mistyped flag answer in well under 2 s.
+a mistyped flag answer in well under 2 s. With `--folds K`, training/folds.py calls `fit` once per fold (RUN/fold-N)
+and then reports the fold ensemble.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def _main(argv=None):
     from odir_dual.pipeline.pairs import left_out_summary
     from odir_dual.training.checkpoint import git_commit, library_versions
     from odir_dual.training.config import format_settings
-    from odir_dual.training.data import check_one_batch, data_folder, load_data, split_table
+    from odir_dual.training.data import check_one_batch, data_folder, fold_tables, load_data, split_table
     from odir_dual.training.distributed import StopRequest, setup_distributed
+    from odir_dual.training.folds import cross_validate, describe_split
     from odir_dual.training.loop import Run, fit
     from odir_dual.training.runlog import RunFolderError, log_console_to, next_steps, run_folder
 
@@ -91,8 +93,12 @@ def _main(argv=None):
         cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
         data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
         patients, left_out = data.patients, data.left_out
-        train_tab, val_tab, test_tab = split_table(patients, cfg, run_dir if is_main else None, resume_dir)
-        check_one_batch(train_tab, len(patients), cfg, world)
+        if cfg.folds > 1:  # one (train, held-out, test) per fold
+            tables = fold_tables(patients, cfg, run_dir if is_main else None, resume_dir)
+        else:
+            tables = [split_table(patients, cfg, run_dir if is_main else None, resume_dir)]
+        for train_tab, _, _ in tables:
+            check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
@@ -101,8 +107,7 @@ def _main(argv=None):
                 if len(left_out):
                     print(f"  every left-out eye and why: {run_dir / 'left_out.csv'}")
             print(describe(patients))
-            print(f"split (seed {cfg.seed}): train {len(train_tab)} · validation {len(val_tab)} · test "
-                  f"{len(test_tab)}")
+            print(describe_split(tables, cfg.seed))
             print(format_settings(cfg, every=run_dir / "config.json" if run_dir else None))
         if cfg.dry_run:
             if is_main:
@@ -111,15 +116,15 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            result = fit(Run(cfg, rank, world, device, run_dir, resume_dir, stop, started), train_tab, val_tab,
-                         test_tab)
+            run = Run(cfg, rank, world, device, run_dir, resume_dir, stop, started)
+            result = cross_validate(run, tables, fit) if cfg.folds > 1 else fit(run, *tables[0])
         finally:
             stop.restore()
         if stop.signum is not None:  # fit printed where it stopped and how to continue; the shell's status
             return EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-        if is_main and result is not None:
+        if is_main and result.ckpt is not None:
             print("\n".join(next_steps(run_dir)))
-        return result
+        return result.ckpt
 
 
 def saved_run(resume: str) -> dict:

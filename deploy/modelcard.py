@@ -70,7 +70,10 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
              f"cross-attention between the eyes) → 8 ODIR-5K labels. {precision} ONNX, inputs `left`, `right` "
              f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8)"
              + (", `eye_probs` (N, 2, 8) [left, right]" if _has_eyes(ckpt) else "") + ". Training commit "
-             f"`{ckpt.get('commit', 'unknown')}`, checkpoint epoch {ckpt.get('epoch', '?')}."
+             f"`{ckpt.get('commit', 'unknown')}`, "
+             + (f"the mean of the logits of {ckpt['folds']} fold models (K-fold cross-validation), calibrated on "
+                f"their out-of-fold predictions." if ckpt.get("folds") else
+                f"checkpoint epoch {ckpt.get('epoch', '?')}.")
              + (f" Backbone's initial weights: {ckpt['weights']}." if ckpt.get("weights") else ""), ""]
     if is_synthetic(cfg.get("data", "")):
         lines += ["> **Trained on the synthetic demo set** (generated pictures, not photographs of patients): a "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "pipeline", "model", "training", "deploy")
-SCRIPTS = ("train.py", "export.py", "score.py", "serve.py")
+SCRIPTS = ("train.py", "export.py", "score.py", "serve.py", "compare.py")
 
 
 def project_modules() -> dict[str, Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -237,13 +238,22 @@ def saved_run_config(resume: str) -> dict:
 
 
 def saved_run(resume: str) -> dict:
-    """A run's last.pt (`resume`: the run folder or its last.pt): its config, weights and progress.
+    """A run's last.pt (`resume`: the run folder or its last.pt): its config, weights and progress; for a --folds
+    run (no last.pt of its own, a fold-1 folder) {"config": its config.json} (its folds keep their progress).
 
     Raises:
         CheckpointError: no last.pt (a run killed before its first checkpoint), or a damaged one; one
             line naming the file.
     """
-    last = resume_folder(resume) / "last.pt"
+    folder = resume_folder(resume)
+    last, saved = folder / "last.pt", folder / "config.json"
+    if not last.is_file() and (folder / "fold-1").is_dir() and saved.is_file():
+        try:
+            config = json.loads(saved.read_text())
+            if config_from_dict(config).folds > 1:
+                return {"config": config}
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"--resume {resume}: {saved} is damaged ({e})") from None
     if not last.is_file():
         raise CheckpointError(f"--resume {resume}: no {last} (the run stopped before its first checkpoint, or this is "
                               f"no run folder); start it again with --overwrite")

@@ -74,6 +74,10 @@ class Config:
     prepare_px: int = option(0, "short side of the prepared copies, pixels; 0: same as img_px")
     val_fraction: float = option(0.15, "patients that pick the epoch, tune the thresholds and fit the calibration")
     test_fraction: float = option(0.15, "patients scored once, at the end, with the best checkpoint; 0: no test split")
+    folds: int = option(0, "cross validation in K folds of the patients outside the test split: K full runs, one "
+                        "per fold in a subfolder of the run, each validated on the fold it leaves out (val_fraction "
+                        "unused); the run then reports the pooled predictions out of fold and the ensemble of the "
+                        "folds (mean logits) on test; 0 or 1: off")
     weighted_sampling: bool = option(True, "draw patients by label rarity")
     same_eye_aug: bool = option(False, "one augmentation draw for both eyes (default: independent per eye)")
     loader_threads: int = option(0, "DALI CPU threads (decoding, augmenting); 0: min(cores, 8)")
@@ -150,7 +154,7 @@ PRESETS = {
 FLAG_GROUPS = {
     "run and output": ("preset", "out", "name", "overwrite", "resume", "dry_run", "stop_after_steps", "tensorboard"),
     "data": ("data", "synthetic_patients", "cache_dir", "strict", "img_px", "prepare_px", "val_fraction",
-             "test_fraction", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
+             "test_fraction", "folds", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
     "model": ("backbone", "backbone_args", "pretrained", "weights_file", "freeze_stages", "local_contrast",
               "ensemble", "embed_dim", "heads", "dropout"),
     "optimisation": ("epochs", "batch_size", "accum_steps", "lr", "backbone_lr_mult", "weight_decay",
@@ -165,6 +169,7 @@ TRAIN_DESCRIPTION = """Train the dual-eye ODIR network on paired fundus photogra
   python train.py                           the demo: synthetic pictures, a small network, minutes on a CPU
   python train.py --data ODIR_FOLDER        real data (preset fast on a GPU, cpu without one)
   python train.py --resume runs/NAME        continue a stopped run
+  python train.py --data DIR --folds 5      5-fold cross-validation: runs/NAME/fold-1..5 + the fold ensemble
   torchrun --nproc-per-node N train.py ...  one process per GPU
 
 Every flag below overrides its preset. A run's folder (runs/NAME) gets config.json, the checkpoints,
@@ -405,6 +410,8 @@ def resolve_config(explicit: dict) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):
         values["compile"] = True
+    if values.get("folds", 0) < 0:
+        raise ConfigError(f"--folds {values['folds']}: 0 or 1 for no cross-validation, else at least 2 folds")
     if values.get("ensemble", 1) < 1:
         raise ConfigError(f"--ensemble {values['ensemble']}: at least 1 network")
     backbone_args(values.get("backbone_args", ""))  # a typo fails here, not minutes later in the model

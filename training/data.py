@@ -12,9 +12,9 @@ from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import Layout, label_matrix
 from odir_dual.pipeline.pairs import DataError, TrainingData, load_prepared
 from odir_dual.pipeline.sampling import steps_per_epoch
-from odir_dual.pipeline.split import load_split, save_split, three_way_split
+from odir_dual.pipeline.split import load_split, save_split, cross_validation_split, three_way_split
 from odir_dual.pipeline.synthetic import ensure_synthetic_odir
-from odir_dual.training.config import Config
+from odir_dual.training.config import Config, ConfigError
 from odir_dual.training.distributed import barrier
 
 
@@ -52,6 +52,38 @@ def split_table(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | 
         ids = [patients["id"].to_numpy()[p] for p in parts]
         if run_dir is not None:
             save_split(run_dir / "split.csv", *ids)
+    return _tables(patients, ids)
+
+
+def fold_tables(patients, cfg: Config, run_dir: Path | None, resume_dir: Path | None) -> list[tuple]:
+    """--folds K: one (train, held-out fold, test) triple per fold (`split.cross_validation_split`: the test part
+    is the one a plain run with this seed has), each saved as RUN/fold-N/split.csv; reloaded from there when
+    resuming."""
+    if resume_dir is not None:
+        return [_tables(patients, load_split(fold_folder(resume_dir, n) / "split.csv"))
+                for n in range(1, cfg.folds + 1)]
+    try:
+        folds, test = cross_validation_split(label_matrix(patients), cfg.folds, cfg.test_fraction, cfg.seed)
+    except ValueError as e:  # more folds than patients
+        raise ConfigError(f"--folds {cfg.folds}: {e}") from None
+    ids = patients["id"].to_numpy()
+    out = []
+    for n, held in enumerate(folds, 1):
+        train = np.sort(np.concatenate([f for m, f in enumerate(folds, 1) if m != n]))
+        parts = (ids[train], ids[held], ids[test])
+        if run_dir is not None:
+            save_split(fold_folder(run_dir, n) / "split.csv", *parts)
+        out.append(_tables(patients, parts))
+    return out
+
+
+def fold_folder(run_dir: Path, n: int) -> Path:
+    """Fold n's own run folder (1-based) inside a --folds run."""
+    return Path(run_dir) / f"fold-{n}"
+
+
+def _tables(patients, ids):
+    """The patients' rows of each part of a split, in the order of `ids`."""
     by_id = patients.set_index("id", drop=False)
     missing = set(np.concatenate(ids).tolist()) - set(by_id.index)
     if missing:

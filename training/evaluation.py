@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +20,33 @@ from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import weights_digest
 
 
+@dataclass
+class Fitted:
+    """What train.py's `fit` (and a --folds run) hands back: best.pt's contents and its logits per split
+    ("validation", "test"; "oof", "test" for a fold ensemble), None on ranks other than 0 or without a finished
+    epoch; whether a signal or --stop-after-steps ended it; its optimizer updates."""
+
+    ckpt: dict | None
+    logits: dict | None
+    stopped: bool
+    steps: int
+
+
 def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: dict | None = None,
-                 eye_logits: dict | None = None) -> dict:
+                 source: dict | None = None, extra: dict | None = None, eye_logits: dict | None = None) -> dict:
     """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
-    predictions CSV per split (id, true labels, probabilities). `run`: train.py's Run (folder, config, start);
-    `epochs`: how far training went, {"reached": 7, "of": 15, "stopped_by": "early stopping" or None}.
-    `eye_logits` ({split: (N, 2, K)}, a model with the per-eye head fitted in best.pt): per split also "eyes", the
-    per-eye figures beside the naive baseline and the heads' agreement (model/eyes.py), and the CSVs get
-    left_p_* and right_p_*."""
+    predictions CSV per split (id, true labels, probabilities): predictions_val.csv for "validation", else
+    predictions_{split}.csv. `run`: train.py's Run (folder, config, start); `epochs`: how far training went,
+    {"reached": 7, "of": 15, "stopped_by": "early stopping" or None}. `source`: report.json's "checkpoint" (which
+    weights these figures are of); default best.pt's file, epoch and weights hash. `extra`: more top-level entries
+    of report.json (a --folds run's per-fold figures). `eye_logits` ({split: (N, 2, K)}, a model with the per-eye
+    head fitted in best.pt): per split also "eyes", the per-eye figures beside the naive baseline and the heads'
+    agreement (model/eyes.py), and the CSVs get left_p_* and right_p_*."""
     thresholds = np.asarray(ckpt["thresholds"])
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
               # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
-              "checkpoint": {"file": "best.pt", "epoch": ckpt.get("epoch"), "weights": weights_digest(ckpt["model"])},
+              "checkpoint": source or {"file": "best.pt", "epoch": ckpt.get("epoch"),
+                                       "weights": weights_digest(ckpt["model"])},
               "data": {"folder": run.cfg.data, **{k: len(t) for k, t in tables.items()}},
               "best_epoch": ckpt["best"]["epoch"], "epochs": epochs,
               "selected_by": ckpt["best"].get("metric", "f1_macro"),
@@ -67,6 +83,7 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: d
             frame.to_csv(f, index=False, float_format="%.8f")
     report["bootstrap_s"] = round(bootstrap_s, 2)
     finished = time.time()
+    report.update(extra or {})
     report.update(finished=_iso(finished), duration_s=round(finished - run.started, 1))
     report = plain(report)
     write_text_atomic(run.run_dir / "report.json", json.dumps(report, indent=1) + "\n")

@@ -30,7 +30,7 @@ from odir_dual.training.checkpoint import checkpoint_payload, load_checkpoint, m
 from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config
 from odir_dual.training.distributed import StopRequest, broadcast_flag, check_replicas
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
-from odir_dual.training.evaluation import final_report, plain, write_html_report
+from odir_dual.training.evaluation import Fitted, final_report, plain, write_html_report
 from odir_dual.training.runlog import RunLog, format_duration, print_epoch, print_final_report
 from odir_dual.training.data import per_eye_targets
 
@@ -91,7 +91,7 @@ class RunClock:
                 + (format_duration(eta) if eta is not None else "?"))
 
 
-def fit(run: Run, train_tab, val_tab, test_tab):
+def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     """Build the model and the loaders, then epochs of: train, validate (best.pt), save last.pt; then the final
     report of best.pt on validation and test."""
     cfg, device = run.cfg, run.device
@@ -155,6 +155,7 @@ def fit(run: Run, train_tab, val_tab, test_tab):
     checkpoint_args = dict(mean=mean, std=std)
     start_epoch = progress.step // updates_per_epoch
     clock = RunClock(total_updates=updates_per_epoch * cfg.epochs, start_step=progress.step)
+    stop_now = False
     for epoch in range(start_epoch, cfg.epochs):
         row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule, eye_targets, clock)
         finished_epoch = progress.step % updates_per_epoch == 0
@@ -177,17 +178,18 @@ def fit(run: Run, train_tab, val_tab, test_tab):
                         f"{progress.step}), last.pt saved; resume:")
                 command = f"{tool_command('train')} --resume {shell_path(run.run_dir)}"  # whole: copyable
                 print(f"{head} {command}" if len(head) + len(command) < 110 else f"{head}\n  {command}", flush=True)
-            return None
+            return Fitted(None, None, stopped=True, steps=progress.step)
         if stop_now or early:
             break
     check_replicas(model, device, run.is_main)
+    best = None
     if run.is_main:
         reached = -(-progress.step // updates_per_epoch)  # the epoch it ended in, counted from 1
         stopped = ("early stopping" if progress.stopped_early else "--stop-after-steps" if reached < cfg.epochs
                    or progress.step % updates_per_epoch else None)
-        return report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype,
+        best = report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype,
                            epochs={"reached": reached, "of": cfg.epochs, "stopped_by": stopped})
-    return None
+    return Fitted(*(best or (None, None)), stopped=bool(stop_now), steps=progress.step)
 
 
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
@@ -310,7 +312,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
 def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epochs: dict | None = None):
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
-    predictions_{val,test}.csv and printed. `epochs`: how far training went (report.json's "epochs")."""
+    predictions_{val,test}.csv and printed. `epochs`: how far training went (report.json's "epochs").
+    Returns (best.pt's contents, its logits per split), or None without a completed epoch."""
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
         print(f"no completed epoch yet: continue with {tool_command('train')} --resume {shell_path(run.run_dir)}")
@@ -334,7 +337,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     report = final_report(run, ckpt, tables, logits, y_train, epochs, eye_logits=eye_logits if eyes else None)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
-    return ckpt
+    return ckpt, logits
 
 
 def _check_finite(first_bad, epoch, accum):

@@ -211,12 +211,17 @@ def print_final_report(report: dict, best_path: Path) -> None:
     difference), F1 micro/macro and AUC macro at the tuned thresholds and at 0.5, per class the positives, F1 and
     AUC, and the calibration error."""
     cal = report["calibration"]
-    epochs = epochs_text(report)
-    print(f"\n{f'epochs: {epochs}; ' if epochs else ''}best epoch {report['best_epoch']} (by validation "
-          f"{report['selected_by']}) → {best_path}")
-    print(textwrap.fill(f"fitted on validation: the thresholds, and the calibration ({describe_calibration(cal)})",
-                        110, subsequent_indent="  "))
-    for split in ("validation", "test"):
+    if "folds" in report:
+        print(f"\nfold ensemble: the mean of the {report['folds']['k']} folds' logits → {best_path}")
+        print(textwrap.fill(f"fitted on the out-of-fold logits: the thresholds, and the calibration "
+                            f"({describe_calibration(cal)})", 110, subsequent_indent="  "))
+    else:
+        epochs = epochs_text(report)
+        print(f"\n{f'epochs: {epochs}; ' if epochs else ''}best epoch {report['best_epoch']} (by validation "
+              f"{report['selected_by']}) → {best_path}")
+        print(textwrap.fill(f"fitted on validation: the thresholds, and the calibration "
+                            f"({describe_calibration(cal)})", 110, subsequent_indent="  "))
+    for split in SPLIT_NOTES:
         if split not in report:
             continue
         r = report[split]
@@ -228,9 +233,7 @@ def print_final_report(report: dict, best_path: Path) -> None:
                 bounds = (bounds or {}).get(key)
             return f"{format_interval(value, bounds):<19}"
 
-        print(f"{split} ({r['patients']} patients)"
-              + ("   — scored once, never used to choose anything" if split == "test" else "   — picked the epoch, "
-                 "fitted calibration and thresholds: optimistic"))
+        print(f"{split} ({r['patients']} patients)   — {SPLIT_NOTES[split]}")
         if ci:
             print(f"  [95 % intervals: percentile bootstrap over patients, {ci['resamples']} resamples, "
                   f"seed {ci['seed']}]")
@@ -270,6 +273,40 @@ def print_final_report(report: dict, best_path: Path) -> None:
         print("not to be trusted (model/trust.py):")
         for line in untrusted:
             print(textwrap.fill(line, 110, initial_indent="  ", subsequent_indent="    "))
+    if "folds" in report:
+        print_folds(report)
+
+
+SPLIT_NOTES = {"validation": "picked the epoch, fitted calibration and thresholds: optimistic",
+               "oof": "out of fold: each patient predicted by the fold that did not train on it; the ensemble's "
+                      "calibration and thresholds were fitted on these",
+               "test": "scored once, never used to choose anything"}
+
+
+def print_folds(report: dict) -> None:
+    """A --folds run's table: each fold's official final, kappa and AUC macro on its held-out patients and on test,
+    their mean ± sd, then on test the fold ensemble, the best single fold and the trivial predictor."""
+    folds = report["folds"]
+    keys = [k for k in ("held_out", "test") if k in folds["mean"]]
+    print("\nfolds (each validated on its own held-out patients; test: the same patients for every fold)")
+    print(f"  {'':<24}" + "".join(f"  {where + ' ' + f:<17}" for where in ("held-out", "test")[:len(keys)]
+                                 for f in ("final", "kappa", "AUC mac.")))
+    for row in folds["per_fold"]:
+        print(f"  {'fold ' + str(row['fold']) + ' (' + str(row['held_out']['patients']) + ' held out)':<24}"
+              + "".join(f"  {row[k][f]:<17.3f}" for k in keys for f in ("final", "kappa", "auc_macro")).rstrip())
+    print(f"  {'mean ± sd':<24}" + "".join(f"  {folds['mean'][k][f]:.3f} ± {folds['sd'][k][f]:<9.3f}"
+                                          for k in keys for f in ("final", "kappa", "auc_macro")).rstrip())
+    if "test" not in report:
+        return
+    best = folds["best_fold"]
+    rows = [("fold ensemble", report["test"]["odir"], report["test"]["ci95"].get("odir")),
+            (f"best single fold ({best['fold']})", best["test"]["odir"], (best["test"].get("ci95") or {}).get("odir")),
+            ("trivial", report["test"]["trivial"]["odir"], None)]
+    print(f"  {'test, official score':<24}  {'final':<19}  {'kappa':<19}  {'F1':<19}  AUC")
+    for label, o, ci in rows:
+        print(f"  {label:<24}  " + "  ".join(f"{format_interval(o[k], (ci or {}).get(k)):<19}"
+                                            for k in ("final", "kappa", "f1", "auc")).rstrip())
+    print(f"  (best single fold: chosen by {best['chosen_by']}, not by test)")
 
 
 def eye_lines(eyes: dict, split: str) -> list[str]:
@@ -314,7 +351,20 @@ MARKER_NAME = ".odir-run"  # written when train.py creates the folder: this proj
 RUN_OUTPUTS = frozenset({MARKER_NAME, "config.json", "best.pt", "last.pt", "metrics.csv", "curves.png", "train.log",
                          "left_out.csv", "split.csv", "report.json", "report.html", "report_files", "tensorboard",
                          "predictions_val.csv", "predictions_test.csv", "best.onnx", "best.fp16.onnx",
-                         "best.onnx.data", "best.fp16.onnx.data", "MODEL_CARD.md"})
+                         "best.onnx.data", "best.fp16.onnx.data", "MODEL_CARD.md",
+                         "predictions_oof.csv", "fold_logits.npz"})  # --folds: the parent's, each fold's
+FOLD_FOLDER = re.compile(r"fold-[1-9][0-9]*")  # --folds: RUN/fold-N, each a run folder of its own
+
+
+def is_run_output(name: str) -> bool:
+    """A name that a run writes in its folder (`RUN_OUTPUTS`, or a --folds run's fold-N folder)."""
+    return name in RUN_OUTPUTS or FOLD_FOLDER.fullmatch(name) is not None
+
+
+def has_checkpoint(path: Path) -> bool:
+    """best.pt or last.pt in the folder, or in one of its fold-N folders (a --folds run)."""
+    folders = [path, *(p for p in path.glob("fold-*") if FOLD_FOLDER.fullmatch(p.name))]
+    return any((f / name).is_file() for f in folders for name in ("best.pt", "last.pt"))
 
 
 class RunFolderError(OdirError, ValueError):
@@ -347,7 +397,7 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
     if resume:
         if not path.is_dir():
             raise RunFolderError(f"--resume {path}: no such run folder")
-        if not (path / "last.pt").is_file():
+        if not has_checkpoint(path):
             raise RunFolderError(f"--resume {path}: no last.pt in it (the run stopped before its first checkpoint, "
                                  f"or this is no run folder); start it again with --overwrite")
     elif overwrite and (path.exists() or path.is_symlink()):
@@ -367,7 +417,7 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
             print(f"removed {len(stale)} temporary file(s) of an earlier, killed run: {', '.join(stale)}")
         yield path
     except BaseException:
-        if created and not any((path / name).exists() for name in ("best.pt", "last.pt")):
+        if created and not has_checkpoint(path):
             _remove_run_folder(path)
         raise
     finally:
@@ -399,7 +449,7 @@ def _check_is_run_folder(path: Path) -> None:
         raise RunFolderError(f"--overwrite {path}: not a run folder (no {MARKER_NAME} marker, none of "
                              f"{', '.join(RUN_FILES)}); not deleting it")
     unknown = sorted(name + ("/" if (path / name).is_dir() else "") for name in entries
-                     if name not in RUN_OUTPUTS and not is_temporary(name))
+                     if not is_run_output(name) and not is_temporary(name))
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise RunFolderError(f"--overwrite {path}: holds {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} "
@@ -442,7 +492,7 @@ def _empty(path: Path) -> None:
     """--overwrite: delete what a run writes (`RUN_OUTPUTS`, stale temporaries) in a folder `_check_is_run_folder`
     accepted, but the lock we hold. A link among them is removed, never what it points to."""
     for p in path.iterdir():
-        if p.name == LOCK_NAME or (p.name not in RUN_OUTPUTS and not is_temporary(p.name)):
+        if p.name == LOCK_NAME or (not is_run_output(p.name) and not is_temporary(p.name)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
