@@ -139,7 +139,7 @@ def finished(last: dict, epochs: int) -> bool:
     epoch done, or stopped early by --patience at its own length. A last.pt from before `epochs_done` was recorded
     is never taken as finished (it resumes, as it always did)."""
     done = last.get("epochs_done")
-    if done is None:
+    if done is None or last.get("unvalidated_row") is not None:  # (a signal skipped its last epoch's validation)
         return False
     return done >= epochs or bool(last.get("stopped_early") and epochs <= last["config"]["epochs"])
 

@@ -189,6 +189,33 @@ def test_resume_of_a_finished_run_says_so_and_touches_nothing(tmp_path, tiny_odi
     assert torch.load(folder / "last.pt", weights_only=True)["epochs_done"] == 2
 
 
+def test_a_signal_on_an_epochs_last_update_leaves_its_validation_to_resume(tmp_path, tiny_odir, monkeypatch, capsys):
+    """Ctrl-C on the last update of epoch 1 skips that epoch's validation; --resume validates it first, so the epoch
+    still counts (metrics.csv row, best.pt) and the run is not taken as finished."""
+    from odir_dual.training import loop
+
+    real = loop.train_epoch
+
+    def signal_at_the_end(run_, *args, **kwargs):  # as if SIGINT arrived during the epoch's last update
+        row = real(run_, *args, **kwargs)
+        run_.stop.requested, run_.stop.signum = True, signal.SIGINT
+        return row
+
+    monkeypatch.setattr(loop, "train_epoch", signal_at_the_end)
+    assert run(tmp_path, tiny_odir, "--epochs", "1", name="edge") == train.EXIT_SIGINT
+    last = torch.load(tmp_path / "edge" / "last.pt", weights_only=True)
+    assert last["epochs_done"] == 1 and last["unvalidated_row"]["epoch"] == 1
+    assert not (tmp_path / "edge" / "best.pt").exists() and not (tmp_path / "edge" / "report.json").exists()
+    monkeypatch.setattr(loop, "train_epoch", real)
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "edge")])  # not "finished": the validation is still owed
+    assert "finished:" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "edge" / "best.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "edge" / "metrics.csv").read_text().count("\n") == 2  # header + epoch 1
+    assert torch.load(tmp_path / "edge" / "last.pt", weights_only=True)["unvalidated_row"] is None
+    assert (tmp_path / "edge" / "report.json").is_file()
+
+
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, tiny_odir, monkeypatch):
     from odir_dual.model import loss as model_loss
 
@@ -221,7 +248,9 @@ def test_ctrl_c_writes_last_pt_and_resume_finishes(tmp_path, tiny_odir):
     assert "SIGINT: stopping after this update" in out
     # one line says how to go on, with the interpreter that ran; no evaluation, no report
     said = out[out.index("SIGINT (Ctrl-C): stopped in epoch "):].split()  # (the command on its own line if long)
-    assert " ".join(said).endswith(f"resume: {sys.executable} train.py --resume {tmp_path / 'int'}"), said
+    python = Path(os.path.abspath(sys.executable))  # as the user typed it from the working directory (ROOT here)
+    python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    assert " ".join(said).endswith(f"resume: {python} train.py --resume {tmp_path / 'int'}"), said
     assert out.count("--resume") == 1  # every line within 110 columns, but a long path in the command (copyable)
     assert [line for line in out.splitlines() if len(line) > 110 and "--resume" not in line] == []
     assert not (tmp_path / "int" / "report.json").exists() and "official ODIR" not in out

@@ -69,6 +69,9 @@ class Progress:
     ema: object = None  # timm ModelEmaV3 of the model when --model-ema
     epochs_done: int = 0  # complete epochs (passes over the training split)
     stopped_early: bool = False  # by --patience
+    # A finished epoch's training row whose validation a signal skipped: --resume validates it first, so that epoch
+    # can still become best.pt
+    unvalidated_row: dict | None = None
 
 
 @dataclass
@@ -129,6 +132,7 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
         stepper.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         progress.step, progress.best = state["step"], state["best"]
+        progress.unvalidated_row = state.get("unvalidated_row")
 
     loader = train_loader(train_tab, cfg.batch_size, cfg.img_px, device, augment=Augment(same_for_both_eyes=
                           cfg.same_eye_aug), weighted=cfg.weighted_sampling, seed=cfg.seed, rank=run.rank,
@@ -156,15 +160,26 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     start_epoch = progress.step // updates_per_epoch
     clock = RunClock(total_updates=updates_per_epoch * cfg.epochs, start_step=progress.step)
     stop_now = False
+    header = True  # the validation table's header, once per process
+    if run.is_main and progress.unvalidated_row is not None:  # the epoch a signal ended before its validation
+        validate(run, model, val_loader, y_val, stepper.loss_fn, progress.unvalidated_row, progress, log, trivial,
+                 header=header, eval_model=stepper.eval_model, val_eyes=val_eyes, **checkpoint_args)
+        progress.unvalidated_row, header = None, False
+        save_last(run, stepper, progress, start_epoch - 1, **checkpoint_args)  # a second resume owes nothing
     for epoch in range(start_epoch, cfg.epochs):
         row = train_epoch(run, stepper, loader, progress, epoch, lr, schedule, eye_targets, clock)
         finished_epoch = progress.step % updates_per_epoch == 0
         stop_now = broadcast_flag(run.should_stop(progress.step), device)
-        if run.is_main and finished_epoch and not run.stop.requested:  # a signal asks to stop now: no evaluation
+        if finished_epoch:
             row["lr"] = lr * lr_factor(progress.step - 1, **schedule)
+        if run.is_main and finished_epoch and run.stop.requested:  # a signal asks to stop now: no evaluation
+            progress.unvalidated_row = row
+        elif run.is_main and finished_epoch:
             validate(run, model, val_loader, y_val, stepper.loss_fn, row, progress, log, trivial,
-                     header=epoch == start_epoch, eval_model=stepper.eval_model, val_eyes=val_eyes, eta_s=clock.eta_s(progress.step),
+                     header=header, eval_model=stepper.eval_model, val_eyes=val_eyes,
+                     eta_s=clock.eta_s(progress.step),
                      **checkpoint_args)
+            header = False
         early = broadcast_flag(bool(cfg.patience and finished_epoch and not run.stop.requested
                                     and epoch + 1 - progress.best["epoch"] >= cfg.patience), device)
         progress.epochs_done, progress.stopped_early = progress.step // updates_per_epoch, early
@@ -301,7 +316,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
     extra = {"optimizer": stepper.optimizer.state_dict(), "scaler": stepper.scaler.state_dict(),
              "rng_cpu": torch.get_rng_state(),
              # whether this run is finished (train.py's --resume answers "finished" without touching the folder)
-             "epochs_done": progress.epochs_done, "stopped_early": progress.stopped_early}
+             "epochs_done": progress.epochs_done, "stopped_early": progress.stopped_early,
+             "unvalidated_row": progress.unvalidated_row}
     if progress.ema is not None:
         extra["model_ema"] = {k: v.detach().cpu() for k, v in progress.ema.module.state_dict().items()}
     save_checkpoint(checkpoint_payload(stepper.model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
