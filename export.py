@@ -5,8 +5,9 @@
     python export.py RUN [--fold N]         # a --folds run: the fold ensemble as one graph (or fold N alone)
 
 The ONNX file takes `left` and `right` (N, 3, img_px, img_px), normalised with the model's mean/std, and gives
-`probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; its metadata carries what score.py needs
-(classes, thresholds, img_px, mean, std, backbone, commit, config).
+`probs` (calibrated) and `logits` (N, 8), float32 also with --fp16; a model trained with the per-eye head
+(--eye-loss-weight) also `eye_probs` (N, 2, 8) [left, right], calibrated on validation eyes. Its metadata carries
+what score.py needs (classes, thresholds, per-eye thresholds, img_px, mean, std, backbone, commit, config).
 
 The file is written only when the checks pass: `onnx.checker` (full check), and onnxruntime against PyTorch on
 random inputs and on real images (--check-images, else the run's validation patients when found), with a largest
@@ -38,7 +39,9 @@ from odir_dual.common.errors import OdirError
 from odir_dual.training.checkpoint import (CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint,
                                            weights_digest)
 from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
+from odir_dual.model.eyes import LABELS_FOLLOW
 from odir_dual.model.trust import model_quality, untrusted_lines
+from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.dali import eval_loader
 from odir_dual.pipeline.host import check_output, remove_stale_temporaries, temporary_path, wrapped
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
@@ -59,23 +62,40 @@ class ExportCheckError(OdirError, RuntimeError):
 
 
 class ProbsAndLogits(nn.Module):
-    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype.
+    """The inference graph: (left, right) → (probs, logits), both float32 whatever the input dtype; with
+    `eye_calibration`, also eye_probs (N, 2, K) of the per-eye head: (probs, logits, eye_probs).
 
     probs are the calibrated probabilities: sigmoid(a * logits + b) with the per-class (a, b) that training fitted
     on validation (model.calibration; a = 1, b = 0 when the checkpoint has none), so every consumer of the ONNX
-    file (score.py, an ODIR submission) gets the same probabilities as the run's report."""
+    file (score.py, an ODIR submission) gets the same probabilities as the run's report; eye_probs likewise with
+    the per-eye head's (a, b), fitted on validation eyes (model/eyes.py)."""
 
-    def __init__(self, net: nn.Module, calibration: dict | None = None):
+    def __init__(self, net: nn.Module, calibration: dict | None = None, eye_calibration: dict | None = None):
         super().__init__()
         self.net = net
+        self.eyes = eye_calibration is not None
         k = net.config["num_classes"]
-        cal = calibration if calibration and "a" in calibration else None
-        self.register_buffer("scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
-        self.register_buffer("shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
+        for prefix, cal in (("", calibration), ("eye_", eye_calibration)):
+            cal = cal if cal and "a" in cal else None
+            self.register_buffer(f"{prefix}scale", torch.tensor(cal["a"] if cal else [1.0] * k, dtype=torch.float32))
+            self.register_buffer(f"{prefix}shift", torch.tensor(cal["b"] if cal else [0.0] * k, dtype=torch.float32))
 
     def forward(self, left: torch.Tensor, right: torch.Tensor):
-        logits = self.net(left, right).float()  # (N, 8)
-        return torch.sigmoid(logits * self.scale + self.shift), logits
+        if not self.eyes:
+            logits = self.net(left, right).float()  # (N, 8)
+            return torch.sigmoid(logits * self.scale + self.shift), logits
+        logits, eye_logits = self.net(left, right, eye_logits=True)  # (N, 8), (N, 2, 8)
+        logits = logits.float()
+        return (torch.sigmoid(logits * self.scale + self.shift), logits,
+                torch.sigmoid(eye_logits.float() * self.eye_scale + self.eye_shift))
+
+
+def exported_eye_calibration(ckpt: dict, net: nn.Module) -> dict | None:
+    """The per-eye head's calibration when the export includes it: a network with the head whose best.pt has the
+    per-eye thresholds fitted on validation eyes (train.py writes them); None otherwise (exported as before)."""
+    if not net.config.get("eye_head") or "eye_thresholds" not in ckpt:
+        return None
+    return ckpt.get("eye_calibration") or {"method": "none"}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -106,8 +126,9 @@ def _quiet():
 
 
 def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                  exporter: str = "auto", calibration: dict | None = None):
-    """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch.
+                  exporter: str = "auto", calibration: dict | None = None, eye_calibration: dict | None = None):
+    """Export `net` (fp32, eval) to an in-memory ModelProto with a dynamic batch (outputs probs, logits, and
+    eye_probs with `eye_calibration`).
 
     Args:
         exporter: "dynamo" (torch.export based), "torchscript" (the legacy tracer), or "auto": dynamo, falling back
@@ -117,9 +138,10 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         (model_proto, exporter actually used, message of the dynamo failure or "").
     """
     dtype = torch.float16 if fp16 else torch.float32
-    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration).eval()
+    wrapped = ProbsAndLogits(copy.deepcopy(net).to(dtype), calibration, eye_calibration).eval()
     args = _example_inputs(img_px, dtype)
-    names = dict(input_names=["left", "right"], output_names=["probs", "logits"], opset_version=opset)
+    outputs = ["probs", "logits", *(["eye_probs"] if eye_calibration is not None else [])]
+    names = dict(input_names=["left", "right"], output_names=outputs, opset_version=opset)
     failure = ""
     if exporter in ("auto", "dynamo"):
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -136,15 +158,21 @@ def to_onnx_proto(net: nn.Module, img_px: int, *, fp16: bool = False, opset: int
         out = Path(tmp) / "model.onnx"
         with _quiet(), torch.no_grad():
             torch.onnx.export(wrapped, args, str(out), dynamo=False, verbose=False,
-                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", "probs", "logits")}, **names)
+                              dynamic_axes={k: {0: "batch"} for k in ("left", "right", *outputs)}, **names)
         return onnx.load(str(out)), "torchscript", failure
 
 
 def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: Path,
-             report: dict | None = None) -> dict[str, str]:
+             report: dict | None = None, eye_calibration: dict | None = None) -> dict[str, str]:
     """metadata_props of our ONNX files: plain strings, JSON for lists and dicts. `report`: the run's report.json
-    of this checkpoint, whose test figures and untrusted classes go into "quality" (model/trust.py)."""
+    of this checkpoint, whose test figures and untrusted classes go into "quality" (model/trust.py);
+    `eye_calibration`: the per-eye head's, when exported (its thresholds go in too)."""
     cfg = ckpt["config"]
+    eyes = {}
+    if eye_calibration is not None:  # the per-eye head's, applied to eye_probs; labels stay the patient head's
+        eyes = {"eye_thresholds": json.dumps([float(t) for t in ckpt["eye_thresholds"]]),
+                "eye_calibration": json.dumps(eye_calibration), "eye_order": json.dumps(list(EYES)),
+                "labels_follow": LABELS_FOLLOW}
     return {
         "format": ONNX_FORMAT,
         "classes": json.dumps(list(ckpt["classes"])),
@@ -170,6 +198,7 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
         "quality": json.dumps(model_quality(report), default=float),  # {} without a report of this checkpoint
         **({"folds": str(ckpt["folds"])} if ckpt.get("folds") else {}),  # a fold ensemble: the mean of K models
+        **eyes,
     }
 
 
@@ -177,7 +206,8 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
     """Set metadata and write one self-contained .onnx file atomically (external data only past protobuf's 2 GB)."""
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = "odir-dual: (left, right) fundus photographs -> probs, logits (N, 8); see metadata_props"
+    proto.doc_string = ("odir-dual: (left, right) fundus photographs -> probs, logits (N, 8)[, eye_probs (N, 2, 8)]; "
+                        "see metadata_props")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     large = proto.ByteSize() > 1_900_000_000
@@ -194,14 +224,17 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
 
 
 def max_prob_diff(session, net: nn.Module, left: torch.Tensor, right: torch.Tensor, fp16: bool,
-                  calibration: dict | None = None) -> float:
-    """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model)."""
+                  calibration: dict | None = None, eye_calibration: dict | None = None) -> float:
+    """max |probs_onnxruntime − probs_pytorch_fp32| over a batch (fp32 inputs; cast for an fp16 model), over probs
+    and, with `eye_calibration`, eye_probs."""
     np_dtype = np.float16 if fp16 else np.float32
     feeds = {"left": left.numpy().astype(np_dtype), "right": right.numpy().astype(np_dtype)}
-    probs_ort = session.run(["probs"], feeds)[0]
+    eyes = eye_calibration is not None
+    ort = session.run(["probs", *(["eye_probs"] if eyes else [])], feeds)
     with torch.no_grad():
-        probs_pt = ProbsAndLogits(net, calibration)(left, right)[0].numpy()
-    return float(np.abs(probs_ort.astype(np.float64) - probs_pt).max())
+        ref = ProbsAndLogits(net, calibration, eye_calibration)(left, right)
+    pt = [ref[0], *([ref[2]] if eyes else [])]
+    return max(float(np.abs(a.astype(np.float64) - b.numpy()).max()) for a, b in zip(ort, pt))
 
 
 def check_pairs(ckpt_path: Path, ckpt: dict, folder=None, n: int = CHECK_PAIRS) -> tuple[list, str]:
@@ -257,14 +290,15 @@ def run_checks(path: Path, net: nn.Module, ckpt: dict, pairs, pairs_note: str, f
     g = torch.Generator().manual_seed(1234)  # fresh inputs, not the tracing ones, at another batch size
     img_px = int(ckpt["img_px"])
     left, right = (torch.randn(3, 3, img_px, img_px, generator=g) for _ in range(2))
-    cal = ckpt.get("calibration")
-    result = {"random": max_prob_diff(session, net, left, right, fp16, cal), "real": None, "tolerance": tol}
+    cal, eye_cal = ckpt.get("calibration"), exported_eye_calibration(ckpt, net)
+    result = {"random": max_prob_diff(session, net, left, right, fp16, cal, eye_cal), "real": None, "tolerance": tol}
     log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: random inputs (3 pairs) {result['random']:.2e}")
     if pairs:
         left, right = real_inputs(pairs, ckpt)
         used = len(left)
         if used:
-            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16, cal) for i in range(0, used, 8)]
+            diffs = [max_prob_diff(session, net, left[i:i + 8], right[i:i + 8], fp16, cal, eye_cal)
+                     for i in range(0, used, 8)]
             result["real"] = max(diffs)
             log(f"onnxruntime vs PyTorch fp32, max |Δ prob|: real images ({pairs_note}, {used} read) "
                 f"{result['real']:.2e}")
@@ -331,14 +365,18 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
     what = f"the mean of {ckpt['folds']} folds' models" if ckpt.get("folds") else f"epoch {ckpt.get('epoch')}"
     log(f"checkpoint {ckpt_path}: {ckpt['config'].get('backbone')} · {img_px} px · {what} · "
         f"commit {ckpt.get('commit', 'unknown')}")
+    eye_cal = exported_eye_calibration(ckpt, net)
+    if net.config.get("eye_head"):
+        log("per-eye head: exported as eye_probs (N, 2, 8), thresholds fitted on validation eyes" if eye_cal else
+            "per-eye head: not exported (this best.pt has no per-eye thresholds: trained before they were fitted)")
     proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter,
-                                         calibration=ckpt.get("calibration"))
+                                         calibration=ckpt.get("calibration"), eye_calibration=eye_cal)
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
     tmp = temporary_path(out, "checking", ".onnx")
     report, _ = run_report(ckpt, ckpt_path)
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
-                                    report=report))
+                                    report=report, eye_calibration=eye_cal))
     for line in untrusted_lines((model_quality(report) or {}).get("untrusted", {})):
         log(f"not to be trusted: {line}")
     try:

@@ -27,6 +27,11 @@ the patient was not scored (a missing eye, a truncated/corrupt/non-image file, a
 thresholds and the model they belong to are recorded: in a sheet "model" of the workbook, or for a CSV in
 `NAME.thresholds.json` beside it. `--submission` writes the ODIR submission format instead: exactly
 `ID,N,D,G,C,A,H,M,O` with probabilities, scored patients only.
+
+A model trained with the per-eye head (train.py --eye-loss-weight, on in the cpu preset) also says which eye:
+`findings` in words ("diabetes (left, right); cataract (right)", each eye's classes above the per-eye thresholds),
+`findings_vs_labels` ("same", or the classes where the eyes and the patient labels differ: the labels and pred_*
+are the patient head's, the official ones), and the calibrated per-eye probabilities left_p_N .. right_p_O.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from tqdm import tqdm
 
 from odir_dual.common.cli import ArgParser, run_cli
 from odir_dual.common.errors import printable
+from odir_dual.model.eyes import disagreement_line
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.model.metrics import classification_table
 from odir_dual.model.trust import untrusted_lines
@@ -68,8 +74,9 @@ def resolve_loader(loader: str = "auto") -> str:
 
 def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batch_size: int = 32,
                 tta: bool = False, device=None, progress: bool = True, num_threads: int | None = None,
-                loader: str = "auto") -> np.ndarray:
-    """Probabilities (N, K) for N prepared (left, right) image paths, in input order; streams in batches.
+                loader: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, K) for N prepared (left, right) image paths, in input order, and the per-eye probabilities
+    (N, 2, K) of a model with the per-eye head (else None); streams in batches.
 
     Args:
         session, meta, provider: from `load_session`.
@@ -83,8 +90,9 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
     """
     n = len(left)
     probs = np.zeros((n, len(meta["classes"])), np.float32)
+    eye_probs = np.zeros((n, 2, len(meta["classes"])), np.float32) if meta.get("eye_thresholds") is not None else None
     if n == 0:
-        return probs
+        return probs, eye_probs
     batch_size = min(batch_size, n)  # a batch larger than the folder only pads: --batch-size 4000 on 100 pairs
     make = _dali_batches if resolve_loader(loader) == "dali" else _pil_batches
     batches = make(list(left), list(right), meta, batch_size, device=device, num_threads=num_threads)
@@ -94,12 +102,15 @@ def score_pairs(session, meta: dict, left, right, *, provider: str = "cpu", batc
         for lb, rb, index in batches:
             real = int((index >= 0).sum())  # the last batch is padded at its end (index -1): not worth running
             lb, rb, index = lb[:real], rb[:real], index[:real]
-            p = run(lb, rb)
+            p, e = run(lb, rb)
             if tta:
-                p = (p + run(_hflip(lb), _hflip(rb))) / 2
+                p_flip, e_flip = run(_hflip(lb), _hflip(rb))
+                p, e = (p + p_flip) / 2, None if e is None else (e + e_flip) / 2
             probs[index] = p
+            if eye_probs is not None:
+                eye_probs[index] = e
             bar.update(real)
-    return probs
+    return probs, eye_probs
 
 
 def _dali_batches(left, right, meta, batch_size, *, device=None, num_threads=None):
@@ -180,14 +191,17 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     table = prepare_pairs(found.table, cache_dir, meta["prepare_px"], workers=workers, progress=progress)
     ok = np.flatnonzero((table["status"] == "ok").to_numpy())
-    probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
-                        provider=provider, batch_size=batch_size, tta=tta, progress=progress, loader=loader,
-                        num_threads=loader_threads)
-    probs, ok = checked_outputs(probs, ok, table)
-    frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta, labelled=found.labelled)
+    probs, eye_probs = score_pairs(session, meta, table["left_prepared"].iloc[ok], table["right_prepared"].iloc[ok],
+                                   provider=provider, batch_size=batch_size, tta=tta, progress=progress,
+                                   loader=loader, num_threads=loader_threads)
+    probs, ok, eye_probs = checked_outputs(probs, ok, table, eye_probs)
+    frame = predictions_frame(table, dict(zip(ok.tolist(), probs)), meta, labelled=found.labelled,
+                              eyes_by_row=None if eye_probs is None else dict(zip(ok.tolist(), eye_probs)))
     written = write_output(frame, out, model_info(model_path, meta, tta=tta), submission=submission) if out else []
     for line in status_summary(frame, found.ignored) + untrusted_lines(meta["untrusted"]):
         log(line)
+    if eye_probs is not None:
+        log(disagreement_line(probs > meta["thresholds"], eye_probs > meta["eye_thresholds"]))
     report = per_class = None
     if found.labelled and len(ok):
         y = table.iloc[ok][list(CLASSES)].to_numpy(dtype=np.int64)
@@ -198,8 +212,8 @@ def score_folder(model_path, folder, *, out=None, submission=False, tta=False, b
     if out is not None:
         log(f"wrote {out} ({what}" + (f"; thresholds in {written[1]}" if len(written) > 1 else "") + f") in "
             f"{time.perf_counter() - t0:.1f} s")
-    return dict(frame=frame, probs=probs, table=table, ignored=found.ignored, metrics=report, classes=per_class,
-                out=out, provider=provider, loader=loader, meta=meta, model=model_path)
+    return dict(frame=frame, probs=probs, eye_probs=eye_probs, table=table, ignored=found.ignored, metrics=report,
+                classes=per_class, out=out, provider=provider, loader=loader, meta=meta, model=model_path)
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@
 Listens on 127.0.0.1 unless --host says otherwise. Uses the run's best.pt on the CPU (heatmaps need gradients, which
 ONNX has not): the photographs are prepared as in training, then the page shows the calibrated probabilities against
 the run's thresholds, the Grad-CAM of every predicted class on both eyes, where each eye attends in the other, and
-links to download the result (JSON, CSV). Nothing is stored. Every page names the model and says it is for research
+links to download the result (JSON, CSV). A model trained with the per-eye head also shows each eye's findings
+under its photographs (and in the download). Nothing is stored. Every page names the model and says it is for research
 use; a model trained on the synthetic demo set gets a loud warning.
 
 Limits: uploads up to 64 MB with a valid Content-Length, photographs up to 40 MP (checked before decoding), 4 requests
@@ -36,8 +37,9 @@ from PIL import Image, UnidentifiedImageError
 
 from odir_dual.common.cli import ArgParser
 from odir_dual.common.errors import OdirError
+from odir_dual.model.eyes import eye_findings, findings
 from odir_dual.pipeline import prepare
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.prepare import BadImage
 from odir_dual.pipeline.split import load_split
 from odir_dual.pipeline.synthetic import is_synthetic
@@ -59,7 +61,8 @@ FORM = """<form method=post action=/ enctype=multipart/form-data>
 DISEASE = {c: name[0].upper() + name[1:] for c, name in CLASS_NAMES.items()}  # "Normal", ..., "AMD", "Other"
 STYLE = """.ident{background:#f3f6fa;border:1px solid #c8d3e0;padding:.4em .8em;font-size:14px}
 .synthetic{background:#b00020;color:#fff;font-size:18px;font-weight:bold;padding:.8em 1em;margin:.6em 0}
-.note{color:#555;font-size:13px}a.download{margin-right:1em}figure.scale{vertical-align:bottom}"""
+.note{color:#555;font-size:13px}a.download{margin-right:1em}figure.scale{vertical-align:bottom}
+p.found{font-size:15px;margin:.2em 0 .8em;background:#fff4d6;padding:.3em .6em;display:inline-block}"""
 
 
 def model_identity(run, explainer: Explainer) -> dict:
@@ -101,13 +104,26 @@ def identity_html(ident: dict) -> str:
 def result_links(result: dict) -> str:
     """Download links (JSON and CSV, as data: URIs: nothing is stored on the server) of one result."""
     as_json = json.dumps(result, indent=1)
-    rows = ["class,name,probability,threshold,predicted"] + [
+    eyes = result.get("eyes")
+    rows = ["class,name,probability,threshold,predicted" + (",left_probability,right_probability,eye_threshold,"
+                                                            "left_found,right_found" if eyes else "")] + [
         f"{c},{DISEASE[c]},{result['probabilities'][c]:.6f},{result['thresholds'][c]:.4f},"
-        f"{int(c in result['predicted'])}" for c in CLASSES]
+        f"{int(c in result['predicted'])}"
+        + ("".join(f",{eyes[e]['probabilities'][c]:.6f}" for e in EYES) + f",{eyes['thresholds'][c]:.4f}"
+           + "".join(f",{int(c in eyes[e]['found'])}" for e in EYES) if eyes else "") for c in CLASSES]
     uri = lambda text, kind: f"data:{kind};base64," + base64.b64encode(text.encode()).decode()  # noqa: E731
     return (f"<p><a class=download download='odir-result.json' href='{uri(as_json, 'application/json')}'>Download "
             f"the result (JSON)</a><a class=download download='odir-result.csv' "
             f"href='{uri(chr(10).join(rows) + chr(10), 'text/csv')}'>Download the result (CSV)</a></p>")
+
+
+def eye_result(eye_probs, eye_thresholds) -> dict:
+    """The download's per-eye part: findings in words, and per eye its probabilities and classes found."""
+    eye_pred = np.asarray(eye_probs) > np.asarray(eye_thresholds)  # (2, K)
+    per_eye = {e: {"probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, eye_probs[i])},
+                   "found": [c for c, on in zip(CLASSES, eye_pred[i]) if on]} for i, e in enumerate(EYES)}
+    return {"findings": findings(eye_pred),
+            "eyes": {"thresholds": {c: round(float(t), 6) for c, t in zip(CLASSES, eye_thresholds)}, **per_eye}}
 
 
 def parse_upload(content_type: str, body: bytes) -> dict[str, bytes]:
@@ -177,6 +193,10 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
     result = {"probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, item["probs"])},
               "thresholds": {c: round(float(t), 6) for c, t in zip(CLASSES, explainer.thresholds)},
               "predicted": [CLASSES[k] for k in predicted], "model": identity or {}}
+    found = {}
+    if "eye_probs" in item:  # the per-eye head: which eye shows what
+        result.update(eye_result(item["eye_probs"], explainer.eye_thresholds))
+        found = eye_findings(item["eye_probs"] > np.asarray(explainer.eye_thresholds))
     untrusted = (getattr(explainer, "quality", None) or {}).get("untrusted") or {}
     said = ", ".join(DISEASE[CLASSES[k]] + (" (not to be trusted)" if CLASSES[k] in untrusted else "")
                      for k in predicted) or "nothing above its threshold"
@@ -187,6 +207,9 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
                                             for c, t in zip(CLASSES, explainer.thresholds))
            + f"</tr><tr>{cells}</tr></table>",
            f"<p>Predicted: <b>{html.escape(said)}</b> (probabilities above the class's threshold are highlighted)</p>",
+           *([f"<p id=findings>Which eye: <b>{html.escape(result['findings'])}</b> (the per-eye head, each class "
+              "above its per-eye threshold; the prediction above is the patient's, the official one)</p>"]
+             if found else []),
            result_links(result)]
     attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
     scale = (f"<figure class=scale><img src='{_png_uri(colour_strip())}' width=256 height=12><figcaption>0 "
@@ -197,9 +220,11 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
                                       for k, cams in item["cams"].items()),
                    ("attended by the other eye", overlay(view, attended[e]))]
         upload = f" <small>({html.escape(names[e])})</small>" if names[e] else ""
+        seen = f"<p class=found id=found-{eye}>Findings in the {eye} eye: <b>{html.escape(found[eye])}</b></p>" \
+            if found else ""
         out.append(f"<h2>{eye.capitalize()} eye{upload}</h2><div>" + "".join(
             f"<figure><img src='{_png_uri(px)}' width=256><figcaption>{html.escape(cap)}</figcaption></figure>"
-            for cap, px in figures) + scale + "</div>")
+            for cap, px in figures) + scale + f"</div>{seen}")
     return "\n".join(out)
 
 

@@ -68,7 +68,8 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
              f"odir-dual dual-eye network ({cfg.get('backbone', '?')} backbone"
              + (f" with `{cfg['backbone_args']}`" if cfg.get("backbone_args") else "") + ", shared by both eyes, with "
              f"cross-attention between the eyes) → 8 ODIR-5K labels. {precision} ONNX, inputs `left`, `right` "
-             f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8). Training commit "
+             f"(N, 3, {ckpt.get('img_px')}, {ckpt.get('img_px')}), outputs `probs`, `logits` (N, 8)"
+             + (", `eye_probs` (N, 2, 8) [left, right]" if _has_eyes(ckpt) else "") + ". Training commit "
              f"`{ckpt.get('commit', 'unknown')}`, "
              + (f"the mean of the logits of {ckpt['folds']} fold models (K-fold cross-validation), calibrated on "
                 f"their out-of-fold predictions." if ckpt.get("folds") else
@@ -83,12 +84,37 @@ def model_card(ckpt: dict, report: dict | None, *, onnx_name: str, precision: st
     lines += _figures_section(ckpt, report, no_report)
     lines += _thresholds_section(ckpt)
     lines += _calibration_section(ckpt, report)
+    lines += _eyes_section(ckpt, report)
     lines += ["## Known limitations", "", LIMITATIONS, ""]
     if diffs:
         lines += ["## Export check", "",
                   f"onnxruntime ({precision}) against PyTorch (fp32): largest probability difference "
                   f"{_fmt_diff(diffs)}.", ""]
     return "\n".join(lines)
+
+
+def _has_eyes(ckpt: dict) -> bool:
+    """The export includes the per-eye head (export.exported_eye_calibration's rule)."""
+    return bool(ckpt.get("config", {}).get("eye_loss_weight")) and "eye_thresholds" in ckpt
+
+
+def _eyes_section(ckpt: dict, report: dict | None) -> list[str]:
+    """Per-eye findings: what eye_probs is, its thresholds, and its test figures beside the naive baseline."""
+    if not _has_eyes(ckpt):
+        return []
+    eyes = ((report or {}).get("test") or {}).get("eyes") or {}
+    out = ["## Per-eye findings", "",
+           "`eye_probs` is the per-eye head's probability per class for each eye, calibrated and thresholded on "
+           f"{ckpt.get('eye_fit_eyes', '?')} validation eyes labelled from their diagnostic keywords. The patient "
+           "labels (`probs` at the thresholds above) stay the official output; score.py's `findings_vs_labels` says "
+           "where the eyes differ.", "",
+           "per-eye thresholds: " + " ".join(f"{c} {t:.2f}" for c, t in zip(CLASSES, ckpt["eye_thresholds"])), ""]
+    if eyes.get("model"):
+        out += [f"On {eyes['eyes']} test eyes: AUC macro {_num(eyes['model']['auc_macro'])} (naive baseline, each eye "
+                f"given its patient's probability: {_num(eyes['naive']['auc_macro'])}), F1 macro "
+                f"{_num(eyes['model']['f1_macro'])} (naive {_num(eyes['naive']['f1_macro'])}); per class with "
+                "intervals in report.json and report.html.", ""]
+    return out
 
 
 def write_model_card(onnx_path: Path, ckpt: dict, ckpt_path: Path, *, precision: str, diffs: dict | None = None,

@@ -18,7 +18,9 @@ import numpy as np
 from PIL import Image
 
 from odir_dual.deploy.runtime import load_session
+from odir_dual.model.eyes import findings
 from odir_dual.model.trust import untrusted_lines
+from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.prepare import BadImage, prepare_image
 
 
@@ -47,13 +49,18 @@ class Model:
         with tempfile.TemporaryDirectory(prefix="odir-predict-") as tmp:
             prepared = [_prepared(image, eye, Path(tmp), self.meta["prepare_px"])
                         for eye, image in (("left", left), ("right", right))]
-            probs = score_pairs(self.session, self.meta, [prepared[0]], [prepared[1]], provider=self.provider,
-                                batch_size=1, tta=tta, progress=False, loader="pil")[0]
-        classes, thresholds = list(self.meta["classes"]), self.meta["thresholds"]
-        return {"probabilities": {c: float(p) for c, p in zip(classes, probs)},
-                "labels": [c for c, p, t in zip(classes, probs, thresholds) if p > t],
-                "thresholds": {c: float(t) for c, t in zip(classes, thresholds)},
-                "untrusted": dict(self.meta["untrusted"]), "notes": untrusted_lines(self.meta["untrusted"])}
+            probs, eye_probs = score_pairs(self.session, self.meta, [prepared[0]], [prepared[1]],
+                                           provider=self.provider, batch_size=1, tta=tta, progress=False, loader="pil")
+        classes, thresholds, probs = list(self.meta["classes"]), self.meta["thresholds"], probs[0]
+        out = {"probabilities": {c: float(p) for c, p in zip(classes, probs)},
+               "labels": [c for c, p, t in zip(classes, probs, thresholds) if p > t],
+               "thresholds": {c: float(t) for c, t in zip(classes, thresholds)},
+               "untrusted": dict(self.meta["untrusted"]), "notes": untrusted_lines(self.meta["untrusted"])}
+        if eye_probs is not None:  # the per-eye head: "findings" in words, per eye its probabilities (model/eyes.py)
+            out.update(findings=findings(eye_probs[0] > self.meta["eye_thresholds"]),
+                       eye_probabilities={e: {c: float(p) for c, p in zip(classes, eye_probs[0][i])}
+                                          for i, e in enumerate(EYES)})
+        return out
 
 
 def load_model(path, provider: str = "cpu", threads: int | None = None) -> Model:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from odir_dual.common.errors import OdirError, printable
+from odir_dual.model.eyes import LABELS_FOLLOW, eye_columns
 from odir_dual.model.metrics import classification_table, evaluate, format_classification_table
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
 from odir_dual.pipeline.host import atomic_write, check_can_create
@@ -28,9 +29,11 @@ class ScoreError(OdirError, ValueError):
     """Nothing to score, or nowhere to write the result; the message names the folder or file."""
 
 
-def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, *, labelled: bool = False):
-    """The output table: ID, probabilities, pred_*, labels, [true_labels: with labelled=True, from the table's
-    class columns], status (one row per patient)."""
+def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, *, labelled: bool = False,
+                      eyes_by_row: dict | None = None):
+    """The output table: ID, probabilities, pred_*, labels, [findings, findings_vs_labels], [true_labels: with
+    labelled=True, from the table's class columns], status, [left_p_*, right_p_*] (one row per patient; the per-eye
+    columns with `eyes_by_row`, row → (2, K) per-eye probabilities: model/eyes.py)."""
     classes = list(meta["classes"])
     thr = meta["thresholds"]
     rows = []
@@ -43,10 +46,15 @@ def predictions_frame(table, probs_by_row: dict[int, np.ndarray], meta: dict, *,
         for j, c in enumerate(classes):
             row[f"pred_{c}"] = None if pred is None else int(pred[j])
         row["labels"] = "" if pred is None else ",".join(c for c, on in zip(classes, pred) if on)
+        if eyes_by_row is not None:
+            words, eye_cells = eye_columns(eyes_by_row.get(i), meta["eye_thresholds"], pred)
+            row.update(words)
         if labelled:
             truth = [c for c in classes if c in table.columns and getattr(r, c) == 1]
             row["true_labels"] = ",".join(truth)
         row["status"] = r.status if pred is None else flag_status(r.status, classes, pred, meta.get("untrusted"))
+        if eyes_by_row is not None:
+            row.update(eye_cells)
         rows.append(row)
     return pd.DataFrame(rows, dtype=object)  # object: ints stay ints next to the blanks of unscored patients
 
@@ -140,18 +148,20 @@ def write_xlsx(frame, path, model_info: dict) -> None:
                  for v in r])
     ws.freeze_panes = "B2"
     for c, cell in enumerate(ws[1], start=1):
-        if str(cell.value).startswith("p_"):
+        if str(cell.value).startswith(("p_", "left_p_", "right_p_")):
             for col in ws.iter_cols(min_col=c, max_col=c, min_row=2):
                 for x in col:
                     x.number_format = "0.0000"
     info = wb.create_sheet("model")
     for key, value in model_info.items():
-        if key != "thresholds":
+        if key not in ("thresholds", "eye_thresholds"):
             put(info, [key, value if isinstance(value, (int, float)) else str(value)])
     put(info, [])
-    put(info, ["class", "name", "threshold (a probability above it is predicted)"])
+    eye = model_info.get("eye_thresholds")
+    put(info, ["class", "name", "threshold (a probability above it is predicted)",
+               *(["per-eye threshold (findings)"] if eye else [])])
     for c, t in model_info["thresholds"].items():
-        put(info, [c, CLASS_NAMES[c], t])
+        put(info, [c, CLASS_NAMES[c], t, *([eye[c]] if eye else [])])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "wb") as f:
@@ -173,7 +183,9 @@ def model_info(model_path, meta: dict, *, tta: bool = False) -> dict:
             "trained_on": printable(str(meta.get("config", {}).get("data", ""))),
             "probabilities": "calibrated per class on the run's validation patients" + (", TTA hflip" if tta else ""),
             "scored_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["thresholds"])}}
+            "thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["thresholds"])},
+            **({"eye_thresholds": {c: round(float(t), 6) for c, t in zip(meta["classes"], meta["eye_thresholds"])},
+                "labels_follow": LABELS_FOLLOW} if meta.get("eye_thresholds") is not None else {})}
 
 
 def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> list[Path]:
@@ -260,12 +272,14 @@ def _reason_kind(status: str) -> str:
     return re.sub(r" \([^)]*\)$", "", kind).split(":")[0]
 
 
-def checked_outputs(probs: np.ndarray, ok: np.ndarray, table) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only the patients whose 8 model outputs are finite probabilities in [0, 1]; the others get a status
-    saying what the model returned (a damaged or hand-edited model), never "ok". Returns (probs, ok) of the kept."""
-    finite = np.isfinite(probs).all(axis=1)
-    good = finite & ((probs >= 0) & (probs <= 1)).all(axis=1)
+def checked_outputs(probs: np.ndarray, ok: np.ndarray, table, eye_probs=None):
+    """Keep only the patients whose 8 model outputs (and 2 x 8 per-eye outputs, when given) are finite
+    probabilities in [0, 1]; the others get a status saying what the model returned (a damaged or hand-edited
+    model), never "ok". Returns (probs, ok, eye_probs) of the kept."""
+    every = probs if eye_probs is None else np.concatenate([probs, eye_probs.reshape(len(probs), -1)], axis=1)
+    finite = np.isfinite(every).all(axis=1)
+    good = finite & ((every >= 0) & (every <= 1)).all(axis=1)
     for i, fin in zip(ok[~good], finite[~good]):
         table.iat[int(i), table.columns.get_loc("status")] = (
             "model output not finite (NaN or infinite probability)" if not fin else "model output outside [0, 1]")
-    return probs[good], ok[good]
+    return probs[good], ok[good], None if eye_probs is None else eye_probs[good]

@@ -28,9 +28,10 @@ from PIL import Image
 from odir_dual.common.errors import OdirError
 from odir_dual.deploy.predictions import is_flagged, is_scored
 from odir_dual.model.calibration import apply_calibration, describe_calibration
+from odir_dual.model.eyes import eye_findings
 from odir_dual.model.metrics import bootstrap_intervals, class_rates, classification_table, evaluate, format_interval
 from odir_dual.model.trust import NOT_USED, epochs_text, model_quality, quality_text, untrusted_classes
-from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
+from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.synthetic import is_synthetic
 from odir_dual.common.errors import one_line, printable
 from odir_dual.pipeline.host import atomic_write
@@ -95,7 +96,8 @@ def save_image(pixels: np.ndarray, path: Path) -> None:
 
 class Explainer:
     """A run's best.pt, ready to explain prepared image pairs (CPU, fp32, eval mode). Its probabilities are
-    calibrated as training calibrated them (the ones its thresholds apply to)."""
+    calibrated as training calibrated them (the ones its thresholds apply to); a model with the per-eye head fitted
+    in best.pt also gives per-eye probabilities (`eye_thresholds` is then not None)."""
 
     def __init__(self, run):
         from odir_dual.deploy.modelcard import run_report
@@ -112,14 +114,20 @@ class Explainer:
         self.config, self.thresholds = ckpt["config"], [float(t) for t in ckpt["thresholds"]]
         self.calibration = ckpt.get("calibration")
         self.commit = ckpt.get("commit", "")
+        eyes = self.model.config.get("eye_head") and "eye_thresholds" in ckpt
+        self.eye_thresholds = [float(t) for t in ckpt["eye_thresholds"]] if eyes else None
+        self.eye_calibration = ckpt.get("eye_calibration") if eyes else None
 
     def explain(self, left_paths, right_paths, classes, batch_size: int = 16) -> list[dict]:
         """Per pair: views (left, right uint8), probs (K,), cams {class index: (left, right) (H, W)}, attention
-        {"left_to_right": map over the right eye, "right_to_left": over the left eye}.
+        {"left_to_right": map over the right eye, "right_to_left": over the left eye}, and with the per-eye head
+        eye_probs (2, K) [left, right], calibrated.
 
         Args:
             classes: per pair, the class indices to explain (Grad-CAM costs one backward pass per class and batch).
         """
+        import torch  # optional: as in model_input
+
         from odir_dual.model.explain import explain_pair  # optional: torch
 
         out = []
@@ -127,12 +135,18 @@ class Explainer:
             views = [(network_view(lp, self.img_px), network_view(rp, self.img_px))
                      for lp, rp in zip(left_paths[s:s + batch_size], right_paths[s:s + batch_size])]
             wanted = [list(c) for c in classes[s:s + batch_size]]
-            ex = explain_pair(self.model, model_input([v[0] for v in views], self.mean, self.std),
-                              model_input([v[1] for v in views], self.mean, self.std),
-                              classes=sorted({k for c in wanted for k in c}))
+            left = model_input([v[0] for v in views], self.mean, self.std)
+            right = model_input([v[1] for v in views], self.mean, self.std)
+            ex = explain_pair(self.model, left, right, classes=sorted({k for c in wanted for k in c}))
             probs = apply_calibration(ex.logits.numpy(), self.calibration)  # (B, K)
+            eye_probs = None
+            if self.eye_thresholds is not None:
+                with torch.no_grad():
+                    eye_logits = self.model(left, right, eye_logits=True)[1]  # (B, 2, K)
+                eye_probs = apply_calibration(eye_logits.numpy(), self.eye_calibration)
             for i, (view, ks) in enumerate(zip(views, wanted)):
-                out.append({"views": view, "probs": probs[i],
+                out.append({"views": view, "probs": probs[i], **({"eye_probs": eye_probs[i]} if eye_probs is not None
+                                                                 else {}),
                             "cams": {k: (ex.cams[k][0][i].numpy(), ex.cams[k][1][i].numpy()) for k in ks},
                             "attention": {d: m[i].numpy() for d, m in ex.attention.items()}})
         return out
@@ -179,9 +193,12 @@ def _table(header: list, rows: list[list], table_id: str = "", left_cols: int = 
     return f"<table{f' id={table_id}' if table_id else ''}><tr>{head}</tr>{body}</table>"
 
 
-def _img(src: str, caption: str = "", width: int | None = None) -> str:
+def _img(src: str, caption: str = "", width: int | None = None, found: str | None = None) -> str:
+    """A figure; `found`: an eye's findings, written in bold under the caption."""
     w = f" width={width}" if width else ""
-    return f"<figure><img src='{_e(src)}'{w} alt='{_e(caption)}'><figcaption>{_e(caption)}</figcaption></figure>"
+    extra = f"<b class=found>{_e(found)}</b>" if found is not None else ""
+    return (f"<figure><img src='{_e(src)}'{w} alt='{_e(caption)}'><figcaption>{_e(caption)}{extra}</figcaption>"
+            "</figure>")
 
 
 def _page(title: str, body: list[str], css: str = "") -> str:
@@ -255,6 +272,36 @@ def _split_section(name: str, split: dict, thresholds: list[float]) -> list[str]
         out.append(_table(["calibration (all cells)", "ECE before", "ECE after", "Brier before", "Brier after"],
                           [["", *(_num(cal.get(k), 4) for k in ("ece_before", "ece_after", "brier_before",
                                                                  "brier_after"))]], f"{key}-calibration"))
+    if split.get("eyes"):
+        out += _eye_section(key, split["eyes"])
+    return out
+
+
+def _eye_section(key: str, eyes: dict) -> list[str]:
+    """The per-eye head on a split's labelled eyes (report.json's "eyes", model/eyes.py): per class the positive
+    eyes, AUC and F1 at the per-eye thresholds with 95 % intervals, beside the naive baseline; then how often the
+    patient labels and the eyes' findings disagree."""
+    out = [f"<h3 id={key}-eyes>Per eye: {eyes['eyes']} eyes of {eyes['patients']} patients</h3>",
+           "<p class=note>Which eye: the per-eye head, each eye judged against its own diagnostic keywords (patients "
+           f"whose keywords do not reproduce their labels left out: {eyes['left_out']}). Naive baseline: each eye "
+           "inherits its patient's probability (and the patient threshold). 95 % intervals: bootstrap over patients, "
+           "both eyes of a patient drawn together.</p>"]
+    if eyes.get("model"):
+        ci, rows = eyes["ci95"], []
+        for c in [*CLASSES, None]:
+            keys = (("auc", c), ("f1", c)) if c else (("auc_macro",), ("f1_macro",))
+            rows.append([f"{c} {_e(CLASS_NAMES[c])}" if c else "macro", str(eyes["positives"][c]) if c else "",
+                         *(_ci(_at(eyes, who, *k), _at(ci, who, *k)) for who in ("model", "naive") for k in keys)])
+        out.append(_table(["class", "positive eyes", "AUC", "F1 (per-eye thresholds)", "naive AUC", "naive F1"],
+                          rows, f"{key}-eyes"))
+    agree = eyes["consistency"]
+    out.append(_table([f"patient labels against the eyes' findings ({agree['patients']} patients)", *CLASSES],
+                      [[what, *(str(agree[k][c]) for c in CLASSES)] for what, k in (
+                          ("label positive, no eye above its threshold", "labels_only"),
+                          ("an eye above its threshold, label negative", "eyes_only"))], f"{key}-eyes-agree"))
+    out.append(f"<p class=note>{agree['patients_differing']} of {agree['patients']} patients differ in some class "
+               "(an eye's N counts for the patient only when both eyes are normal). The labels, the patient head's, "
+               "are the official ones.</p>")
     return out
 
 
@@ -679,16 +726,19 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
     flagged = frame["status"].map(is_flagged).to_numpy(dtype=bool)
     ok = frame["status"].map(is_scored).to_numpy(dtype=bool)
     heatmaps = _folder_heatmaps(frame, table, files_dir, out_dir, explain_run) if explain_run else {}
+    eye_thr = (scored.get("meta") or {}).get("eye_thresholds")  # a model with the per-eye head: findings per eye
+    eye_thr = eye_thr if eye_thr is not None and "findings" in frame.columns else None
     order = sorted(range(len(frame)), key=lambda i: (0 if flagged[i] else 2 if ok[i] else 1, i))
     rows = []
     for i in order:
         r, t = frame.iloc[i], table.iloc[i]
         eyes = ""
         if ok[i]:
-            for eye in ("left", "right"):
+            found = _row_eye_findings(r, eye_thr) if eye_thr is not None else {}
+            for eye in EYES:
                 thumb = files_dir / f"{_safe(r.ID)}_{eye}.jpg"
                 save_image(network_view(t[f"{eye}_prepared"], thumb_px), thumb)
-                eyes += _img(thumb.relative_to(out_dir).as_posix(), eye, thumb_px)
+                eyes += _img(thumb.relative_to(out_dir).as_posix(), eye, thumb_px, found.get(eye))
         probs = [r[f"p_{c}"] for c in CLASSES]
         cells = [f"<td class=on>{_num(v)}</td>" if v is not None and v > t else f"<td>{_num(v)}</td>"
                  for v, t in zip(probs, thr)]
@@ -712,7 +762,8 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
                *([str(int(table.loc[ok, c].sum()))] if labelled else [])]
               for k, (c, t) in enumerate(zip(CLASSES, thr))]
     quality = (scored.get("meta") or {}).get("quality") or {}
-    body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}td.eyes{white-space:nowrap}</style>",
+    body = ["<style>td.flag{color:#a35200;font-weight:bold}p.flag{color:#a35200}td.eyes{white-space:nowrap}"
+            f"figcaption b.found{{display:block;white-space:normal;max-width:{thumb_px}px}}</style>",
             f"<p class=model>Model {_e(scored.get('model', ''))}: {_e(quality_text(quality))}</p>",
             *untrusted_html((scored.get("meta") or {}).get("untrusted") or {}),
             f"<p><b>{n_ok} of {len(frame)} patients scored</b>"
@@ -730,9 +781,18 @@ def write_folder_report(scored: dict, out_dir, thresholds, *, explain_run=None, 
     body += ["<h2>Patients</h2>",
              "<p>Flagged patients first, then those not scored, then the rest; probabilities above the model's "
              "threshold are highlighted.</p>",
+             *(["<p id=eye-note>Under each photograph: that eye's findings (the per-eye head, each class above its "
+                "per-eye threshold). The predicted labels are the patient head's, the official ones; where the two "
+                "differ, the CSV's findings_vs_labels says how.</p>"] if eye_thr is not None else []),
              "<table id=patients><tr>" + "".join(f"<th class=l>{_e(h)}</th>" for h in header) + "</tr>"
              + "\n".join(rows) + "</table>"]
     return _write_page(out_dir / "index.html", _page(title or "scored folder", body))
+
+
+def _row_eye_findings(r, eye_thresholds) -> dict[str, str]:
+    """{"left": "normal", "right": "diabetes, cataract"} from a predictions row's left_p_* and right_p_*."""
+    probs = np.array([[float(r[f"{eye}_p_{c}"]) for c in CLASSES] for eye in EYES])  # (2, K)
+    return eye_findings(probs > np.asarray(eye_thresholds))
 
 
 def _safe(pid) -> str:

@@ -90,7 +90,8 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     Returns:
         (session, meta, provider used). meta: classes (list), thresholds (np.ndarray), img_px, prepare_px, mean,
         std, input_dtype ("float32"/"float16"), backbone, commit, config (dict), raw (every metadata string),
-        quality (`model_quality`: test figures; {} for older exports), untrusted ({class: why}).
+        quality (`model_quality`: test figures; {} for older exports), untrusted ({class: why}),
+        eye_thresholds (np.ndarray of the per-eye head, whose output eye_probs the model then has; None without).
 
     Raises:
         ModelFileError: missing, not ONNX, not exported by export.py, or its shapes or metadata do not fit
@@ -163,12 +164,15 @@ def parse_metadata(raw: dict[str, str], path) -> dict:
         std=tuple(field("std", list, numbers(3), "a list of 3 numbers")),
         backbone=raw.get("backbone", ""), commit=raw.get("commit", ""),
         config=field("config", dict, what="a JSON object", default="{}"), raw=raw,
-        quality=field("quality", dict, what="a JSON object", default="{}") if raw.get("quality") else {})
+        quality=field("quality", dict, what="a JSON object", default="{}") if raw.get("quality") else {},
+        eye_thresholds=np.asarray(field("eye_thresholds", list, numbers(None), "a list of numbers"), np.float64)
+        if "eye_thresholds" in raw else None)
 
 
 def check_model_shapes(session, meta: dict, path) -> None:
     """What score.py relies on, checked before any image is prepared: inputs left/right (N, 3, img_px, img_px)
-    with a free batch N, outputs exactly probs and logits (N, K), K thresholds in [0, 1], 3 means, 3 stds > 0.
+    with a free batch N, outputs exactly probs and logits (N, K) (and eye_probs (N, 2, K) exactly when the metadata
+    has per-eye thresholds), K thresholds in [0, 1] (per-eye too), 3 means, 3 stds > 0.
 
     Raises:
         ModelFileError: naming the file and the first thing that does not fit.
@@ -192,14 +196,21 @@ def check_model_shapes(session, meta: dict, path) -> None:
         if shape[1] != 3 or any(isinstance(d, int) and d != img_px for d in shape[2:]):
             fail(f"input {i.name} has shape {shape}, but its metadata says (N, 3, {img_px}, {img_px})")
     outputs = {o.name: list(o.shape) for o in session.get_outputs()}
-    if list(outputs) != ["probs", "logits"]:
-        fail(f"outputs {', '.join(outputs)}; expected exactly probs, logits")
+    eyes = meta.get("eye_thresholds") is not None
+    expected = ["probs", "logits", *(["eye_probs"] if eyes else [])]
+    if list(outputs) != expected:
+        fail(f"outputs {', '.join(outputs)}; expected exactly {', '.join(expected)}"
+             + (" (the metadata has per-eye thresholds)" if eyes else ""))
     for name, shape in outputs.items():
-        if len(shape) != 2 or isinstance(shape[0], int) or shape[1] != k:
-            fail(f"output {name} has shape {shape}, expected (N, {k}) for the {k} classes of the metadata")
-    thr = meta["thresholds"]
-    if thr.shape != (k,) or not np.all((thr >= 0) & (thr <= 1)):
-        fail(f"{thr.size} thresholds {thr.tolist()} in the metadata; expected {k} values in [0, 1], one per class")
+        want = [2, k] if name == "eye_probs" else [k]
+        if len(shape) != 1 + len(want) or isinstance(shape[0], int) or shape[1:] != want:
+            fail(f"output {name} has shape {shape}, expected (N, {', '.join(map(str, want))}) for the {k} classes "
+                 "of the metadata")
+    for name in ("thresholds", "eye_thresholds") if eyes else ("thresholds",):
+        thr = meta[name]
+        if thr.shape != (k,) or not np.all((thr >= 0) & (thr <= 1)):
+            fail(f"{thr.size} {name.replace('_', '-')} {thr.tolist()} in the metadata; expected {k} values in "
+                 "[0, 1], one per class")
     for name in ("mean", "std"):
         values = np.asarray(meta[name], np.float64)
         if values.shape != (3,) or not np.all(np.isfinite(values)) or (name == "std" and not np.all(values > 0)):
@@ -207,7 +218,8 @@ def check_model_shapes(session, meta: dict, path) -> None:
 
 
 class OrtRunner:
-    """(left, right) batches (torch tensors or numpy arrays) → probabilities (B, K) as numpy float32.
+    """(left, right) batches (torch tensors or numpy arrays) → (probabilities (B, K), per-eye probabilities
+    (B, 2, K) or None for a model without the per-eye head), numpy float32.
 
     CPU, or numpy batches: plain `session.run` on contiguous numpy copies. CUDA with torch tensors: I/O binding of
     the tensors' device memory (no host round trip), after a device synchronisation: DALI and torch write the buffers
@@ -218,16 +230,18 @@ class OrtRunner:
         self.session, self.provider = session, provider
         self.np_dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.k = session.get_outputs()[0].shape[1]
+        self.eyes = "eye_probs" in [o.name for o in session.get_outputs()]
 
-    def __call__(self, left, right) -> np.ndarray:
+    def __call__(self, left, right) -> tuple[np.ndarray, np.ndarray | None]:
         if self.provider == "cuda" and not isinstance(left, np.ndarray):
             return self._run_cuda(left, right)
         # numpy batches (the light loader) go through session.run on either provider: onnxruntime copies them
         feeds = {"left": np.ascontiguousarray(_host(left), dtype=self.np_dtype),
                  "right": np.ascontiguousarray(_host(right), dtype=self.np_dtype)}
-        return self.session.run(["probs"], feeds)[0]
+        out = self.session.run(["probs", *(["eye_probs"] if self.eyes else [])], feeds)
+        return out[0], (out[1] if self.eyes else None)
 
-    def _run_cuda(self, left, right) -> np.ndarray:
+    def _run_cuda(self, left, right) -> tuple[np.ndarray, np.ndarray | None]:
         import torch  # optional: as in cuda_usable (only torch tensors come here)
 
         dtype = torch.float16 if self.np_dtype == np.float16 else torch.float32
@@ -236,15 +250,19 @@ class OrtRunner:
         left = left.to(device=device, dtype=dtype).contiguous()
         right = right.to(device=device, dtype=dtype).contiguous()
         probs = torch.empty((left.shape[0], self.k), dtype=torch.float32, device=device)
+        eye_probs = torch.empty((left.shape[0], 2, self.k), dtype=torch.float32, device=device) if self.eyes else None
         torch.cuda.synchronize(device)  # every producer stream is done before onnxruntime reads
         binding = self.session.io_binding()
         for name, t in (("left", left), ("right", right)):
             binding.bind_input(name, "cuda", device.index, self.np_dtype, tuple(t.shape), t.data_ptr())
         binding.bind_output("probs", "cuda", device.index, np.float32, tuple(probs.shape), probs.data_ptr())
         binding.bind_output("logits", "cuda", device.index)  # onnxruntime allocates it on the device
+        if self.eyes:
+            binding.bind_output("eye_probs", "cuda", device.index, np.float32, tuple(eye_probs.shape),
+                                eye_probs.data_ptr())
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return probs.cpu().numpy()
+        return probs.cpu().numpy(), (eye_probs.cpu().numpy() if self.eyes else None)
 
 
 def _host(batch) -> np.ndarray:

@@ -285,7 +285,7 @@ def class_rates(y_true, probs, thresholds=0.5, classes=CLASSES) -> dict:
 
 def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = 0, level: float = 0.95, min_defined: float = 0.5, classes=CLASSES,
-                        chunk_cells: int = 2_000_000) -> dict:
+                        chunk_cells: int = 2_000_000, groups=None) -> dict:
     """Percentile bootstrap over patients: the `level` interval of every figure of `odir_score`,
     `multilabel_metrics` (at 0.5, and at `thresholds` when given) and `class_rates`.
 
@@ -303,6 +303,8 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
         baseline: optional (N, K) probabilities of another predictor (the trivial one) on the same patients: its
             official final's interval, and that of the paired difference final(probs) - final(baseline), drawn
             from the same resamples.
+        groups: optional (N,) int, the group (0..G-1) of each row: whole groups are drawn instead of rows, so rows
+            that belong together stay together (a patient's two eyes: `model.eyes`).
 
     Returns:
         dict mirroring report.json's split: ``odir`` {kappa, f1, auc, final}, ``at_0.5`` and ``tuned``
@@ -316,7 +318,11 @@ def bootstrap_intervals(y_true, probs, thresholds=None, *, baseline=None, resamp
     if len(classes) != k:
         raise ValueError(f"{len(classes)} class names for {k} columns")
     thr = None if thresholds is None else np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (k,))
-    counts = resample_counts(n, resamples, seed).astype(np.float64)  # (B, N)
+    if groups is None:
+        counts = resample_counts(n, resamples, seed).astype(np.float64)  # (B, N)
+    else:  # a row weighs what its group was drawn
+        groups = np.asarray(groups, np.int64)
+        counts = resample_counts(int(groups.max()) + 1, resamples, seed).astype(np.float64)[:, groups]  # (B, N)
     if baseline is not None:
         _, base = _check(y_true, baseline)
     step = max(1, chunk_cells // max(1, n * k))  # resamples per chunk: bounds the (B, N*K) temporaries

@@ -59,9 +59,17 @@ def eye_label_matrix(patients: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     texts = [patients[f"{eye}_keywords"].fillna("").astype(str).to_numpy() for eye in ("left", "right")]
     for i in range(n):
         labels[i, 0], labels[i, 1] = eye_labels(texts[0][i]), eye_labels(texts[1][i])
-    n_col = CLASSES.index("N")
-    union = labels.max(axis=1)
-    union[:, n_col] = labels[:, :, n_col].min(axis=1)  # the patient is normal when both eyes are
+    union = patient_from_eyes(labels)
     filled = np.array([bool(a.strip()) and bool(b.strip()) for a, b in zip(*texts)], dtype=bool)
     agrees = (union == patients[list(CLASSES)].to_numpy(dtype=np.float32)).all(axis=1)
     return labels, filled & agrees
+
+
+def patient_from_eyes(eyes: np.ndarray) -> np.ndarray:
+    """(..., 2, K) per-eye 0/1 [left, right] → (..., K) the patient's: a disease when either eye has it, N (normal)
+    only when both eyes are. The one rule that turns eyes into a patient, for keywords and predictions alike."""
+    eyes = np.asarray(eyes)
+    union = eyes.max(axis=-2)
+    n_col = CLASSES.index("N")
+    union[..., n_col] = eyes[..., n_col].min(axis=-1)  # the patient is normal when both eyes are
+    return union

@@ -584,10 +584,11 @@ def test_8a_non_finite_or_out_of_range_outputs_are_never_ok(tiny_onnx, tmp_path,
     real = runtime.OrtRunner.__call__
 
     def damaged(runner, left, right):
-        p = real(runner, left, right).copy()
+        p, eye_probs = real(runner, left, right)
+        p = p.copy()
         p[0, 2] = np.nan
         p[1, 0] = 1.5
-        return p
+        return p, eye_probs
 
     monkeypatch.setattr(runtime.OrtRunner, "__call__", damaged)
     out = tmp_path / "p.csv"

@@ -171,7 +171,7 @@ def _tta_probs(monkeypatch, session, meta, left, right, tta):
 
     monkeypatch.setattr(dali, "eval_loader", lambda *a, **k: _FakeLoader(left, right, 2))
     return score.score_pairs(session, meta, ["x"] * len(left), ["y"] * len(left), batch_size=2, tta=tta,
-                             device="cpu", progress=False)
+                             device="cpu", progress=False)[0]
 
 
 def test_tta_averages_the_horizontal_flip(tiny_onnx, monkeypatch):

@@ -105,7 +105,9 @@ def test_final_report_is_on_unseen_test_patients_and_matches_the_console(tmp_pat
     best = torch.load(d / "best.pt", weights_only=True)
     assert report["calibration"] == best["calibration"] and report["calibration"]["method"] == "platt"
     predictions = (d / "predictions_test.csv").read_text().splitlines()
-    assert predictions[0].split(",") == ["id", *CLASSES, *(f"p_{c}" for c in CLASSES)]
+    assert predictions[0].split(",") == ["id", *CLASSES, *(f"p_{c}" for c in CLASSES),  # the cpu preset's eye head:
+                                         *(f"{e}_p_{c}" for e in ("left", "right") for c in CLASSES)]
+    assert report["test"]["eyes"]["eyes"] == 2 * len(test_ids) and "  per eye (test: " in out
     assert sorted(int(r.split(",")[0]) for r in predictions[1:]) == sorted(test_ids.tolist())
     for split in ("validation", "test"):  # every figure the console shows is the one report.json holds
         r = report[split]

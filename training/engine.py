@@ -197,18 +197,23 @@ def eval_batch_pairs(n_rows: int, cfg: Config) -> int:
 
 
 @torch.no_grad()
-def predict(model, loader, amp_dtype, device, n_rows: int) -> torch.Tensor:
-    """Logits (n_rows, 8), float32 on the CPU, in table order (padding dropped).
+def predict(model, loader, amp_dtype, device, n_rows: int, eye_logits: bool = False):
+    """Logits (n_rows, 8), float32 on the CPU, in table order (padding dropped); with `eye_logits` (a model with
+    the per-eye head) also the per-eye logits (n_rows, 2, 8) [left, right]: (logits, eye logits).
 
     `model`: the plain model or its compiled wrapper (`Stepper.eval_model`). The logits stay on the device and
     are copied to the CPU once at the end: no host sync per batch, so the device never waits for Python.
     """
     model.eval()
     out = torch.zeros(n_rows + 1, len(CLASSES), device=device)  # row n_rows collects the padding
+    eyes = torch.zeros(n_rows + 1, 2, len(CLASSES), device=device) if eye_logits else None
     for left, right, _, index in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(left, right)
+            logits = model(left, right, eye_logits=True) if eye_logits else model(left, right)
         rows = torch.where(index >= 0, index, n_rows).to(device)
+        if eye_logits:
+            logits, per_eye = logits
+            eyes[rows] = per_eye.float()
         out[rows] = logits.float()  # index_put: deterministic on CUDA, unlike index_copy_
     model.train()
-    return out[:n_rows].cpu()
+    return (out[:n_rows].cpu(), eyes[:n_rows].cpu()) if eye_logits else out[:n_rows].cpu()

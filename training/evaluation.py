@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 
 from odir_dual.model.calibration import apply_calibration, brier_score, expected_calibration_error
+from odir_dual.model.eyes import LABELS_FOLLOW, eye_figures
 from odir_dual.model.metrics import bootstrap_intervals, evaluate
-from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.constants import CLASSES, EYES
 from odir_dual.pipeline.host import atomic_write, write_text_atomic
+from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import weights_digest
 
@@ -31,13 +33,15 @@ class Fitted:
 
 
 def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: dict | None = None,
-                 source: dict | None = None, extra: dict | None = None) -> dict:
+                 source: dict | None = None, extra: dict | None = None, eye_logits: dict | None = None) -> dict:
     """report.json (every final figure, with its 95 % bootstrap interval over patients under "ci95") and one
     predictions CSV per split (id, true labels, probabilities): predictions_val.csv for "validation", else
     predictions_{split}.csv. `run`: train.py's Run (folder, config, start); `epochs`: how far training went,
     {"reached": 7, "of": 15, "stopped_by": "early stopping" or None}. `source`: report.json's "checkpoint" (which
     weights these figures are of); default best.pt's file, epoch and weights hash. `extra`: more top-level entries
-    of report.json (a --folds run's per-fold figures)."""
+    of report.json (a --folds run's per-fold figures). `eye_logits` ({split: (N, 2, K)}, a model with the per-eye
+    head fitted in best.pt): per split also "eyes", the per-eye figures beside the naive baseline and the heads'
+    agreement (model/eyes.py), and the CSVs get left_p_* and right_p_*."""
     thresholds = np.asarray(ckpt["thresholds"])
     report = {"run": run.run_dir.name, "commit": ckpt["commit"], "config": ckpt["config"],
               # which checkpoint these figures are of: modelcard.py uses them only for this very best.pt
@@ -50,6 +54,8 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: d
               # best.pt of runs from before calibration existed has none: their probabilities are the plain sigmoid
               "calibration": ckpt.get("calibration") or {"method": "none"},
               "counts": {"train": len(y_train), **{k: len(t) for k, t in tables.items()}},
+              **({"eye_thresholds": dict(zip(CLASSES, ckpt["eye_thresholds"])),
+                  "eye_calibration": ckpt["eye_calibration"], "labels_follow": LABELS_FOLLOW} if eye_logits else {}),
               "started": _iso(run.started), "resumed": run.resume_dir is not None}
     bootstrap_s = 0.0
     for split, table in tables.items():
@@ -67,6 +73,12 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: d
                          "ci95": ci95}
         frame = pd.DataFrame({"id": table["id"], **{c: y[:, k] for k, c in enumerate(CLASSES)},
                               **{f"p_{c}": probs[:, k] for k, c in enumerate(CLASSES)}})
+        if eye_logits:
+            eye_probs = apply_calibration(eye_logits[split], ckpt["eye_calibration"])  # (N, 2, K)
+            report[split]["eyes"] = eye_figures(*eye_label_matrix(table), eye_probs, ckpt["eye_thresholds"], probs,
+                                                thresholds, seed=run.cfg.seed)
+            frame = frame.assign(**{f"{eye}_p_{c}": eye_probs[:, e, k] for e, eye in enumerate(EYES)
+                                    for k, c in enumerate(CLASSES)})
         with atomic_write(run.run_dir / f"predictions_{'val' if split == 'validation' else split}.csv") as f:
             frame.to_csv(f, index=False, float_format="%.8f")
     report["bootstrap_s"] = round(bootstrap_s, 2)

@@ -233,7 +233,10 @@ def load_fold_ensemble(run_dir) -> tuple[dict, DualEyeEnsemble, list[Path]]:
     if (report.get("checkpoint") or {}).get("weights") != digest:
         raise CheckpointError(f"{report_path}: is not of the folds' present best.pt weights (a fold trained again "
                               f"since?); its calibration and thresholds would not fit")
-    ckpt = {**ckpts[0], "model": net.state_dict(), "config": report["config"], "folds": k, "epoch": None,
+    # fold 1's per-eye calibration and thresholds were fitted on its own validation eyes, not on the ensemble's:
+    # the fold ensemble is exported without the per-eye head (model/eyes.py)
+    first = {key: v for key, v in ckpts[0].items() if key not in ("eye_calibration", "eye_thresholds", "eye_fit_eyes")}
+    ckpt = {**first, "model": net.state_dict(), "config": report["config"], "folds": k, "epoch": None,
             "best": {}, "thresholds": list(report["thresholds"].values()), "calibration": report["calibration"],
             "val_metrics": None}
     return ckpt, net, paths

@@ -18,11 +18,13 @@ from odir_dual.model import (backbone_norm, count_parameters, evaluate, multilab
                              tune_thresholds)
 from odir_dual.model.factory import build_model, weights_description
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
+from odir_dual.model.eyes import fit_eye_head
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.dali import Augment, eval_loader, train_loader
 from odir_dual.common.cli import shell_path, signal_name, tool_command
 from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import progress_enabled
+from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.training.checkpoint import (CheckpointError, checkpoint_payload, model_from_checkpoint, read_checkpoint,
                                            save_checkpoint)
@@ -118,6 +120,7 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     y_train, y_val = label_matrix(train_tab), label_matrix(val_tab)
     stepper = make_stepper(model, cfg, device, lr, pos_weights_from_labels(y_train).to(device), run.world)
     eye_targets = per_eye_targets(train_tab, device, run.is_main) if cfg.eye_loss_weight > 0 else None
+    val_eyes = eye_label_matrix(val_tab) if cfg.eye_loss_weight > 0 else None  # fits the per-eye head's outputs
 
     progress = Progress()
     if cfg.model_ema:
@@ -154,7 +157,7 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     header = True  # the validation table's header, once per process
     if run.is_main and progress.unvalidated_row is not None:  # the epoch a signal ended before its validation
         validate(run, model, val_loader, y_val, stepper.loss_fn, progress.unvalidated_row, progress, log, trivial,
-                 header=header, eval_model=stepper.eval_model, **checkpoint_args)
+                 header=header, eval_model=stepper.eval_model, val_eyes=val_eyes, **checkpoint_args)
         progress.unvalidated_row, header = None, False
         save_last(run, stepper, progress, start_epoch - 1, **checkpoint_args)  # a second resume owes nothing
     for epoch in range(start_epoch, cfg.epochs):
@@ -167,7 +170,8 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
             progress.unvalidated_row = row
         elif run.is_main and finished_epoch:
             validate(run, model, val_loader, y_val, stepper.loss_fn, row, progress, log, trivial,
-                     header=header, eval_model=stepper.eval_model, eta_s=clock.eta_s(progress.step),
+                     header=header, eval_model=stepper.eval_model, val_eyes=val_eyes,
+                     eta_s=clock.eta_s(progress.step),
                      **checkpoint_args)
             header = False
         early = broadcast_flag(bool(cfg.patience and finished_epoch and not run.stop.requested
@@ -257,9 +261,10 @@ def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: i
 
 
 def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: Progress, log: RunLog, trivial,
-             *, header: bool, mean, std, eval_model=None, eta_s: float | None = None) -> None:
+             *, header: bool, mean, std, eval_model=None, eta_s: float | None = None, val_eyes=None) -> None:
     """Validation metrics into the epoch's row (metrics.csv, console); a better `select_metric` writes best.pt with
-    the calibration fitted and the thresholds tuned on these validation logits.
+    the calibration fitted and the thresholds tuned on these validation logits (and with `val_eyes`, the validation
+    eyes' (keyword labels, usable) of the per-eye head, its own calibration and thresholds: model/eyes.py).
     `eval_model`: what runs the pass (the compiled model, `Stepper.eval_model`); default `model`. With --model-ema
     the moving average is what is validated and saved."""
     cfg = run.cfg
@@ -267,7 +272,9 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
     amp_dtype = autocast_dtype(cfg.precision, run.device)
     t0 = time.perf_counter()
     runner = eval_model if eval_model is not None else model  # (a compiled module has no truth value)
-    logits = predict(weights if progress.ema is not None else runner, val_loader, amp_dtype, run.device, len(y_val))
+    logits = predict(weights if progress.ema is not None else runner, val_loader, amp_dtype, run.device, len(y_val),
+                     eye_logits=val_eyes is not None)
+    logits, eye_logits = logits if val_eyes is not None else (logits, None)
     val_s = time.perf_counter() - t0  # predict ends with a copy to the CPU: the device's work is included
     val_loss = float(loss_fn(logits, torch.as_tensor(y_val, dtype=torch.float32)))
     metrics = evaluate(y_val, torch.sigmoid(logits).numpy())
@@ -291,6 +298,8 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
         progress.thresholds = tune_thresholds(y_val, probs)
         metrics = evaluate(y_val, probs, progress.thresholds)
         extra = {"val_metrics": plain(metrics), "trivial_metrics": plain(trivial), "calibration": calibration}
+        if eye_logits is not None:
+            extra.update(fit_eye_head(eye_logits.numpy(), *val_eyes, cfg.calibration))
         save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
                                            epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra,
                                            run_id=run.run_id),
@@ -348,15 +357,18 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     if run.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(run.cfg.precision, run.device)
-    logits = {"validation": predict(model, val_loader, amp_dtype, run.device, len(val_tab)).numpy()}
-    tables = {"validation": val_tab}
+    loaders, tables = {"validation": val_loader}, {"validation": val_tab}
     if len(test_tab):
-        test_loader = eval_loader(test_tab["left"], test_tab["right"], val_loader.source.batch_size,
-                                  run.cfg.img_px, run.device, dtype=in_dtype, mean=ckpt["mean"], std=ckpt["std"],
-                                  num_threads=run.cfg.loader_threads or None)
-        logits["test"] = predict(model, test_loader, amp_dtype, run.device, len(test_tab)).numpy()
+        loaders["test"] = eval_loader(test_tab["left"], test_tab["right"], val_loader.source.batch_size,
+                                      run.cfg.img_px, run.device, dtype=in_dtype, mean=ckpt["mean"], std=ckpt["std"],
+                                      num_threads=run.cfg.loader_threads or None)
         tables["test"] = test_tab
-    report = final_report(run, ckpt, tables, logits, y_train, epochs)
+    eyes = "eye_thresholds" in ckpt  # the per-eye head, fitted on validation eyes: its figures too
+    logits, eye_logits = {}, {}
+    for split, loader in loaders.items():
+        out = predict(model, loader, amp_dtype, run.device, len(tables[split]), eye_logits=eyes)
+        logits[split], eye_logits[split] = (out[0].numpy(), out[1].numpy()) if eyes else (out.numpy(), None)
+    report = final_report(run, ckpt, tables, logits, y_train, epochs, eye_logits=eye_logits if eyes else None)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
     return ckpt, logits

@@ -264,7 +264,11 @@ def print_final_report(report: dict, best_path: Path) -> None:
         e = r["calibration_error"]
         print(f"  calibration error (all cells): ECE {e['ece_before']:.3f} → {e['ece_after']:.3f} · Brier "
               f"{e['brier_before']:.3f} → {e['brier_after']:.3f}")
+        if r.get("eyes") and split == ("test" if "test" in report else "validation"):
+            print("\n".join(eye_lines(r["eyes"], split)))
     print("  thresholds: " + " ".join(f"{c}={t:.2f}" for c, t in report["thresholds"].items()))
+    if report.get("eye_thresholds"):
+        print("  per-eye thresholds: " + " ".join(f"{c}={t:.2f}" for c, t in report["eye_thresholds"].items()))
     untrusted = untrusted_lines(untrusted_classes(report, CLASSES))
     if untrusted:
         print("not to be trusted (model/trust.py):")
@@ -304,6 +308,39 @@ def print_folds(report: dict) -> None:
         print(f"  {label:<24}  " + "  ".join(f"{format_interval(o[k], (ci or {}).get(k)):<19}"
                                             for k in ("final", "kappa", "f1", "auc")).rstrip())
     print(f"  (best single fold: chosen by {best['chosen_by']}, not by test)")
+
+
+def eye_lines(eyes: dict, split: str) -> list[str]:
+    """The per-eye head on a split's labelled eyes (report.json's "eyes", model/eyes.py): per class the positive
+    eyes, AUC and F1 at the per-eye thresholds with 95 % intervals, beside the naive baseline (each eye inherits its
+    patient's probabilities), then how often the patient labels and the eyes' findings disagree."""
+    out = [f"  per eye ({split}: {eyes['eyes']} eyes of {eyes['patients']} patients whose keywords reproduce their "
+           f"labels; {eyes['left_out']} left out)"]
+    if eyes.get("model"):
+        ci = eyes["ci95"]
+        out.append(f"  [95 % intervals: bootstrap over patients, both eyes together, {ci['resamples']} resamples]")
+        out.append(f"  {'class':<15}{'pos. eyes':>9}  {'AUC':<19}  {'F1, eye thresholds':<19}  "
+                   f"{'naive AUC':<19}  naive F1")
+        for c in [*CLASSES, None]:  # None: the macro means
+            keys = (("auc", c), ("f1", c)) if c else (("auc_macro",), ("f1_macro",))
+            cells = [format_interval(_pick(eyes[who], key), _pick(ci[who], key)) for who in ("model", "naive")
+                     for key in keys]
+            out.append(f"  {f'{c} {CLASS_NAMES[c]}' if c else 'macro':<15}{eyes['positives'][c] if c else '':>9}  "
+                       + "  ".join(f"{x:<19}" for x in cells).rstrip())
+    agree = eyes["consistency"]
+    out += [f"  patient labels (the official ones) vs the eyes' findings: {agree['patients_differing']} of "
+            f"{agree['patients']} patients differ",
+            *((f"    {what:<45}" + " ".join(f"{c} {v:<3}" for c, v in agree[key].items())).rstrip()
+              for what, key in (("label positive, no eye above its threshold:", "labels_only"),
+                                ("an eye above its threshold, label negative:", "eyes_only")))]
+    return out
+
+
+def _pick(tree: dict, key: tuple):
+    """tree[key[0]][key[1]]..., None where missing."""
+    for k in key:
+        tree = tree.get(k) if isinstance(tree, dict) else None
+    return tree
 
 
 # ----------------------------------------------------------------------------------------------- the folder itself
