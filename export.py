@@ -36,13 +36,14 @@ from torch import nn
 
 from odir_dual.common.cli import ArgParser, run_cli, shell_path, tool_command
 from odir_dual.common.errors import OdirError
-from odir_dual.training.checkpoint import CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint
+from odir_dual.training.checkpoint import (CheckpointError, checkpoint_file, model_from_checkpoint, read_checkpoint,
+                                           weights_digest)
 from odir_dual.deploy.modelcard import CARD_NAME, run_report, write_model_card
 from odir_dual.model.eyes import LABELS_FOLLOW
 from odir_dual.model.trust import model_quality, untrusted_lines
 from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.dali import eval_loader
-from odir_dual.pipeline.host import check_output, remove_stale_temporaries, wrapped
+from odir_dual.pipeline.host import check_output, remove_stale_temporaries, temporary_path, wrapped
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
@@ -189,6 +190,9 @@ def metadata(ckpt: dict, *, precision: str, exporter: str, opset: int, source: P
         "exporter": exporter,
         "opset": str(opset),
         "checkpoint": source.name,
+        # which weights: score.py --explain compares its checkpoint's (read_checkpoint guarantees a state dict)
+        "weights_digest": weights_digest(ckpt["model"]) if "model" in ckpt else "",
+        "run_id": str(ckpt.get("run_id") or ""),
         "epoch": str(ckpt.get("epoch", "")),
         "best": json.dumps(ckpt.get("best", {}), default=float),
         "versions": json.dumps({**ckpt.get("versions", {}), "export_torch": torch.__version__}),
@@ -205,7 +209,7 @@ def save_proto(proto, path: Path, meta: dict[str, str]) -> None:
     proto.doc_string = ("odir-dual: (left, right) fundus photographs -> probs, logits (N, 8)[, eye_probs (N, 2, 8)]; "
                         "see metadata_props")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     large = proto.ByteSize() > 1_900_000_000
     try:
         onnx.save(proto, str(tmp), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -369,7 +373,7 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
                                          calibration=ckpt.get("calibration"), eye_calibration=eye_cal)
     if failure:
         log(f"dynamo exporter failed ({failure}); used the TorchScript exporter instead")
-    tmp = out.with_name(f".{out.stem}.checking{os.getpid()}.onnx")
+    tmp = temporary_path(out, "checking", ".onnx")
     report, _ = run_report(ckpt, ckpt_path)
     save_proto(proto, tmp, metadata(ckpt, precision=precision, exporter=used, opset=opset, source=ckpt_path,
                                     report=report, eye_calibration=eye_cal))

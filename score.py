@@ -50,12 +50,12 @@ from odir_dual.model.eyes import disagreement_line
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.model.metrics import classification_table
 from odir_dual.model.trust import untrusted_lines
-from odir_dual.pipeline.host import check_output, progress_enabled, wrapped
+from odir_dual.pipeline.host import check_output, check_output_folder, output_folder, progress_enabled, wrapped
 from odir_dual.pipeline.light import pil_batches
 from odir_dual.pipeline.pairs import NamePattern, check_scorable, default_cache, find_pairs, prepare_pairs
 from odir_dual.deploy.predictions import (ScoreError, check_writable, checked_outputs, metrics_report, model_info,
                                           predictions_frame, status_summary, write_output)
-from odir_dual.deploy.report import write_folder_report
+from odir_dual.deploy.report import check_same_model, load_explainer, write_folder_report
 from odir_dual.deploy.runtime import ModelFileError, OrtRunner, load_session
 
 LOADERS = ("auto", "dali", "pil")
@@ -162,16 +162,19 @@ def resolve_model(path) -> Path:
 
 def score_folder(model_path, folder, *, out=None, submission=False, tta=False, batch_size=32, cache_dir=None,
                  provider="auto", progress=True, workers=None, loader="auto", loader_threads=None, pattern=None,
-                 log=print) -> dict:
+                 log=print, check_model=None) -> dict:
     """Everything `python score.py` does; returns frame (the predictions table), probs, metrics text, classes (the
     per-class table of a labelled folder, `model.metrics.classification_table`), out (the file written, or None).
     `model_path`: an .onnx file or a run folder (its best.onnx); `out`: the file to write (.csv or .xlsx), None: no
-    file (the table is returned); `pattern`: see `pipeline.pairs.NamePattern`."""
+    file (the table is returned); `pattern`: see `pipeline.pairs.NamePattern`; `check_model(meta, path)`: called
+    before any image is prepared (--explain: the same model)."""
     t0 = time.perf_counter()
     log = wrapped(log)  # every console line within 110 columns
     model_path = resolve_model(model_path)
     pattern = NamePattern(pattern) if isinstance(pattern, str) else pattern
     session, meta, provider = load_session(model_path, provider)
+    if check_model is not None:
+        check_model(meta, model_path)
     if list(meta["classes"]) != list(CLASSES):
         raise ModelFileError(f"{model_path}: classes {meta['classes']} differ from this code's {list(CLASSES)}")
     loader = resolve_loader(loader)
@@ -269,24 +272,26 @@ def main(argv=None) -> int:
 
 def _score_and_report(args) -> int:
     """score_folder, then the HTML page of --report (report.py) when asked."""
-    if args.report:  # before any work, like -o
-        if Path(args.report).exists() and not Path(args.report).is_dir():
-            raise ScoreError(f"--report {printable(args.report)}: exists and is not a folder; give a folder")
+    if args.report:  # before any work, like -o: an input, or a folder of the user's, is never written into
         explained = Path(args.explain) if args.explain else None
         explained = explained / "best.pt" if explained is not None and explained.is_dir() else explained
         check_output(Path(args.report) / "index.html", "--report", [("model", args.model), ("-o output", args.out),
                                                                    ("checkpoint", explained)])
         check_output(args.out or "predictions.csv", "-o", [("checkpoint", explained)])
+        check_output_folder(args.report, "--report")
+    explainer = load_explainer(args.explain, ScoreError) if args.explain else None  # a damaged one: before work
+    same_model = (lambda meta, path: check_same_model(explainer, meta, path, ScoreError)) if explainer else None
     out = args.out or ("submission.csv" if args.submission else "predictions.csv")
     scored = score_folder(args.model, args.folder, out=out, submission=args.submission, tta=args.tta,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, provider=args.provider,
                           workers=args.workers, loader=args.loader, loader_threads=args.loader_threads,
-                          pattern=args.pattern)
+                          pattern=args.pattern, check_model=same_model)
     if args.report:
         t0 = time.perf_counter()
-        page = write_folder_report(scored, args.report, scored["meta"]["thresholds"], explain_run=args.explain,
-                                   title=f"{Path(args.folder).resolve().name} scored with "
-                                         f"{Path(scored['model']).resolve().parent.name}/{scored['model'].name}")
+        with output_folder(args.report, "--report") as folder:  # removed again if the page fails
+            page = write_folder_report(scored, folder, scored["meta"]["thresholds"], explain_run=explainer,
+                                       title=f"{Path(args.folder).resolve().name} scored with "
+                                             f"{Path(scored['model']).resolve().parent.name}/{scored['model'].name}")
         print(f"wrote {page} in {time.perf_counter() - t0:.1f} s")
     return 0
 

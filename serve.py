@@ -25,6 +25,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -50,6 +51,10 @@ MAX_IMAGE_PIXELS = 40_000_000  # per photograph (ODIR originals: up to ~14 MP); 
 MAX_CONCURRENT = 4  # requests at work at a time: bounds memory (each holds its upload and decoded images)
 QUEUE_WAIT_S = 2.0  # how long a request waits for a free slot before 503
 SOCKET_TIMEOUT_S = 30.0  # per blocking read/write on a connection: a stalled client frees its thread
+# The whole request head and body must arrive within this: a client that sends a byte now and then (each read
+# within SOCKET_TIMEOUT_S) would otherwise hold its thread for as long as it likes. 64 MB at 50 Mbit/s takes 10 s.
+REQUEST_DEADLINE_S = 15.0
+MAX_CONNECTIONS = 8  # open connections (each one thread), at work or still sending: more are answered 503 at once
 FORM = """<form method=post action=/ enctype=multipart/form-data>
 <p>Left eye: <input type=file name=left accept=image/*> Right eye: <input type=file name=right accept=image/*>
 <input type=submit value=Explain></p></form>"""
@@ -223,18 +228,84 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
     return "\n".join(out)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each bounded by `timeout_s` and all of them together by a deadline: a TimeoutError
+    once it has passed (http.server then drops the connection with one log line)."""
+
+    def __init__(self, sock, timeout_s: float):
+        self.sock, self.timeout_s, self.deadline = sock, timeout_s, float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request head and body took longer than the server's deadline")
+        self.sock.settimeout(min(left, self.timeout_s))
+        return self.sock.recv_into(buffer)
+
+
+class BoundedServer(ThreadingHTTPServer):
+    """http.server's threading server with a bound on open connections (each holds a thread from accept to close,
+    also while it is still sending): past `max_connections`, a new connection gets 503 at once, from the accepting
+    thread, and no thread of its own."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        self.open_connections = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.open_connections.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)  # a few bytes into an empty send buffer: never blocks the accepting thread
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.open_connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open_connections.release()
+
+
+def make_server(address, explainer: Explainer, title: str, identity: dict | None = None, *,
+                max_connections: int = MAX_CONNECTIONS, **limits) -> BoundedServer:
+    """The server of one run on `address` (host, port); `limits`: `make_handler`'s."""
+    return BoundedServer(address, make_handler(explainer, title, identity, **limits), max_connections)
+
+
 def make_handler(explainer: Explainer, title: str, identity: dict | None = None, *,
                  max_concurrent: int = MAX_CONCURRENT,
                  queue_wait_s: float = QUEUE_WAIT_S, timeout_s: float = SOCKET_TIMEOUT_S,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
+                 deadline_s: float = REQUEST_DEADLINE_S, max_upload_bytes: int = MAX_UPLOAD_BYTES):
     """The request handler class of one served run: one lock for the model, one semaphore for the requests;
-    `identity` (`model_identity`) is shown on every page."""
+    `identity` (`model_identity`) is shown on every page. Each request's head and body must arrive within
+    `deadline_s`, each read within `timeout_s`."""
     about = identity_html(identity) if identity else ""
     model_lock = threading.Lock()
     slots = threading.BoundedSemaphore(max_concurrent)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_s  # socketserver sets it on the connection: every read and write is bounded
+
+        def setup(self):
+            super().setup()
+            self.reader = _DeadlineReader(self.connection, timeout_s)
+            self.rfile = io.BufferedReader(self.reader)
+
+        def handle_one_request(self):
+            self.reader.deadline = time.monotonic() + deadline_s  # from the first byte of the request line
+            super().handle_one_request()
 
         def _answer(self, status: int, body: str) -> None:
             page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -273,6 +344,7 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
                 return None
             try:
                 body = self.rfile.read(size)
+                self.reader.deadline = float("inf")  # all read: the model's work has no such deadline
                 if len(body) < size:
                     return self._refuse(400, f"upload cut short: {len(body)} of {size} bytes")
                 files = parse_upload_files(self.headers.get("Content-Type", ""), body)
@@ -312,8 +384,7 @@ def main(argv=None) -> int:
         return 1
     identity = model_identity(args.run, explainer)
     try:
-        server = ThreadingHTTPServer((args.host, args.port),
-                                     make_handler(explainer, f"odir-dual · {identity['run']}", identity))
+        server = make_server((args.host, args.port), explainer, f"odir-dual · {identity['run']}", identity)
     except OSError as e:  # one line, no traceback: the port is taken, or the address is not this machine's
         why = (f"port {args.port} is in use (choose another with --port)" if e.errno == errno.EADDRINUSE
                else f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")

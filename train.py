@@ -56,11 +56,13 @@ def _main(argv=None):
     from odir_dual.pipeline.pairs import left_out_summary
     from odir_dual.training.checkpoint import git_commit, library_versions
     from odir_dual.training.config import format_settings
-    from odir_dual.training.data import check_one_batch, data_folder, fold_tables, load_data, split_table
+    from odir_dual.training.data import (check_one_batch, data_folder, fold_folder, fold_tables, load_data, save_split,
+                                        split_table)
     from odir_dual.training.distributed import StopRequest, setup_distributed
     from odir_dual.training.folds import cross_validate, describe_split
     from odir_dual.training.loop import Run, fit
-    from odir_dual.training.runlog import RunFolderError, log_console_to, next_steps, run_folder
+    from odir_dual.training.runlog import (RunFolderError, check_run_folder, log_console_to, next_steps, run_folder,
+                                           run_id)
 
     if cfg.name and (cfg.name in (".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name):
         raise RunFolderError(f"--name {cfg.name!r}: must be a plain folder name, created inside --out {cfg.out} "
@@ -75,33 +77,34 @@ def _main(argv=None):
     run_dir = None
     if not cfg.dry_run:
         run_dir = resume_dir or Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    # rank 0 claims the folder before any work: exclusive, locked, removed again if no checkpoint gets written
+    if is_main:  # every reason to refuse the folder, before any work: nothing is written or deleted yet
+        check_run_folder(run_dir, resume=resume_dir is not None, overwrite=cfg.overwrite, unique=not cfg.name)
+        print(wrap(f"odir-dual · commit {git_commit()} · "
+                   + ", ".join(f"{k} {v}" for k, v in library_versions().items())))
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} rank(s)")
+
+    # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded in
+    # the config, so --resume, export.py and the reports find the same images from any working directory.
+    folder = data_folder(cfg, is_main)
+    cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
+    data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
+    patients, left_out = data.patients, data.left_out
+    # a resumed run: the same photographs and labels, or refused; --folds K: one split per fold
+    splits = fold_tables(patients, cfg, resume_dir) if cfg.folds > 1 else [split_table(patients, cfg, resume_dir)]
+    tables = [split.tables for split in splits]
+    for train_tab, _, _ in tables:
+        check_one_batch(train_tab, len(patients), cfg, world)
+    train_tab, val_tab, test_tab = tables[0]
+    # Every check has passed: only now is the folder claimed (created, or emptied by --overwrite) and written.
     with run_folder(run_dir if is_main else None, resume=resume_dir is not None, overwrite=cfg.overwrite,
                     unique=not cfg.name) as claimed:
         run_dir = claimed or run_dir
-        if is_main and run_dir is not None:
-            log_console_to(run_dir / "train.log")  # with what was printed so far
-        if is_main:
-            print(wrap(f"odir-dual · commit {git_commit()} · "
-                       + ", ".join(f"{k} {v}" for k, v in library_versions().items())))
-            print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} × {world} "
-                  f"rank(s)")
-
-        # The folder actually used (the synthetic set's cache folder for the demo), as an absolute path, is recorded
-        # in the config, so --resume, export.py and the reports find the same images from any working directory.
-        folder = data_folder(cfg, is_main)
-        cfg = dataclasses.replace(cfg, data=str(folder.resolve()))
-        data = load_data(cfg, layout or find_layout(folder), is_main)  # the synthetic set's, once generated
-        patients, left_out = data.patients, data.left_out
-        if cfg.folds > 1:  # one (train, held-out, test) per fold
-            tables = fold_tables(patients, cfg, run_dir if is_main else None, resume_dir)
-        else:
-            tables = [split_table(patients, cfg, run_dir if is_main else None, resume_dir)]
-        for train_tab, _, _ in tables:
-            check_one_batch(train_tab, len(patients), cfg, world)
         if is_main:
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
+                log_console_to(run_dir / "train.log")  # with what was printed so far
+                for n, split in enumerate(splits, 1):
+                    save_split((fold_folder(run_dir, n) if cfg.folds > 1 else run_dir) / "split.csv", split)
                 left_out.to_csv(run_dir / "left_out.csv", index=False)
                 (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
                 if len(left_out):
@@ -116,7 +119,8 @@ def _main(argv=None):
             return None
         stop = StopRequest()
         try:
-            run = Run(cfg, rank, world, device, run_dir, resume_dir, stop, started)
+            run = Run(cfg, rank, world, device, run_dir, resume_dir, stop, started,
+                      run_id(run_dir) if run_dir is not None else None)
             result = cross_validate(run, tables, fit) if cfg.folds > 1 else fit(run, *tables[0])
         finally:
             stop.restore()

@@ -19,7 +19,7 @@ from odir_dual.common.errors import OdirError, printable
 from odir_dual.model.eyes import LABELS_FOLLOW, eye_columns
 from odir_dual.model.metrics import classification_table, evaluate, format_classification_table
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import atomic_write
+from odir_dual.pipeline.host import atomic_write, check_can_create
 
 SUBMISSION_HEADER = ("ID", *CLASSES)  # the ODIR-2019 submission sheet, exactly: ID,N,D,G,C,A,H,M,O
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula (OWASP)
@@ -206,15 +206,18 @@ def write_output(frame, out: Path, info: dict, *, submission: bool = False) -> l
 
 def check_writable(path) -> None:
     """Fail before any work when the output CSV could not be written at the end: a folder, a read-only file, or a
-    folder where no file can be created (read-only, not a folder, permissions). Creates missing parent folders."""
+    folder where no file can be created (read-only, not a folder, permissions). Creates nothing: missing parent
+    folders are made when the file is written, at the end (a failure before leaves no folder behind)."""
     path = Path(path)
     if path.is_dir():
         raise ScoreError(f"-o {printable(path)}: is a folder; give a file name, e.g. {printable(path / 'predictions.csv')}")
     if path.exists() and not os.access(path, os.W_OK):
         raise ScoreError(f"-o {printable(path)}: the file is read-only")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+        if not path.parent.is_dir():
+            check_can_create(path.parent)
+            return
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".probe"):
             pass
     except OSError as e:
         raise ScoreError(f"-o {printable(path)}: cannot write in {printable(path.parent)} ({e.strerror or e})") from None

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import html
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from odir_dual.model.metrics import bootstrap_intervals, class_rates, classifica
 from odir_dual.model.trust import NOT_USED, epochs_text, model_quality, quality_text, untrusted_classes
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES, EYES
 from odir_dual.pipeline.synthetic import is_synthetic
+from odir_dual.common.errors import one_line, printable
 from odir_dual.pipeline.host import atomic_write
 from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 
@@ -99,12 +101,15 @@ class Explainer:
 
     def __init__(self, run):
         from odir_dual.deploy.modelcard import run_report
-        from odir_dual.training.checkpoint import checkpoint_file, model_from_checkpoint, read_checkpoint  # torch
+        from odir_dual.training.checkpoint import (checkpoint_file, model_from_checkpoint, read_checkpoint,  # torch
+                                                   weights_digest)
 
         ckpt = read_checkpoint(run)
         # its test figures and untrusted classes, from the run's report.json of this very checkpoint
         self.quality = model_quality(run_report(ckpt, checkpoint_file(run))[0])
         self.model = model_from_checkpoint(ckpt, run)
+        self.digest = weights_digest(ckpt["model"])  # which weights: export.py writes the same into the ONNX file
+        self.path = run
         self.img_px, self.mean, self.std = int(ckpt["img_px"]), ckpt["mean"], ckpt["std"]
         self.config, self.thresholds = ckpt["config"], [float(t) for t in ckpt["thresholds"]]
         self.calibration = ckpt.get("calibration")
@@ -818,12 +823,38 @@ def _folder_metrics(frame, table, thr) -> str:
                         [["model", *(_num(ev["odir"][k]) for k in ("kappa", "f1", "auc", "final"))]], "odir")
 
 
+def load_explainer(run, error=ValueError) -> Explainer:
+    """score.py --explain RUN: the run's best.pt, checked (a damaged file is `error` naming it, raised before any
+    scoring rather than after the CSV is written)."""
+    from odir_dual.training.checkpoint import CheckpointError  # optional: torch
+
+    try:
+        return Explainer(run)
+    except CheckpointError as e:
+        raise error(f"--explain {printable(run)}: {one_line(e)}") from None
+
+
+def check_same_model(explainer: Explainer, meta: dict, model_path, error=ValueError) -> None:
+    """The heatmaps must explain the model that scored: the checkpoint's weights digest against the one export.py
+    wrote into the ONNX metadata. Another model is `error`; an ONNX file from before the digest was written cannot
+    be compared, which is said loudly (the page names it too)."""
+    exported = meta["raw"].get("weights_digest")
+    if exported is None:
+        print(f"WARNING: --explain: {printable(model_path)} does not record which weights it was exported from (an "
+              "older export); the heatmaps may explain another model than the one that scored. Export again to "
+              "check.", file=sys.stderr)
+    elif exported != explainer.digest:
+        raise error(f"--explain: {printable(explainer.path)} (weights {explainer.digest}) is not the model that "
+                    f"scores, {printable(model_path)} (exported from weights {exported}): the heatmaps would explain "
+                    "another model; give --explain the run the ONNX file was exported from, or export this run")
+
+
 def _folder_heatmaps(frame, table, files_dir: Path, out_dir: Path, run) -> dict[str, list[tuple[str, str]]]:
     """id → [(relative PNG path, caption)]: Grad-CAM of the predicted classes (else the most probable), both eyes."""
     ok = np.flatnonzero(frame["status"].map(is_scored).to_numpy(dtype=bool))
     if not len(ok):
         return {}
-    explainer = Explainer(run)
+    explainer = run if isinstance(run, Explainer) else Explainer(run)
     wanted = []
     for i in ok:
         p = np.array([frame[f"p_{c}"].iloc[i] for c in CLASSES], np.float64)

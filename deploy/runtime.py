@@ -124,26 +124,49 @@ def load_session(path, provider: str = "auto", *, threads: int | None = None):
     if raw.get("format") != ONNX_FORMAT:
         raise ModelFileError(f"{path}: not an odir-dual ONNX model (metadata format {raw.get('format')!r}, expected "
                              f"{ONNX_FORMAT!r}); export a checkpoint with `python export.py RUN/best.pt`")
-    try:
-        meta = dict(
-            classes=json.loads(raw["classes"]), thresholds=np.asarray(json.loads(raw["thresholds"]), np.float64),
-            img_px=int(raw["img_px"]), prepare_px=int(raw.get("prepare_px") or raw["img_px"]),
-            mean=tuple(json.loads(raw["mean"])), std=tuple(json.loads(raw["std"])),
-            backbone=raw.get("backbone", ""), commit=raw.get("commit", ""),
-            config=json.loads(raw.get("config", "{}")), raw=raw,
-            quality=json.loads(raw.get("quality") or "{}"),  # test figures, untrusted classes: model/trust.py
-            eye_thresholds=np.asarray(json.loads(raw["eye_thresholds"]), np.float64) if "eye_thresholds" in raw
-            else None,
-        )
-        meta["untrusted"] = dict(meta["quality"].get("untrusted") or {})
-    except (KeyError, ValueError) as e:
-        raise ModelFileError(f"{path}: odir-dual metadata incomplete or malformed ({type(e).__name__}: {e})") from None
+    meta = parse_metadata(raw, path)
+    meta["untrusted"] = dict(meta["quality"].get("untrusted") or {})  # test figures, untrusted classes: model/trust.py
     inputs = {i.name: i.type for i in session.get_inputs()}
     if set(inputs) != {"left", "right"}:
         raise ModelFileError(f"{path}: expected inputs left, right; found {', '.join(inputs)}")
     meta["input_dtype"] = "float16" if inputs["left"] == "tensor(float16)" else "float32"
     check_model_shapes(session, meta, path)
     return session, meta, provider
+
+
+def parse_metadata(raw: dict[str, str], path) -> dict:
+    """The metadata strings export.py writes, parsed and checked by type before any work (a damaged or hand-edited
+    file is one ModelFileError naming the field, never a TypeError after every pair was scored)."""
+    def field(name: str, kind, check=lambda v: True, what: str = "", default=None):
+        text = raw.get(name, default)
+        if text is None:
+            raise ModelFileError(f"{path}: odir-dual metadata without {name!r}; export the checkpoint again")
+        try:
+            value = json.loads(text) if kind is not str else text
+        except ValueError:
+            value = ValueError
+        if value is ValueError or not isinstance(value, kind) or isinstance(value, bool) or not check(value):
+            raise ModelFileError(f"{path}: metadata {name} = {text[:80]!r}; expected {what or kind.__name__}; "
+                                 "export the checkpoint again with `python export.py RUN/best.pt`")
+        return value
+
+    def numbers(n: int | None):
+        return lambda v: (n is None or len(v) == n) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            for x in v)
+
+    img_px = field("img_px", int, what="a whole number of pixels")
+    return dict(
+        classes=field("classes", list, lambda v: all(isinstance(c, str) for c in v), "a list of class names"),
+        thresholds=np.asarray(field("thresholds", list, numbers(None), "a list of numbers"), np.float64),
+        img_px=img_px, prepare_px=field("prepare_px", int, what="a whole number of pixels") if raw.get("prepare_px")
+        else img_px,
+        mean=tuple(field("mean", list, numbers(3), "a list of 3 numbers")),
+        std=tuple(field("std", list, numbers(3), "a list of 3 numbers")),
+        backbone=raw.get("backbone", ""), commit=raw.get("commit", ""),
+        config=field("config", dict, what="a JSON object", default="{}"), raw=raw,
+        quality=field("quality", dict, what="a JSON object", default="{}") if raw.get("quality") else {},
+        eye_thresholds=np.asarray(field("eye_thresholds", list, numbers(None), "a list of numbers"), np.float64)
+        if "eye_thresholds" in raw else None)
 
 
 def check_model_shapes(session, meta: dict, path) -> None:

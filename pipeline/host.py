@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import hashlib
 import os
 import re
+import shutil
 import stat
 import sys
 import textwrap
@@ -51,7 +54,7 @@ def atomic_write(path, mode: str = "w", **open_kwargs):
             csv.writer(f).writerows(rows)
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{os.urandom(3).hex()}")
+    tmp = temporary_path(path, "tmp", f"-{os.urandom(3).hex()}")
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
@@ -102,6 +105,10 @@ def check_output(path, flag: str, inputs=()) -> Path:
         _check_replaceable(path)
     except OutputError as e:
         raise OutputError(f"{flag} {e}") from None
+    try:  # a folder where the file cannot be created fails now, not after the work
+        check_can_create(path)
+    except OSError as e:
+        raise OutputError(f"{flag} {printable(path)}: cannot be written there ({e.strerror})") from None
     target, where = _identity(path), os.path.abspath(path)
     for what, other in inputs:
         if other is None:
@@ -111,6 +118,64 @@ def check_output(path, flag: str, inputs=()) -> Path:
             raise OutputError(f"{flag} {printable(path)}: is the {what} ({printable(other)}); writing there would "
                               f"destroy it: choose another path")
     return path
+
+
+def check_can_create(path) -> None:
+    """OSError naming `path` when it could not be created: its nearest existing parent folder is on a read-only file
+    system or not writable. Creates nothing (a refused command leaves no folder behind)."""
+    first = Path(os.path.abspath(path))  # the first thing to create: named in the error, as mkdir would
+    parent = first.parent
+    while not parent.exists() and parent != parent.parent:
+        first, parent = parent, parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    read_only = False
+    with contextlib.suppress(AttributeError, OSError):  # no statvfs (Windows): the access check below, mkdir later
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    if read_only:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(first))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(first))
+
+
+OUTPUT_MARKER = ".odir-output"  # in every output folder a tool created: it may write there again
+
+
+def check_output_folder(path, flag: str) -> None:
+    """An output folder that the tool fills with many files (score.py --report): absent (and creatable), empty, or
+    one that a tool of this project created (`OUTPUT_MARKER`); a folder holding anything else is the user's, never
+    overwritten file by file. Writes nothing.
+
+    Raises:
+        OutputError: "FLAG PATH: why"."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{flag} {printable(path)}: exists and is not a folder; give a folder")
+    if not path.exists():
+        check_can_create(path)
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries and OUTPUT_MARKER not in entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputError(f"{flag} {printable(path)}: a folder this project did not create, holding {shown}; not "
+                          "writing into it: give a new or empty folder")
+
+
+@contextlib.contextmanager
+def output_folder(path, flag: str):
+    """Claim an output folder (`check_output_folder` first), marked as ours, and yield it; if the body fails, a
+    folder created here is removed again with everything written into it (a folder that existed is left)."""
+    path = Path(path)
+    check_output_folder(path, flag)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        (path / OUTPUT_MARKER).write_text("written by odir-dual (score.py --report): it may write here again\n")
+        yield path
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _identity(path: Path):
@@ -123,6 +188,16 @@ def _identity(path: Path):
 
 
 _TEMPORARY = re.compile(r"^\..+\.(tmp|checking)(\d+)(?:-[0-9a-f]{6}|\.onnx)?$")  # atomic_write's, export.py's
+
+
+def temporary_path(path, kind: str = "tmp", suffix: str = "") -> Path:
+    """A temporary file's path beside `path`: `.{hash of the name}.{kind}{pid}{suffix}`, short and of fixed length
+    whatever the name (a legal 251-byte name plus `.tmp1234-abcdef` would pass the 255-byte limit); the pid tells
+    `remove_stale_temporaries` whether its writer is gone. `kind`: "tmp" (atomic_write's) or "checking" (an
+    export under check)."""
+    path = Path(path)
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    return path.with_name(f".{digest}.{kind}{os.getpid()}{suffix}")
 
 
 def is_temporary(name: str) -> bool:

@@ -23,7 +23,7 @@ from odir_dual.common.errors import OdirError, printable
 from odir_dual.pipeline.constants import EYES
 from odir_dual.pipeline.host import cache_root
 from odir_dual.pipeline.odir import DataFolderError, Layout, SheetError, as_layout, find_layout, read_patients
-from odir_dual.pipeline.prepare import prepare_table
+from odir_dual.pipeline.prepare import prepare_table, source_hash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 # The eye tokens of the common naming conventions, any case: left/right, L/R, and the ophthalmic OD (oculus dexter,
@@ -268,6 +268,10 @@ def _pairs_from_names(folder: Path, pattern: NamePattern | None = None) -> Folde
                 ignored += [(Path(p).name, "not a " + "/".join(IMAGE_EXTS) + " file") for p in others]
         row["status"] = "; ".join(problems) or "ok"
         rows.append(row)
+    for row in [r for r in unpaired if r["id"] in files]:  # `scan.jpg` beside `scan.jpg_left.jpg`: one ID, two rows
+        unpaired.remove(row)
+        ignored.append((row["id"], f"not paired (expected {naming}), and its name is the ID of the patient paired "
+                                   "from other files"))
     table = pd.DataFrame(rows + unpaired, columns=["id", "left", "right", "status"])
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
     return FolderPairs(table, ignored)
@@ -309,8 +313,9 @@ class TrainingData:
     """What `load_prepared` returns.
 
     patients: only patients with both eyes usable, left/right pointing at the prepared copies (original paths kept in
-        `left_src`/`right_src`), the sheet's labels and columns.
-    left_out: one row per bad eye (id, eye, path, reason): missing, unreadable or corrupt; sorted by id, eye.
+        `left_src`/`right_src`, their content hashes in `left_sha256`/`right_sha256`), the sheet's labels and columns.
+    left_out: one row per bad eye (id, eye, path, reason): missing, unreadable, corrupt, or one photograph used twice
+        (by two patients, or for both eyes: it would sit in training and in test); sorted by id, eye.
     layout: where the sheet and the images were found.
     """
     patients: pd.DataFrame
@@ -318,19 +323,26 @@ class TrainingData:
     layout: Layout
 
 
-def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None,
-                  progress=True) -> TrainingData:
+def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, workers=None, progress=True,
+                  allow_shared=False) -> TrainingData:
     """Read the sheet, check and prepare every image: the labelled patients to train on, and the left-out eyes.
 
     Args:
         data_dir: an ODIR folder (or sheet file), or the `Layout` found there already (then it is not searched again).
         strict: any left-out patient is a DataError instead.
+        allow_shared: keep a photograph used twice (`shared_photographs`).
     """
     layout = as_layout(data_dir)  # training needs labels: no sheet is a DataFolderError naming what was looked for
     found = find_pairs(layout)
     table, bad_eyes = _prepare_pairs(found.table, Path(cache_dir) if cache_dir else default_cache(), short_px,
                                      workers=workers, progress=progress)
-    left_out = pd.concat([found.missing, bad_eyes], ignore_index=True)
+    for eye in EYES:
+        table[f"{eye}_sha256"] = [source_hash(p) if isinstance(p, str) else None for p in table[f"{eye}_prepared"]]
+    shared = pd.DataFrame(columns=["id", "eye", "path", "reason"]) if allow_shared else shared_photographs(table)
+    for pid in shared["id"].unique():
+        table.loc[table["id"] == pid, "status"] = "a photograph used twice"
+    parts = [df for df in (found.missing, bad_eyes, shared) if len(df)]
+    left_out = pd.concat(parts, ignore_index=True) if parts else shared.iloc[:0]
     left_out = left_out.sort_values(["id", "eye"], ignore_index=True)
     if strict and len(left_out):
         raise DataError(f"--strict: {left_out['id'].nunique()} patient(s) have bad eye images, first: "
@@ -341,6 +353,26 @@ def load_prepared(data_dir, short_px: int, *, cache_dir=None, strict=False, work
     patients.insert(1, "left", ok["left_prepared"])
     patients.insert(2, "right", ok["right_prepared"])
     return TrainingData(patients, left_out, layout)
+
+
+def shared_photographs(table: pd.DataFrame) -> pd.DataFrame:
+    """The eyes whose photograph (same content hash) is also another eye's, of this patient or another: rows
+    (id, eye, path, reason), the reason naming every other use. Such a photograph would sit in training and in
+    validation or test at once (one patient's file named in another's row, a copy, one image for both eyes)."""
+    uses: dict[str, list[tuple]] = {}
+    for r in table[table["status"] == "ok"].itertuples():
+        for eye in EYES:
+            uses.setdefault(getattr(r, f"{eye}_sha256"), []).append((r.id, eye, getattr(r, eye)))
+    rows = []
+    for group in uses.values():
+        if len(group) < 2:
+            continue
+        for pid, eye, path in group:
+            others = "; ".join(f"patient {o}'s {e} eye ({Path(p).name})" for o, e, p in group
+                               if (o, e) != (pid, eye))
+            rows.append((pid, eye, path, f"the same photograph as {others}: left out so that it cannot be in "
+                                         f"training and in test at once (--allow-shared-images keeps it)"))
+    return pd.DataFrame(rows, columns=["id", "eye", "path", "reason"])
 
 
 def left_out_summary(left_out: pd.DataFrame) -> str:

@@ -5,9 +5,10 @@ prepared copy a few (docs/DALI-NOTES.md, "Speed facts"). Every image is fully de
 images are found and reported (`BadImage`). JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when the fundus stays
 at least `short_px` on its short side.
 
-Cache: `cache_dir/{short_px}px/{stem}-{hash10}.jpg` (hash of the absolute source path), up to date while its `.src`
-file matches the source's size, mtime, ctime and inode, and the folder's SETTINGS match this module's
-(why these: docs/DESIGN-NOTES.md).
+Cache: `cache_dir/{short_px}px/{hash32}.jpg` (hash of the absolute source path: a fixed-length name, so any legal
+source name works), up to date while its `.src` file matches the source's size, mtime, ctime and inode, and the
+folder's SETTINGS match this module's (why these: docs/DESIGN-NOTES.md). The `.src` file also records the source's
+content hash (sha256), which binds a run to the very photographs it was trained on (`source_hash`).
 
     python -m pipeline.prepare --data DIR [--cache-dir DIR] [--short-px 384] [--workers N]
 """
@@ -18,6 +19,7 @@ import hashlib
 import io
 import multiprocessing as mp
 import os
+import re
 import select
 import signal
 import stat
@@ -83,13 +85,12 @@ class CacheError(OdirError, RuntimeError):
 
 
 def cache_path(src: str | os.PathLike, cache_dir: str | os.PathLike, short_px: int) -> Path:
-    """Where the prepared copy of `src` lives: `cache_dir/{short_px}px/{stem}-{hash of the absolute path}.jpg`."""
+    """Where the prepared copy of `src` lives: `cache_dir/{short_px}px/{hash of the absolute path}.jpg`, 32 hex
+    digits whatever the source's name (a 251-byte name plus our suffixes would pass the 255-byte limit), plain
+    ASCII (readers that need UTF-8, DALI, open it whatever bytes the source name holds)."""
     src = os.path.abspath(os.fspath(src))
-    digest = hashlib.sha1(src.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    stem = Path(src).stem[:100]  # keep the name readable but well under the 255-byte file-name limit
-    # undecodable bytes of a source name (surrogate escapes) as U+FFFD: readers that need UTF-8 (DALI) can open it
-    stem = stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return Path(cache_dir) / f"{short_px}px" / f"{stem}-{digest}.jpg"
+    digest = hashlib.sha256(src.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return Path(cache_dir) / f"{short_px}px" / f"{digest}.jpg"
 
 
 def source_identity(st: os.stat_result) -> str:
@@ -98,18 +99,50 @@ def source_identity(st: os.stat_result) -> str:
 
 
 def identity_path(dst: str | os.PathLike) -> Path:
-    """The file beside a prepared copy that records its source's identity: `{stem}-{hash10}.src`."""
+    """The file beside a prepared copy that records its source's identity and content hash: `{hash32}.src`."""
     return Path(dst).with_suffix(".src")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _recorded(dst) -> tuple[str, str | None]:
+    """(the identity line, the sha256 or None) that the `.src` file beside a prepared copy records."""
+    first, _, rest = identity_path(dst).read_text().partition("\n")
+    digest = rest[len("sha256="):].strip() if rest.startswith("sha256=") else ""
+    # a record cut short by a crash holds a partial hash: no hash at all, so the entry counts as stale
+    return first + "\n", digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def source_hash(dst: str | os.PathLike) -> str:
+    """The sha256 of the source a prepared copy was made from, as recorded when it was prepared (no source read).
+
+    Raises:
+        CacheError: the record is gone or has no hash (the cache was changed meanwhile)."""
+    try:
+        digest = _recorded(dst)[1]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CacheError(f"{identity_path(dst)}: cannot be read ({e}); the cache changed meanwhile: run again") \
+            from None
+    if digest is None:
+        raise CacheError(f"{identity_path(dst)}: records no content hash; the cache changed meanwhile: run again")
+    return digest
 
 
 def is_up_to_date(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
     """True if `dst` exists and was prepared from `src` as it is now: same size, mtime, ctime and inode (no
-    decoding, no reading of src). An entry without its identity file (older caches) counts as stale."""
+    decoding, no reading of src). An entry without its identity file or content hash (older caches) is stale."""
     try:
         if os.stat(dst).st_size == 0:
             return False
-        recorded = identity_path(dst).read_text()
-        return recorded == source_identity(os.stat(src))
+        identity, digest = _recorded(dst)
+        return digest is not None and identity == source_identity(os.stat(src))
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -299,9 +332,10 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
         dst: output path; its folder is created if needed.
         short_px: short side of the output in pixels (the training image size).
     Returns:
-        `source_identity` of src, taken before it was read.
+        the record for the `.src` file: `source_identity` of src (taken before it was read) and its sha256.
     Raises:
-        BadImage: missing, empty, unreadable, not an image, truncated, corrupt, black or fundus-less input.
+        BadImage: missing, empty, unreadable, not an image, truncated, corrupt, black, blank (one flat colour),
+            fundus-less input, or data that ends before the size its header states.
         OSError: dst cannot be written (a problem of the cache, not of the image).
     """
     if short_px < 1:
@@ -309,12 +343,15 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
     src, dst = Path(src), Path(dst)
     identity = source_identity(_check_file(src))  # stat before reading: a file swapped meanwhile looks stale later
     try:  # everything done to the picture: whatever fails here is this image's problem, never the cache's
+        digest = file_sha256(src)
         with _StrictTruncation():
             img, box = _decode_fundus(src, short_px)
+        _check_data_fills_frame(img)
         bw, bh = box[2] - box[0], box[3] - box[1]
         if max(bw, bh) > MAX_ASPECT * min(bw, bh):  # a 7000x40 strip would become 67200x384 px (JPEG's limit: 65535)
             raise BadImage(f"not a fundus photograph (fundus region {bw}x{bh} px: sides more than {MAX_ASPECT}:1)")
         out = img.resize(_output_size(box, short_px), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        _check_not_blank(img, out)
         encoded = io.BytesIO()  # encoded in memory first: an encoder error is not a cache-write error
         out.save(encoded, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, optimize=False,
                  progressive=False)
@@ -325,7 +362,32 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst, "wb") as f:
         f.write(encoded.getbuffer())
-    return identity
+    return f"{identity}sha256={digest}\n"
+
+
+# A prepared copy whose pixels barely vary is no photograph: a JPEG whose header claims more pixels than its data
+# holds decodes to the data's few rows and then flat grey (libjpeg fills what is missing, without an error). Real
+# fundus photographs have a standard deviation of 20-60 (0-255 scale) and no flat mid-grey band.
+MIN_PIXEL_STD = 2.0  # below: blank
+MISSING_DATA_ROWS = 0.25  # a bottom band this high (share of the image), all one value, mid-grey: data ran out
+
+
+def _check_not_blank(decoded: Image.Image, prepared: Image.Image) -> None:
+    """BadImage for a prepared copy of (nearly) one flat colour."""
+    std = float(np.asarray(prepared, np.float32).std())
+    if std < MIN_PIXEL_STD:
+        raise BadImage(f"blank: its prepared copy is one flat colour (pixel std {std:.1f} of 255; a header that "
+                       f"states {decoded.width}x{decoded.height} px for less data decodes so)")
+
+
+def _check_data_fills_frame(decoded: Image.Image) -> None:
+    """BadImage for a decode whose data ended before the size its header states: its bottom band is one flat
+    mid-grey value (what libjpeg fills in; a photograph's border is black)."""
+    a = np.asarray(decoded)
+    band, top = a[int(len(a) * (1 - MISSING_DATA_ROWS)):], a[:max(1, len(a) // 8)]
+    if len(a) > 8 and band.min() == band.max() and 64 <= int(band.min()) <= 192 and top.min() != top.max():
+        raise BadImage(f"its data ends before the {decoded.width}x{decoded.height} px its header states (the bottom "
+                       f"{round(100 * MISSING_DATA_ROWS)}% decodes as flat grey): a damaged or altered file")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -194,8 +194,13 @@ def _pick_fold(demand: np.ndarray, capacity: np.ndarray, rng: np.random.Generato
     return int(rng.choice(np.flatnonzero(best)))
 
 
-def save_split(path, ids_train, ids_val, ids_test=()) -> None:
-    """Write a split as a CSV with columns id,split (split is 'train', 'val' or 'test'), sorted by id."""
+RECORD_COLUMNS = ("left_sha256", "right_sha256", "labels")  # what binds a run to its data (after id, split)
+
+
+def save_split(path, ids_train, ids_val, ids_test=(), records: dict | None = None) -> None:
+    """Write a split as a CSV with columns id,split (split is 'train', 'val' or 'test'), sorted by id; with
+    `records` (id → {left_sha256, right_sha256, labels}) also each patient's photographs' content hashes and labels
+    (as a 0/1 string in CLASSES order), which `--resume` compares with the data it is given."""
     parts = [np.asarray(ids, dtype=np.int64) for ids in (ids_train, ids_val, ids_test)]
     ids = np.concatenate(parts)
     unique, counts = np.unique(ids, return_counts=True)
@@ -207,33 +212,60 @@ def save_split(path, ids_train, ids_val, ids_test=()) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "split"])
-        w.writerows(zip(ids[order].tolist(), names[order].tolist()))
+        w.writerow(["id", "split", *(RECORD_COLUMNS if records is not None else ())])
+        for pid, name in zip(ids[order].tolist(), names[order].tolist()):
+            w.writerow([pid, name, *([records[pid][c] for c in RECORD_COLUMNS] if records is not None else [])])
 
 
 def load_split(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a split written by :func:`save_split`: (ids_train, ids_val, ids_test), sorted int64 arrays (the test
     part is empty for a two-way split)."""
     parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
-    seen: dict[int, int] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != ["id", "split"]:
-            raise SplitError(f"{path}: row 1: expected header 'id,split', got {header}")
-        for row_no, row in enumerate(reader, start=2):
-            pid = _split_row(path, row_no, row)
-            if pid in seen:
-                raise SplitError(f"{path}: rows {seen[pid]} and {row_no}: id {pid} appears twice")
-            seen[pid] = row_no
-            parts[row[1].strip()].append(pid)
+    for pid, row in _split_rows(path):
+        parts[row[1].strip()].append(pid)
     return tuple(np.sort(np.array(parts[name], dtype=np.int64)) for name in SPLIT_NAMES)
 
 
-def _split_row(path, row_no: int, row: list[str]) -> int:
+def load_split_records(path) -> dict[int, dict] | None:
+    """id → {left_sha256, right_sha256, labels} as `save_split` recorded them; None for a split without them (a run
+    from before they were recorded)."""
+    records = {}
+    for pid, row in _split_rows(path):
+        if len(row) != 2 + len(RECORD_COLUMNS):
+            return None
+        records[pid] = dict(zip(RECORD_COLUMNS, (v.strip() for v in row[2:])))
+    return records
+
+
+def _split_rows(path):
+    """(id, row) of every row of a split CSV, checked: the header, each row's shape, no id twice.
+
+    Raises:
+        SplitError: naming the file and the row."""
+    seen: dict[int, int] = {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header not in (["id", "split"], ["id", "split", *RECORD_COLUMNS]):
+                raise SplitError(f"{path}: row 1: expected header 'id,split' (or 'id,split,"
+                                 f"{','.join(RECORD_COLUMNS)}'), got {header}")
+            width = len(header)
+            for row_no, row in enumerate(reader, start=2):
+                pid = _split_row(path, row_no, row, width)
+                if pid in seen:
+                    raise SplitError(f"{path}: rows {seen[pid]} and {row_no}: id {pid} appears twice")
+                seen[pid] = row_no
+                yield pid, row
+    except UnicodeDecodeError as e:
+        raise SplitError(f"{path}: not UTF-8 text ({e.reason}); not a split.csv written by train.py") from None
+
+
+def _split_row(path, row_no: int, row: list[str], width: int = 2) -> int:
     """The id of one split CSV row; SplitError naming the row when it is malformed."""
-    if len(row) != 2 or row[1].strip() not in SPLIT_NAMES:
-        raise SplitError(f"{path}: row {row_no}: expected '<id>,train', '<id>,val' or '<id>,test', got {row}")
+    if len(row) != width or row[1].strip() not in SPLIT_NAMES:
+        raise SplitError(f"{path}: row {row_no}: expected '<id>,train', '<id>,val' or '<id>,test'"
+                         + (f" and {', '.join(RECORD_COLUMNS)}" if width > 2 else "") + f", got {row}")
     try:
         return int(row[0])
     except ValueError:

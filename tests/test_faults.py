@@ -449,9 +449,9 @@ def test_7a_data_that_is_no_sheet_is_one_line(tmp_path, capsys):
 
 def test_7b_too_few_patients_for_one_batch_leaves_no_run_folder(tmp_path, tiny_odir, capsys):
     assert train.cli(train_args(tmp_path, tiny_odir, "--batch-size", "64")) == EXIT_BAD_INPUT
-    assert re.search(r"^train.py: error: \d+ training patients \(of 24 usable\) cannot fill one update of "
-                     r"--batch-size 64", capsys.readouterr().err, re.M)
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert re.search(r"^train\.py: error: \d+ training patients \(of 24 usable\) cannot fill one update of "
+                     r"--batch-size 64", capsys.readouterr().err, re.MULTILINE)
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
 @pytest.mark.skipif(not SYS_READ_ONLY.is_dir(), reason="needs a read-only /sys")
@@ -470,7 +470,7 @@ def test_7d_disk_full_while_saving_a_checkpoint(tmp_path, tiny_odir, capsys, mon
     real_save = torch.save
 
     def save_until_full(obj, f, *a, **kw):
-        if ".last.pt.tmp" in getattr(f, "name", ""):  # best.pt is written, then the disk is full for last.pt
+        if "optimizer" in obj:  # best.pt is written, then the disk is full for last.pt (the one with the optimizer)
             f.write(b"\0" * 100_000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **kw)
@@ -480,7 +480,7 @@ def test_7d_disk_full_while_saving_a_checkpoint(tmp_path, tiny_odir, capsys, mon
     run = tmp_path / "runs" / "run"
     err = capsys.readouterr().err
     assert f"train.py: error: {run / 'last.pt'}: No space left on device" in err
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock", ".odir-run"]  # no temporary
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".odir-run"]  # no temporary, no lock
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1  # the checkpoint before is good
 
 
@@ -497,7 +497,7 @@ def test_7d_temporary_files_of_a_killed_run_are_removed(tmp_path):
     mine.write_bytes(b"\0")
     with run_folder(run, resume=True):
         pass
-    assert sorted(p.name for p in run.iterdir()) == sorted([".lock", "last.pt", mine.name])
+    assert sorted(p.name for p in run.iterdir()) == sorted(["last.pt", mine.name])
 
 
 @pytest.mark.parametrize("change, message", [({"img_px": "abc"}, "field 'img_px' is 'abc', expected int"),

@@ -284,9 +284,7 @@ class Server:
     """serve.py's handler on 127.0.0.1 (a free port), in a thread, for one test."""
 
     def __init__(self, explainer, **limits):
-        from http.server import ThreadingHTTPServer
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(explainer, "test", **limits))
+        self.httpd = serve.make_server(("127.0.0.1", 0), explainer, "test", **limits)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

@@ -11,8 +11,10 @@ export.py, the benchmarks and the tests read them through `read_checkpoint` / `m
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from odir_dual.model.factory import build_model, weights_description
 from odir_dual.pipeline.constants import CLASSES, MAX_IMG_PX, MAX_PREPARE_PX
 from odir_dual.pipeline.host import atomic_write
 from odir_dual.training.config import Config, config_from_dict, resume_folder
+from odir_dual.training.runlog import run_id
 
 FORMAT = "odir-dual/1"  # "format" of every checkpoint; bump when its meaning changes
 REQUIRED_KEYS = ("model", "config", "classes", "thresholds", "img_px", "mean", "std")
@@ -71,9 +74,11 @@ def library_versions() -> dict:
 
 
 def checkpoint_payload(model: nn.Module, cfg: Config, *, thresholds, mean, std, epoch, step, best,
-                       extra=None) -> dict:
-    """Everything export.py and score.py need, as plain data (loads with weights_only=True)."""
+                       extra=None, run_id: str | None = None) -> dict:
+    """Everything export.py and score.py need, as plain data (loads with weights_only=True). `run_id`: the run
+    folder's id (runlog.run_id): a checkpoint copied into another run's folder is refused (`read_checkpoint`)."""
     payload = {
+        "run_id": run_id,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": asdict(cfg),
         "classes": list(CLASSES),
@@ -94,9 +99,27 @@ def checkpoint_payload(model: nn.Module, cfg: Config, *, thresholds, mean, std, 
 
 
 def save_checkpoint(payload: dict, path) -> None:
-    """torch.save, atomically: a kill at any moment leaves the old file or the new one."""
+    """torch.save, atomically: a kill at any moment leaves the old file or the new one; a full disk is an OSError
+    (ENOSPC) naming `path`, with no temporary file left."""
     with atomic_write(path, "wb") as f:
-        torch.save(payload, f)
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write as "... unexpected pos ..."
+            raise _write_error(e, f) from e
+
+
+def _write_error(e: RuntimeError, f) -> Exception:
+    """torch.save's RuntimeError on a failed write as the OSError it hides: ENOSPC when the file system is full
+    (measured while the temporary file still takes its space), else EIO; other RuntimeErrors unchanged."""
+    if "unexpected pos" not in str(e) and "write" not in str(e).lower():
+        return e
+    try:
+        st = os.fstatvfs(f.fileno())
+        full = st.f_bavail * st.f_frsize < 1 << 20  # under 1 MiB free: what a checkpoint write runs into
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code))  # atomic_write adds the checkpoint's path
 
 
 def weights_digest(state_dict: dict) -> str:
@@ -166,7 +189,20 @@ def read_checkpoint(path) -> dict:
     if absent:
         raise CheckpointError(f"{path}: odir-dual checkpoint without {', '.join(absent)}")
     _check_contents(ckpt, path)
+    check_belongs_to_folder(ckpt, path)
     return ckpt
+
+
+def check_belongs_to_folder(ckpt: dict, path) -> None:
+    """CheckpointError when `path` lies in a run folder whose marker names another run than the checkpoint (a
+    last.pt or best.pt copied from another run: resuming or exporting it would mix two runs). Folders from before
+    run ids, and checkpoints outside a run folder, have nothing to compare."""
+    folder_id = run_id(Path(path).parent)
+    ckpt_id = ckpt.get("run_id")
+    if folder_id is not None and ckpt_id != folder_id:
+        raise CheckpointError(f"{path}: belongs to another run (run id {ckpt_id or 'none: from before run ids'}; "
+                              f"this folder's run is {folder_id}): a checkpoint copied in from elsewhere; move it "
+                              "out, or use the run folder it came from")
 
 
 def _check_contents(ckpt: dict, path) -> None:
@@ -203,6 +239,8 @@ def _check_contents(ckpt: dict, path) -> None:
             fail(f"{name} {ckpt[name]!r}; expected 3 finite numbers" + (" > 0" if name == "std" else ""))
     if not isinstance(ckpt["config"], dict):
         fail(f"config is a {type(ckpt['config']).__name__}, not a dict")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        fail(f"model is a {type(ckpt['model']).__name__}, not a state dict (names → tensors)")
     try:
         config_from_dict(ckpt["config"])
     except (TypeError, ValueError) as e:

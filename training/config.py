@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import re
 import textwrap
 from dataclasses import asdict, dataclass, field, fields
@@ -48,6 +49,8 @@ class Config:
     resume: str = option("", "a run folder (or its last.pt) to continue from")
     dry_run: bool = option(False, "read and check the data, print what would be trained on, exit")
     strict: bool = option(False, "a bad or missing eye image is fatal instead of leaving the patient out")
+    allow_shared_images: bool = option(False, "keep patients whose photograph is also another patient's or their "
+                                       "other eye's (default: left out, naming the other use)")
     cache_dir: str = option("", "prepared images; default $ODIR_CACHE/prepared or ~/.cache/odir-dual/prepared")
     synthetic_patients: int = option(600, "size of the generated demo set when --data is not given")
 
@@ -153,8 +156,8 @@ PRESETS = {
 # --help's sections, in order: every Config field is in exactly one (tests/test_config.py checks it).
 FLAG_GROUPS = {
     "run and output": ("preset", "out", "name", "overwrite", "resume", "dry_run", "stop_after_steps", "tensorboard"),
-    "data": ("data", "synthetic_patients", "cache_dir", "strict", "img_px", "prepare_px", "val_fraction",
-             "test_fraction", "folds", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
+    "data": ("data", "synthetic_patients", "cache_dir", "strict", "allow_shared_images", "img_px", "prepare_px",
+             "val_fraction", "test_fraction", "folds", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
     "model": ("backbone", "backbone_args", "pretrained", "weights_file", "freeze_stages", "local_contrast",
               "ensemble", "embed_dim", "heads", "dropout"),
     "optimisation": ("epochs", "batch_size", "accum_steps", "lr", "backbone_lr_mult", "weight_decay",
@@ -262,7 +265,11 @@ RUN_IDENTITY = ("name", "resume", "overwrite", "dry_run")
 # What `--resume` may change: a larger --epochs (the cosine is recomputed over the new total), where to stop, and
 # settings that do not change a single number of the result.
 RESUMABLE = ("resume", "epochs", "stop_after_steps", "loader_threads", "tensorboard", "out", "name", "overwrite",
-             "dry_run")
+             "dry_run", "data", "cache_dir")
+# `--data` may name the run's data folder by another path, or where it was moved to: train.py then compares every
+# photograph (content hash) and label with what split.csv recorded, and refuses any change. Where the prepared
+# copies are kept (`--cache-dir`) changes no number.
+PATH_FIELDS = ("data", "cache_dir", "weights_file", "out")  # equal when they name the same place
 
 
 def read_config_file(path) -> dict:
@@ -313,7 +320,7 @@ def resume_config(saved: dict, explicit: dict) -> Config:
     each field with the run's value and the new one. A flag equal to the saved value is no change; `--epochs` may
     only grow (the warm-up + cosine is recomputed over the new total, engine.lr_factor)."""
     cfg = config_from_dict(saved)
-    changed = {k: v for k, v in explicit.items() if k != "preset" and getattr(cfg, k, v) != v}
+    changed = {k: v for k, v in explicit.items() if k != "preset" and not _same_setting(k, getattr(cfg, k, v), v)}
     if "preset" in explicit and explicit["preset"] not in ("auto", cfg.preset):
         changed["preset"] = explicit["preset"]
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
@@ -325,10 +332,17 @@ def resume_config(saved: dict, explicit: dict) -> Config:
         raise ConfigError(f"--resume {explicit['resume']}: cannot change {listed}. A resumed run keeps its config; "
                          f"only a larger --epochs and --stop-after-steps may change. To change the others, start a "
                          f"new run: --config {resume_folder(explicit['resume']) / 'config.json'} plus the flags")
-    kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard")}
+    kept = {k: v for k, v in changed.items() if k in ("epochs", "loader_threads", "tensorboard", "data", "cache_dir")}
     # a stop point belongs to one invocation: a resumed run goes to the end unless told otherwise
     return dataclasses.replace(cfg, resume=explicit["resume"], stop_after_steps=explicit.get("stop_after_steps", 0),
                                **kept)
+
+
+def _same_setting(name: str, saved, given) -> bool:
+    """A flag equal to the run's value: paths by the place they name (relative or absolute, `a/../b`), not by text."""
+    if name in PATH_FIELDS and isinstance(saved, str) and isinstance(given, str) and saved and given:
+        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+    return saved == given
 
 
 # ----------------------------------------------------------------------------------------------- --help

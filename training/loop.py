@@ -26,7 +26,8 @@ from odir_dual.common.errors import OdirError
 from odir_dual.pipeline.host import progress_enabled
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
-from odir_dual.training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
+from odir_dual.training.checkpoint import (CheckpointError, checkpoint_payload, model_from_checkpoint, read_checkpoint,
+                                           save_checkpoint)
 from odir_dual.training.config import REFERENCE_BATCH, SELECT_COLUMNS, Config
 from odir_dual.training.distributed import StopRequest, broadcast_flag, check_replicas
 from odir_dual.training.engine import Stepper, autocast_dtype, eval_batch_pairs, lr_factor, make_stepper, predict
@@ -50,6 +51,7 @@ class Run:
     resume_dir: Path | None
     stop: StopRequest
     started: float = dataclasses.field(default_factory=time.time)  # time.time() when the process started
+    run_id: str | None = None  # the run folder's id (runlog.run_id), written into every checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -124,15 +126,7 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
     if cfg.model_ema:
         progress.ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True)  # ramps up: short runs too
     if run.resume_dir is not None:
-        state = load_checkpoint(run.resume_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        if progress.ema is not None:
-            progress.ema.module.load_state_dict(state["model_ema"])
-        stepper.optimizer.load_state_dict(state["optimizer"])
-        stepper.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        progress.step, progress.best = state["step"], state["best"]
-        progress.unvalidated_row = state.get("unvalidated_row")
+        restore(run.resume_dir / "last.pt", model, stepper, progress)
 
     loader = train_loader(train_tab, cfg.batch_size, cfg.img_px, device, augment=Augment(same_for_both_eyes=
                           cfg.same_eye_aug), weighted=cfg.weighted_sampling, seed=cfg.seed, rank=run.rank,
@@ -307,8 +301,31 @@ def validate(run: Run, model, val_loader, y_val, loss_fn, row: dict, progress: P
         if eye_logits is not None:
             extra.update(fit_eye_head(eye_logits.numpy(), *val_eyes, cfg.calibration))
         save_checkpoint(checkpoint_payload(weights, cfg, thresholds=progress.thresholds, mean=mean, std=std,
-                                           epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra),
+                                           epoch=row["epoch"], step=progress.step, best=progress.best, extra=extra,
+                                           run_id=run.run_id),
                         run.run_dir / "best.pt")
+
+
+def restore(path: Path, model, stepper: Stepper, progress: Progress) -> int:
+    """Load last.pt into the model, optimizer, scaler, RNG and progress; returns its epoch. A checkpoint of
+    another run, another network or without the optimizer's state is a CheckpointError naming the file."""
+    state = read_checkpoint(path)  # format, contents, and that it belongs to this run folder
+    try:
+        model.load_state_dict(state["model"])
+        if progress.ema is not None:
+            progress.ema.module.load_state_dict(state["model_ema"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
+        stepper.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        progress.step, progress.best = int(state["step"]), dict(state["best"])
+        progress.unvalidated_row = state.get("unvalidated_row")
+        return int(state["epoch"])
+    except KeyError as e:
+        why = f"it has no {e.args[0]!r} (written by export or by hand, not by train.py's last.pt)"
+    except (RuntimeError, ValueError, TypeError) as e:
+        why = f"it does not fit this run's network and optimizer ({' '.join(str(e).split())[:160]})"
+    raise CheckpointError(f"{path}: cannot continue from it: {why}; start a new run, or --resume the run it "
+                          "belongs to")
 
 
 def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mean, std) -> None:
@@ -321,7 +338,8 @@ def save_last(run: Run, stepper: Stepper, progress: Progress, epoch: int, *, mea
     if progress.ema is not None:
         extra["model_ema"] = {k: v.detach().cpu() for k, v in progress.ema.module.state_dict().items()}
     save_checkpoint(checkpoint_payload(stepper.model, run.cfg, thresholds=progress.thresholds, mean=mean, std=std,
-                                       epoch=epoch, step=progress.step, best=progress.best, extra=extra),
+                                       epoch=epoch, step=progress.step, best=progress.best, extra=extra,
+                                       run_id=run.run_id),
                     run.run_dir / "last.pt")
 
 
@@ -334,7 +352,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     if not best_path.exists():
         print(f"no completed epoch yet: continue with {tool_command('train')} --resume {shell_path(run.run_dir)}")
         return None
-    ckpt = load_checkpoint(best_path)
+    ckpt = read_checkpoint(best_path)  # also: it belongs to this run folder
     model = model_from_checkpoint(ckpt, best_path).to(run.device)
     if run.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 from odir_dual.common.errors import OdirError
@@ -24,7 +25,7 @@ from odir_dual.model.calibration import describe_calibration
 from odir_dual.model.metrics import format_interval
 from odir_dual.model.trust import epochs_text, untrusted_classes, untrusted_lines
 from odir_dual.pipeline.constants import CLASS_NAMES, CLASSES
-from odir_dual.pipeline.host import atomic_write, is_temporary, remove_stale_temporaries
+from odir_dual.pipeline.host import atomic_write, check_can_create, is_temporary, remove_stale_temporaries
 from odir_dual.training.config import SELECT_COLUMNS
 
 
@@ -376,15 +377,17 @@ class RunFolderError(OdirError, ValueError):
 def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = False, unique: bool = False):
     """Claim `path` for this training, exclusively, and yield the folder actually used.
 
-    - A new run creates the folder with an exclusive mkdir and writes the marker `.odir-run` in it. If it exists:
+    - Every refusal below is checked first (`check_run_folder`), before anything is created or deleted.
+    - A new run creates the folder with an exclusive mkdir and writes the marker `.odir-run` in it, with a new run
+      id (`run_id`: every checkpoint of the run carries it). If it exists:
       with `unique` (the default date-time name) the next free `NAME-2`, `NAME-3`, ... is taken; with `overwrite`
       the files a run writes (`RUN_OUTPUTS`) are deleted first, only in a run folder (the marker, or a run's files
       from before the marker) that holds nothing else: anything unknown refuses the overwrite, naming it; a run
       killed before its first checkpoint (marker, lock, log) is a run folder too. Otherwise RunFolderError,
       naming --resume and --overwrite.
     - `resume` uses the existing folder; it must hold last.pt.
-    - A lock (`.lock`, flock) is held until the end: a second training in the same folder at the same time
-      (the same --name twice, or --resume / --overwrite of a running run) is refused instead of mixing files.
+    - A lock (`.lock`, flock) is held until the end, then removed: a second training in the same folder at the same
+      time (the same --name twice, or --resume / --overwrite of a running run) is refused instead of mixing files.
     - If the body fails or is interrupted before any checkpoint was written, a folder created here is removed
       again: a run folder always holds a checkpoint.
     `path` None (a dry run, or a rank other than 0) yields None and claims nothing.
@@ -393,16 +396,9 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
         yield None
         return
     path = Path(path)
-    created = not resume
-    if resume:
-        if not path.is_dir():
-            raise RunFolderError(f"--resume {path}: no such run folder")
-        if not has_checkpoint(path):
-            raise RunFolderError(f"--resume {path}: no last.pt in it (the run stopped before its first checkpoint, "
-                                 f"or this is no run folder); start it again with --overwrite")
-    elif overwrite and (path.exists() or path.is_symlink()):
-        _check_is_run_folder(path)
-    else:
+    check_run_folder(path, resume=resume, overwrite=overwrite, unique=unique)
+    created = not resume and not (overwrite and (path.exists() or path.is_symlink()))
+    if created:
         path = _create_exclusively(path, unique)
     lock = _lock(path)
     try:
@@ -411,7 +407,7 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
             _empty(path)
         if not resume:
             (path / MARKER_NAME).write_text("odir-dual run folder (train.py); --overwrite deletes only what a run "
-                                            "writes here\n")
+                                            f"writes here\nrun id: {new_run_id()}\n")
         stale = remove_stale_temporaries(path)  # a kill -9 mid-write of an earlier run (nothing else runs here now)
         if stale:
             print(f"removed {len(stale)} temporary file(s) of an earlier, killed run: {', '.join(stale)}")
@@ -421,7 +417,72 @@ def run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = Fal
             _remove_run_folder(path)
         raise
     finally:
-        lock.close()  # releases the flock
+        _unlock(lock, path)
+
+
+def check_run_folder(path: Path | None, *, resume: bool = False, overwrite: bool = False,
+                     unique: bool = False) -> None:
+    """Every reason `run_folder` would refuse `path`, checked without writing or deleting anything: train.py calls
+    it before any work, so a refused run costs nothing and --overwrite never deletes a run that is then refused.
+
+    Raises:
+        RunFolderError: as `run_folder` (no such run / no last.pt, exists, not a run folder, in use).
+        OSError: the folder cannot be created where --out points (read-only, permissions), naming it.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if resume:
+        if not path.is_dir():
+            raise RunFolderError(f"--resume {path}: no such run folder")
+        if not has_checkpoint(path):
+            raise RunFolderError(f"--resume {path}: no last.pt in it (the run stopped before its first checkpoint, "
+                                 f"or this is no run folder); start it again with --overwrite")
+        _check_not_in_use(path)
+    elif path.exists() or path.is_symlink():
+        if overwrite:
+            _check_is_run_folder(path)
+            _check_not_in_use(path)
+        elif not unique:
+            raise RunFolderError(f"run folder {path} exists: --resume {path} continues it, --overwrite "
+                                 f"replaces it, or choose another --name")
+    else:
+        check_can_create(path)
+
+
+def _check_not_in_use(path: Path) -> None:
+    """RunFolderError when a training holds the folder's lock; creates nothing (a folder without `.lock` is free)."""
+    try:
+        f = open(path / LOCK_NAME)
+    except OSError:
+        return
+    with f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = f.read().strip() or "another process"
+            raise RunFolderError(f"run folder {path} is in use by a training that is still running ({owner}); "
+                                 f"wait for it, stop it, or choose another --name") from None
+
+
+def new_run_id() -> str:
+    """A run's identity: written into its marker when the folder is created and into every checkpoint it saves, so
+    a checkpoint copied into another run's folder is recognised (`run_id`)."""
+    return uuid.uuid4().hex[:16]
+
+
+def run_id(folder: Path) -> str | None:
+    """The run id in a run folder's marker; None for a folder from before run ids (or no run folder)."""
+    try:
+        text = (Path(folder) / MARKER_NAME).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(r"^run id: ([0-9a-f]{16})$", text, re.MULTILINE)
+    return found[1] if found else None
 
 
 def _create_exclusively(path: Path, unique: bool) -> Path:
@@ -455,6 +516,14 @@ def _check_is_run_folder(path: Path) -> None:
         raise RunFolderError(f"--overwrite {path}: holds {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} "
                              f"that a run does not write ({shown}); not deleting anything: move them out, or "
                              "choose another --name")
+
+
+def _unlock(lock, path: Path) -> None:
+    """Release the flock, and remove `.lock` so that a finished run leaves only its own files (removed before the
+    file is closed: nobody can take a lock we still hold on a file that is gone)."""
+    with contextlib.suppress(OSError):
+        (path / LOCK_NAME).unlink()
+    lock.close()
 
 
 def _lock(path: Path):
