@@ -205,6 +205,10 @@ def find_pairs(folder, pattern: NamePattern | str | None = None) -> FolderPairs:
 
 def _pairs_from_sheet(layout: Layout) -> FolderPairs:
     patients, missing = read_patients(layout)
+    swapped = swapped_eyes(patients)
+    if len(swapped):  # left out like a missing eye: the reason says which column names which eye's file
+        patients = patients[~patients["id"].isin(swapped["id"])]
+        missing = pd.concat([missing, swapped]).sort_values(["id", "eye"], kind="stable", ignore_index=True)
     table = patients.copy()
     table["status"] = "ok"
     if len(missing):
@@ -217,6 +221,21 @@ def _pairs_from_sheet(layout: Layout) -> FolderPairs:
         table = pd.concat([table, absent], ignore_index=True)
     table = table.sort_values("id", key=lambda s: s.map(_id_key), kind="stable", ignore_index=True)
     return FolderPairs(table, layout=layout, missing=missing)
+
+
+def swapped_eyes(patients: pd.DataFrame) -> pd.DataFrame:
+    """The eyes whose sheet column names a file of the other eye (Left-Fundus: `18_right.jpg`), as rows (id, eye,
+    path, reason). Trained on, such a patient would teach the per-eye head the wrong eye's findings; only names that
+    follow a known convention are judged (`match_name`), any other name passes."""
+    rows = []
+    for r in patients.itertuples():
+        for eye in EYES:
+            path = getattr(r, eye)
+            named = match_name(Path(path).name)
+            if named is not None and named[1] != eye:
+                rows.append((r.id, eye, path, f"{eye.capitalize()}-Fundus names a {named[1]}-eye file (eyes swapped "
+                                              f"in the sheet?)"))
+    return pd.DataFrame(rows, columns=["id", "eye", "path", "reason"])
 
 
 def _pairs_from_names(folder: Path, pattern: NamePattern | None = None) -> FolderPairs:

@@ -84,8 +84,9 @@ def photo_dataset(tmp_path, df) -> Path:
 def test_2_one_photograph_for_two_patients_or_both_eyes_is_left_out_by_name(tmp_path):
     df = small()
     df.loc[0, "Left-Fundus"] = df.loc[1, "Left-Fundus"]  # patient 0's row names patient 1's left photograph
-    df.loc[2, "Right-Fundus"] = df.loc[2, "Left-Fundus"]  # one photograph for both eyes
     data = photo_dataset(tmp_path, df)
+    images = data / "images"  # one photograph for both eyes (a copy under the right eye's name)
+    shutil.copyfile(images / df["Left-Fundus"][2], images / df["Right-Fundus"][2])
     found = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False)
     patients, left_out = found.patients, found.left_out
     assert patients.empty and sorted(left_out["id"].unique()) == sorted(df["ID"])
@@ -93,6 +94,17 @@ def test_2_one_photograph_for_two_patients_or_both_eyes_is_left_out_by_name(tmp_
     assert reason.startswith(f"the same photograph as patient {df['ID'][1]}'s left eye ({df['Left-Fundus'][1]})")
     kept = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False, allow_shared=True)
     assert len(kept.patients) == 3  # --allow-shared-images: the user's choice
+
+
+def test_2b_a_sheet_that_swaps_a_patients_eyes_is_left_out_by_name(tmp_path):
+    df = small()
+    df.loc[1, ["Left-Fundus", "Right-Fundus"]] = df.loc[1, ["Right-Fundus", "Left-Fundus"]].to_numpy()
+    data = photo_dataset(tmp_path, df)
+    found = load_prepared(data, 48, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert sorted(found.patients["id"]) == sorted(df["ID"].drop(1))  # the others are kept
+    reasons = found.left_out.set_index(["id", "eye"])["reason"]
+    assert reasons[(df["ID"][1], "left")] == "Left-Fundus names a right-eye file (eyes swapped in the sheet?)"
+    assert reasons[(df["ID"][1], "right")] == "Right-Fundus names a left-eye file (eyes swapped in the sheet?)"
 
 
 # ----------------------------------------------------------------------------------------------- 3 --resume
