@@ -506,7 +506,8 @@ def _split_missing(table: pd.DataFrame, images: Path, sheet: Path) -> tuple[pd.D
     prefix = str(images) + os.sep
     found = {eye: _present(table[eye], images) for eye in EYES}
     if len(table) and not (found["left"].any() or found["right"].any()):
-        raise DataFolderError(f"none of the {2 * len(table)} images named in {sheet} is in {images}")
+        raise DataFolderError(f"none of the {2 * len(table)} images named in {sheet} is in {images}"
+                              + _subfolder_hint(images, table["left"].iloc[0]))
     for eye in EYES:
         table[eye] = prefix + table[eye]
     missing = pd.concat([pd.DataFrame({"id": table.loc[~found[eye], "id"], "eye": eye,
@@ -515,6 +516,15 @@ def _split_missing(table: pd.DataFrame, images: Path, sheet: Path) -> tuple[pd.D
     missing = missing.sort_values(["id", "eye"], kind="stable").reset_index(drop=True)
     patients = table[found["left"] & found["right"]].reset_index(drop=True)
     return patients, missing
+
+
+def _subfolder_hint(images: Path, name: str) -> str:
+    """"; they are in its subfolder X (...)" when a subfolder of `images` holds the sheet's first image, else ""."""
+    for sub in _subfolders(images):
+        if (sub / name).is_file():
+            return (f"; they are in its subfolder {sub.name!r}: move them up, or name {sub.name}/{name} in the "
+                    "sheet")
+    return ""
 
 
 def label_matrix(patients: pd.DataFrame) -> np.ndarray:

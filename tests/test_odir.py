@@ -211,6 +211,15 @@ def test_wrong_images_folder(tmp_path):
         read_patients(tmp_path)
 
 
+def test_images_in_a_subfolder_of_the_images_folder_get_a_hint(tmp_path):
+    make_dataset(tmp_path, small(), images="Training Images", skip=set(small()["Left-Fundus"])
+                 | set(small()["Right-Fundus"]))
+    touch_images(tmp_path / "Training Images" / "batch1", small(), ())
+    with pytest.raises(FileNotFoundError, match=r"none of the 6 images .*; they are in its subfolder 'batch1': move "
+                                                r"them up, or name batch1/"):
+        read_patients(tmp_path)
+
+
 # ----------------------------------------------------------------------------- formats
 
 def test_kaggle_labels_and_target_are_never_used(tmp_path):
