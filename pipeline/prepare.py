@@ -7,8 +7,9 @@ at least `short_px` on its short side.
 
 Cache: `cache_dir/{short_px}px/{hash32}.jpg` (hash of the absolute source path: a fixed-length name, so any legal
 source name works), up to date while its `.src` file matches the source's size, mtime, ctime and inode, and the
-folder's SETTINGS match this module's (why these: docs/DESIGN-NOTES.md). The `.src` file also records the source's
-content hash (sha256), which binds a run to the very photographs it was trained on (`source_hash`).
+settings it records match this module's (why these: docs/DESIGN-NOTES.md; the folder's SETTINGS file shows them to
+a reader). Each entry records its own, so a run killed half-way keeps what it prepared. The `.src` file also records
+the source's content hash (sha256), which binds a run to the very photographs it was trained on (`source_hash`).
 
     python -m pipeline.prepare --data DIR [--cache-dir DIR] [--short-px 384] [--workers N]
 """
@@ -112,12 +113,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _recorded(dst) -> tuple[str, str | None]:
-    """(the identity line, the sha256 or None) that the `.src` file beside a prepared copy records."""
-    first, _, rest = identity_path(dst).read_text().partition("\n")
-    digest = rest[len("sha256="):].strip() if rest.startswith("sha256=") else ""
-    # a record cut short by a crash holds a partial hash: no hash at all, so the entry counts as stale
-    return first + "\n", digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+def _recorded(dst) -> tuple[str, str | None, str]:
+    """(the identity line, the sha256 or None, the settings digest or "") that the `.src` file beside a prepared
+    copy records."""
+    first, *rest = identity_path(dst).read_text().split("\n")
+    fields = dict(line.partition("=")[::2] for line in rest if "=" in line)
+    digest = fields.get("sha256", "").strip()
+    # a record cut short by a crash holds a partial hash or settings digest: the entry counts as stale
+    return first + "\n", digest if re.fullmatch(r"[0-9a-f]{64}", digest) else None, fields.get("settings", "")
 
 
 def source_hash(dst: str | os.PathLike) -> str:
@@ -136,13 +139,15 @@ def source_hash(dst: str | os.PathLike) -> str:
 
 
 def is_up_to_date(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
-    """True if `dst` exists and was prepared from `src` as it is now: same size, mtime, ctime and inode (no
-    decoding, no reading of src). An entry without its identity file or content hash (older caches) is stale."""
+    """True if `dst` exists and was prepared from `src` as it is now (same size, mtime, ctime and inode: no
+    decoding, no reading of src) with today's settings. An entry without its identity file, content hash or
+    settings digest (older caches, a record cut short) is stale. Each entry records its own settings, so a run
+    killed half-way keeps what it prepared."""
     try:
         if os.stat(dst).st_size == 0:
             return False
-        identity, digest = _recorded(dst)
-        return digest is not None and identity == source_identity(os.stat(src))
+        identity, digest, settings = _recorded(dst)
+        return digest is not None and settings == _settings_digest() and identity == source_identity(os.stat(src))
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -362,7 +367,7 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, short_px: int)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst, "wb") as f:
         f.write(encoded.getbuffer())
-    return f"{identity}sha256={digest}\n"
+    return f"{identity}sha256={digest}\nsettings={_settings_digest()}\n"
 
 
 # A prepared copy whose pixels barely vary is no photograph: a JPEG whose header claims more pixels than its data
@@ -490,6 +495,11 @@ def _settings() -> str:
         ("jpeg_quality", JPEG_QUALITY), ("jpeg_subsampling", JPEG_SUBSAMPLING)])
 
 
+def _settings_digest() -> str:
+    """`_settings()` in 16 hex digits: what each cache entry records about how it was made."""
+    return hashlib.sha256(_settings().encode()).hexdigest()[:16]
+
+
 def _is_blank(p) -> bool:
     """None, NaN, pd.NA, '' (a table's empty cell): no path to prepare."""
     return not isinstance(p, (str, os.PathLike)) or not os.fspath(p).strip()
@@ -522,12 +532,10 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
             by_src.setdefault(os.path.abspath(os.fspath(p)), []).append(i)
     folder = Path(cache_dir) / f"{short_px}px"
     folder.mkdir(parents=True, exist_ok=True)
-    settings_file, settings = folder / "SETTINGS", _settings()
-    same_settings = settings_file.is_file() and settings_file.read_text() == settings
     todo, up_to_date = [], 0
     for src, idx in by_src.items():
         dst = str(cache_path(src, cache_dir, short_px))
-        if same_settings and is_up_to_date(src, dst):
+        if is_up_to_date(src, dst):
             up_to_date += 1
             for i in idx:
                 prepared[i] = dst
@@ -544,7 +552,8 @@ def prepare_paths(paths: list, cache_dir: str | os.PathLike, short_px: int, work
                 prepared[i], reasons[i] = dst, reason
             if failed and reason is not None:
                 bar.set_postfix(failed=failed, refresh=False)
-    if not same_settings:  # only once the run completed: an interrupted run leaves older entries marked stale
+    settings_file, settings = folder / "SETTINGS", _settings()
+    if not (settings_file.is_file() and settings_file.read_text() == settings):  # for a reader: how entries are made
         write_text_atomic(settings_file, settings)
     if stats is not None:
         stats.update(images=len(by_src), up_to_date=up_to_date, prepared=done, failed=failed,

@@ -286,6 +286,17 @@ def test_second_run_skips_and_touching_the_source_redoes(tmp_path):
     assert stats["prepared"] == 1 and os.stat(dst).st_mtime_ns != mtime
 
 
+def test_a_run_killed_half_way_keeps_what_it_prepared(tmp_path):
+    """Each entry records the settings it was made with: a kill before the run's end (when the folder's SETTINGS
+    file used to be written) no longer makes the next run prepare everything again."""
+    a, b = save(fundus(), tmp_path / "a.jpg"), save(fundus(seed=1), tmp_path / "b.jpg")
+    prepare_paths([a], tmp_path / "c", 64, workers=1, progress=False)
+    (tmp_path / "c" / "64px" / "SETTINGS").unlink()  # as a kill during the first run left it
+    stats = {}
+    prepare_paths([a, b], tmp_path / "c", 64, workers=1, progress=False, stats=stats)
+    assert stats["up_to_date"] == 1 and stats["prepared"] == 1
+
+
 def test_changed_settings_make_every_entry_stale(tmp_path, monkeypatch):
     src = save(fundus(), tmp_path / "eye.jpg")
     stats = {}
