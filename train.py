@@ -103,7 +103,7 @@ def _main(argv=None):
             print(f"usable patients: {len(patients)}; {left_out_summary(left_out)}")
             if run_dir is not None:
                 log_console_to(run_dir / "train.log")  # with what was printed so far
-                for n, split in enumerate(splits, 1):
+                for n, split in enumerate(splits if resume_dir is None else [], 1):  # (a resume read them there)
                     save_split((fold_folder(run_dir, n) if cfg.folds > 1 else run_dir) / "split.csv", split)
                 left_out.to_csv(run_dir / "left_out.csv", index=False)
                 (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
