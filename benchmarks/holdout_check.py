@@ -3,8 +3,8 @@
 Exports RUN/best.pt (unless RUN/best.onnx exists), builds an ODIR folder holding only the run's test patients
 (their sheet rows and links to their images: `pipeline.odir.subset_folder`), runs `score.py` on it as a separate
 process, and prints the official ODIR score and the per-class figures from score.py's predictions beside those of
-RUN/report.json. They must agree to 3 decimals (same patients, same preprocessing, ONNX vs PyTorch). A model with
-the per-eye head adds the per-eye AUC per class (report.json's "eyes"), and prints the `findings` of a few scored
+RUN/report.json (a --folds run: its fold ensemble, exported as one graph). They must agree to 3 decimals (same
+patients, same preprocessing, ONNX vs PyTorch). A model with the per-eye head adds the per-eye AUC per class (report.json's "eyes"), and prints the `findings` of a few scored
 patients beside their sheet's Left/Right-Diagnostic Keywords, to be read by a person (--findings N, default 5).
 
     .venv/bin/python benchmarks/holdout_check.py runs/NAME [--out /tmp/holdout] [--findings 5]
@@ -30,6 +30,7 @@ from odir_dual.pipeline.constants import CLASSES, EYES  # noqa: E402
 from odir_dual.pipeline.keywords import eye_label_matrix  # noqa: E402
 from odir_dual.pipeline.odir import read_patients, subset_folder  # noqa: E402
 from odir_dual.pipeline.split import load_split  # noqa: E402
+from odir_dual.training.folds import is_fold_run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     if not onnx.is_file():
         subprocess.run([sys.executable, "export.py", str(run)], cwd=ROOT, check=True)
     shutil.rmtree(out, ignore_errors=True)
-    _, _, test_ids = load_split(run / "split.csv")
+    # a --folds run (its ONNX: the fold ensemble) has one split.csv per fold, each with the same test patients
+    _, _, test_ids = load_split(run / ("fold-1/split.csv" if is_fold_run(run) else "split.csv"))
     folder = subset_folder(report["config"]["data"], test_ids, out / "patients")
     csv = out / "predictions.csv"
     t0 = time.perf_counter()

@@ -62,6 +62,7 @@ def explain_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, clas
                          "would make the maps random and mix the pairs of a batch")
     if isinstance(model, DualEyeEnsemble):
         return _explain_ensemble(model, left, right, classes, attention)
+    attention = attention and model.left_to_right is not None  # the concat head has no attention to map
     stage, saved = last_stage(model), {}
     hooks = [stage.register_forward_hook(lambda m, i, out: saved.__setitem__("feats", out))]
     if attention:

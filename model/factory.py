@@ -35,8 +35,8 @@ def build_model(cfg: Config, pretrained: bool | None = None) -> nn.Module:
     state = _read_weights(path, f"--weights-file {path}" if source == "file" else str(path)) if path else None
     by_timm = source == "timm" or (source == "file" and not is_lite_checkpoint(state))
     try:
-        nets = [DualEyeNet(cfg.backbone, num_classes=len(CLASSES), embed_dim=cfg.embed_dim, heads=cfg.heads,
-                           dropout=cfg.dropout, pretrained=by_timm, weights_file=path if by_timm else None,
+        nets = [DualEyeNet(cfg.backbone, num_classes=len(CLASSES), head=cfg.head, embed_dim=cfg.embed_dim,
+                           heads=cfg.heads, dropout=cfg.dropout, pretrained=by_timm, weights_file=path if by_timm else None,
                            backbone_kwargs=backbone_args(cfg.backbone_args),
                            eye_head=cfg.eye_loss_weight > 0, local_contrast_px=cfg.local_contrast * cfg.img_px)
                 for _ in range(cfg.ensemble)]  # each draws its own initial weights from torch's generator

@@ -4,7 +4,8 @@
                      ├─ backbone (2B) ──┤                        ×                      ├─ mean pool ×4 ─ MLP ─ logits (B,K)
     right (B,3,H,W) ─┘                  └─ right branch (B,T,D) ─┴─ right attends left ─┘
 
-Options: `LocalContrast` before the backbone (Graham's fundus normalisation, fixed weights), and a per-eye classifier
+Options: `head="concat"` replaces branches, attention and MLP by a plain fine-tune's head (both eyes' pooled backbone
+features side by side → dropout → one linear layer); `LocalContrast` before the backbone (Graham's fundus normalisation, fixed weights), and a per-eye classifier
 on each eye's pooled branch tokens (`eye_head`, trained on the per-eye diagnostic keywords; not in the patient output).
 `DualEyeEnsemble` averages the logits of several such networks.
 The model returns logits (no sigmoid) and does no I/O; the loss lives in model/loss.py.
@@ -139,6 +140,8 @@ class DualEyeNet(nn.Module):
             become (B, T, C) tokens. (A few timm models refuse ``global_pool=""``, e.g. distilled DeiT and
             EfficientViT-MIT; timm raises at construction.)
         num_classes: number of output logits (8 for ODIR-5K).
+        head: "attention" (the diagram above) or "concat": each eye's backbone features mean-pooled, the two
+            side by side (B, 2C) → dropout → Linear(2C → K); ``embed_dim`` and ``heads`` are then unused.
         embed_dim: token width D of the branches and the cross-attention.
         heads: attention heads; must divide ``embed_dim``.
         dropout: dropout in the branches, the attention and the fusion MLP.
@@ -163,6 +166,7 @@ class DualEyeNet(nn.Module):
         self,
         backbone: str = "convnext_small",
         num_classes: int = 8,
+        head: str = "attention",
         embed_dim: int = 512,
         heads: int = 8,
         dropout: float = 0.2,
@@ -174,11 +178,14 @@ class DualEyeNet(nn.Module):
         local_contrast_px: float = 0.0,
     ):
         super().__init__()
-        if embed_dim % heads != 0:
+        if head not in ("attention", "concat"):
+            raise ValueError(f"head {head!r}: choose attention or concat")
+        if head == "attention" and embed_dim % heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by heads ({heads})")
         self.config = dict(
             backbone=backbone,
             num_classes=num_classes,
+            head=head,
             embed_dim=embed_dim,
             heads=heads,
             dropout=dropout,
@@ -204,17 +211,23 @@ class DualEyeNet(nn.Module):
 
         # forward_head(pre_logits=True) can widen the features (MobileNetV3/V4, GhostNet, HGNetV2 conv_head).
         feat_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features  # C
-        self.left_branch = EyeBranch(feat_dim, embed_dim, dropout)
-        self.right_branch = EyeBranch(feat_dim, embed_dim, dropout)
-        self.left_to_right = CrossAttention(embed_dim, heads, dropout)  # left queries, right keys/values
-        self.right_to_left = CrossAttention(embed_dim, heads, dropout)  # right queries, left keys/values
-        self.head = nn.Sequential(
-            nn.Linear(4 * embed_dim, embed_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(embed_dim, num_classes),
-        )
-        self.eye_head = nn.Linear(embed_dim, num_classes) if eye_head else None  # shared by both eyes
+        if head == "concat":  # no branches or attention: the eyes meet in the one linear layer
+            self.left_branch = self.right_branch = self.left_to_right = self.right_to_left = None
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * feat_dim, num_classes))
+            self.eye_dim = feat_dim  # the width of each eye's pooled vector, the per-eye head's input
+        else:
+            self.left_branch = EyeBranch(feat_dim, embed_dim, dropout)
+            self.right_branch = EyeBranch(feat_dim, embed_dim, dropout)
+            self.left_to_right = CrossAttention(embed_dim, heads, dropout)  # left queries, right keys/values
+            self.right_to_left = CrossAttention(embed_dim, heads, dropout)  # right queries, left keys/values
+            self.head = nn.Sequential(
+                nn.Linear(4 * embed_dim, embed_dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(embed_dim, num_classes),
+            )
+            self.eye_dim = embed_dim
+        self.eye_head = nn.Linear(self.eye_dim, num_classes) if eye_head else None  # shared by both eyes
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the shared backbone (for a lower learning rate)."""
@@ -270,7 +283,8 @@ class DualEyeNet(nn.Module):
             right: right-eye images (B, 3, H, W), same shape as ``left``.
 
         Returns:
-            (B, 4 * embed_dim): [left, right, left-attends-right, right-attends-left], each mean-pooled.
+            (B, 4 * embed_dim): [left, right, left-attends-right, right-attends-left], each mean-pooled; with the
+            concat head (B, 2C): [left, right] backbone features, mean-pooled.
         """
         batch = left.shape[0]
         images = torch.cat([left, right], dim=0)  # (2B, 3, H, W)
@@ -282,6 +296,9 @@ class DualEyeNet(nn.Module):
         # so every backbone parameter is used (no unused parameters for DDP) and pretrained heads match.
         feats = self.backbone.forward_head(feats, pre_logits=True)  # same layout as above
         tokens = self._tokens(feats)  # (2B, T, C)
+        if self.left_branch is None:  # concat head
+            pooled = tokens.mean(dim=1)  # (2B, C)
+            return torch.cat([pooled[:batch], pooled[batch:]], dim=1)  # (B, 2C)
         left_tok = self.left_branch(tokens[:batch])  # (B, T, D)
         right_tok = self.right_branch(tokens[batch:])  # (B, T, D)
         left_att = self.left_to_right(left_tok, right_tok)  # (B, T, D)
@@ -290,7 +307,8 @@ class DualEyeNet(nn.Module):
         return torch.cat(pooled, dim=1)  # (B, 4D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The fusion MLP, timm's contract: (B, 4D) → logits (B, K), or with ``pre_logits`` its hidden (B, D)."""
+        """The fusion MLP, timm's contract: (B, 4D) → logits (B, K), or with ``pre_logits`` its hidden (B, D)
+        (the concat head: (B, 2C) → logits, or the dropped-out features)."""
         hidden = self.head[:-1](x)  # Linear(4D → D), GELU, Dropout: (B, D)
         return hidden if pre_logits else self.head[-1](hidden)  # (B, K)
 
@@ -310,8 +328,8 @@ class DualEyeNet(nn.Module):
         logits = self.forward_head(feats)  # (B, K)
         if not eye_logits:
             return logits
-        d = feats.shape[1] // 4
-        per_eye = feats[:, :2 * d].reshape(-1, 2, d)  # the pooled left and right branch tokens (B, 2, D)
+        d = self.eye_dim
+        per_eye = feats[:, :2 * d].reshape(-1, 2, d)  # the pooled left and right eyes (branch tokens) (B, 2, D)
         return logits, self.eye_head(per_eye)  # (B, K), (B, 2, K)
 
 

@@ -220,3 +220,25 @@ def test_compare_refuses_other_patients_in_one_line(tmp_path, capsys):
     assert "not the same patients" in err and "only in the first: 3" in err and "only in the second: 4" in err
     assert compare_script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--oof"]) == 1
     assert "predictions_oof.csv: no such file" in capsys.readouterr().err
+
+
+def test_recipe_table_reads_out_of_fold_predictions_and_undoes_the_offset(tmp_path):
+    """benchmarks/recipe_table.py: each run's out-of-fold figures, its paired difference to the first run, and with
+    --offset-off the same predictions before the ODIR offset (exactly: the offset undone on the logits)."""
+    from benchmarks import recipe_table
+    y = odir_like_labels(240, 5)
+    noise = np.random.default_rng(1).random(y.shape)
+    header = "id," + ",".join(CLASSES) + "," + ",".join(f"p_{c}" for c in CLASSES)
+    for run, probs, offset in (("weak", 0.2 * y + 0.8 * noise, 0.5), ("strong", 0.6 * y + 0.4 * noise, -0.3)):
+        (tmp_path / run).mkdir()
+        rows = [f"{i}," + ",".join(map(str, y[i])) + "," + ",".join(f"{v:.6f}" for v in probs[i]) for i in range(240)]
+        (tmp_path / run / "predictions_oof.csv").write_text("\n".join([header, *rows]) + "\n")
+        (tmp_path / run / "report.json").write_text(json.dumps({"calibration": {"odir_offset": offset}}))
+    rows = recipe_table.rows_of([tmp_path / "weak", tmp_path / "strong"], offset_off=True)
+    assert [label for label, _ in rows] == ["weak", "weak, ODIR offset off", "strong", "strong, ODIR offset off"]
+    p, off = rows[0][1].probs, rows[1][1].probs
+    np.testing.assert_allclose(np.log(p / (1 - p)) - np.log(off / (1 - off)), 0.5, atol=1e-3)
+    text = recipe_table.table(rows, resamples=200)
+    strong_row = next(line for line in text.splitlines() if line.startswith("| strong |"))
+    assert "*)" in strong_row.split("|")[5], text  # the AUC macro gain over the weak reference excludes 0
+    assert text.count("\n| ") == 4  # the 4 rows under the header and its |---| line

@@ -252,3 +252,26 @@ def test_freeze_stages_stops_gradients_and_batch_norm_statistics(name, first_sta
     assert all(torch.equal(b, dict(net.backbone.named_buffers())[n]) for n, b in buffers.items())
     with pytest.raises(ValueError, match="has .* stages"):
         DualEyeNet(name, embed_dim=32, heads=4).freeze_stages(99)
+
+
+def test_concat_head_is_a_plain_fine_tunes_head():
+    """--head concat: both eyes' pooled backbone features side by side → dropout → one linear layer; the eyes stay
+    distinguishable (left's features meet other weights than right's), and the per-eye head reads each eye alone."""
+    torch.manual_seed(0)
+    model = DualEyeNet("test_convnext", head="concat", eye_head=True, **TINY).eval()
+    width = model.backbone.num_features
+    assert model.left_to_right is None and [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
+    assert model.head[-1].in_features == 2 * width
+    left, right = _pair(3)
+    with torch.no_grad():
+        feats = model.forward_features(left, right)
+        logits, eyes = model(left, right, eye_logits=True)
+        swapped = model(right, left)
+        alone = model.backbone.forward_head(model.backbone.forward_features(left), pre_logits=True).mean((2, 3))
+    assert feats.shape == (3, 2 * width) and logits.shape == (3, 8) and eyes.shape == (3, 2, 8)
+    torch.testing.assert_close(feats[:, :width], alone, atol=1e-5, rtol=1e-5)  # the left half is the left eye
+    torch.testing.assert_close(eyes[:, 0], model.eye_head(alone), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, swapped, atol=1e-4)
+    from odir_dual.model.explain import explain_pair
+    ex = explain_pair(model, left, right, classes=[0])
+    assert ex.attention == {} and ex.cams[0][0].shape == (3, PX, PX)

@@ -22,6 +22,7 @@ from odir_dual.pipeline.host import driver_gpu_count
 REFERENCE_BATCH = 12  # pairs per optimizer step in the seed recipe; `lr` is quoted at this batch
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+HEADS = ("attention", "concat")
 # --select-metric → the metrics.csv column it reads (validation, at threshold 0.5); "loss" is the one to minimise
 SELECT_COLUMNS = {"f1_macro": "val_f1_macro", "auc_macro": "val_auc_macro", "loss": "val_loss"}
 SELECT_METRICS = tuple(SELECT_COLUMNS)
@@ -69,6 +70,9 @@ class Config:
     ensemble: int = option(1, "networks trained side by side on the same batches, each from its own random start and "
                            "with its own loss; the model outputs the mean of their logits (one checkpoint, one ONNX "
                            "graph); 1: a single network")
+    head: str = option("attention", "attention (per-eye branches, two-way cross-attention, fusion MLP) | concat (the "
+                       "two eyes' pooled backbone features side by side, dropout, one linear layer: a plain "
+                       "fine-tune's head; --embed-dim and --heads unused)")
     embed_dim: int = option(512, "per-eye token width in the head")
     heads: int = option(8, "cross-attention heads")
     dropout: float = option(0.2, "dropout probability in the head (eye projections, cross-attention, fusion)")
@@ -159,7 +163,7 @@ FLAG_GROUPS = {
     "data": ("data", "synthetic_patients", "cache_dir", "strict", "allow_shared_images", "img_px", "prepare_px",
              "val_fraction", "test_fraction", "folds", "weighted_sampling", "same_eye_aug", "loader_threads", "seed"),
     "model": ("backbone", "backbone_args", "pretrained", "weights_file", "freeze_stages", "local_contrast",
-              "ensemble", "embed_dim", "heads", "dropout"),
+              "ensemble", "head", "embed_dim", "heads", "dropout"),
     "optimisation": ("epochs", "batch_size", "accum_steps", "lr", "backbone_lr_mult", "weight_decay",
                      "warmup_epochs", "clip_grad", "patience", "select_metric", "model_ema", "model_ema_decay"),
     "loss": ("bce_pos_weight", "focal_weight", "focal_gamma", "focal_alpha", "eye_loss_weight"),
@@ -351,7 +355,7 @@ def _same_setting(name: str, saved, given) -> bool:
 def flag_choices() -> dict:
     """Field → the values its flag accepts."""
     return {"preset": ("auto", *PRESETS), "precision": PRECISIONS, "select_metric": SELECT_METRICS,
-            "calibration": CALIBRATIONS, "compile_mode": COMPILE_MODES}
+            "calibration": CALIBRATIONS, "compile_mode": COMPILE_MODES, "head": HEADS}
 
 
 def _flag_help(f) -> str:
@@ -419,7 +423,7 @@ def resolve_config(explicit: dict) -> Config:
         raise ConfigError(f"--precision {values['precision']!r}: choose auto, bf16, fp16 or fp32")
     if values.get("compile_mode", "default") not in COMPILE_MODES:
         raise ConfigError(f"--compile-mode {values['compile_mode']!r}: choose {', '.join(COMPILE_MODES)}")
-    for name, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS)):
+    for name, choices in (("select_metric", SELECT_METRICS), ("calibration", CALIBRATIONS), ("head", HEADS)):
         if values.get(name, getattr(Config, name)) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {values[name]!r}: choose {', '.join(choices)}")
     if values.get("regional_compile"):

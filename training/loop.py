@@ -109,7 +109,8 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
         model = model.to(memory_format=torch.channels_last)
     if run.is_main:
         backbone = sum(p.numel() for p in model.backbone_parameters())
-        print(f"model: {cfg.backbone} dual-eye" + (f" · ensemble of {cfg.ensemble}" if cfg.ensemble > 1 else "")
+        print(f"model: {cfg.backbone} dual-eye" + (" · concat head" if cfg.head == "concat" else "")
+              + (f" · ensemble of {cfg.ensemble}" if cfg.ensemble > 1 else "")
               + f" · {count_parameters(model) / 1e6:.1f}M parameters ({backbone / 1e6:.1f}M in the backbone"
               + ("s" if cfg.ensemble > 1 else "") + ")"
               + (f" · stem + {cfg.freeze_stages} stages frozen" if cfg.freeze_stages else ""))
