@@ -367,8 +367,9 @@ def export(checkpoint, out=None, *, fold: int | None = None, fp16: bool = False,
         f"commit {ckpt.get('commit', 'unknown')}")
     eye_cal = exported_eye_calibration(ckpt, net)
     if net.config.get("eye_head"):
-        log("per-eye head: exported as eye_probs (N, 2, 8), thresholds fitted on validation eyes" if eye_cal else
-            "per-eye head: not exported (this best.pt has no per-eye thresholds: trained before they were fitted)")
+        log(f"per-eye head: exported as eye_probs (N, 2, 8), thresholds fitted on "
+            f"{'out-of-fold' if ckpt.get('folds') else 'validation'} eyes" if eye_cal else
+            "per-eye head: not exported (no per-eye thresholds in this checkpoint: trained before they were fitted)")
     proto, used, failure = to_onnx_proto(net, img_px, fp16=fp16, opset=opset, exporter=exporter,
                                          calibration=ckpt.get("calibration"), eye_calibration=eye_cal)
     if failure:

@@ -211,14 +211,14 @@ def explain_upload(explainer: Explainer, left: bytes, right: bytes, lock: thread
               "above its per-eye threshold; the prediction above is the patient's, the official one)</p>"]
              if found else []),
            result_links(result)]
-    attended = {0: item["attention"]["right_to_left"], 1: item["attention"]["left_to_right"]}
+    attended = {0: item["attention"].get("right_to_left"), 1: item["attention"].get("left_to_right")}  # none: concat head
     scale = (f"<figure class=scale><img src='{_png_uri(colour_strip())}' width=256 height=12><figcaption>0 "
              f"&larr; heatmap weight &rarr; 1 (each map's own maximum)</figcaption></figure>")
     for e, eye in enumerate(("left", "right")):
         view = item["views"][e]
         figures = [("image", view), *((f"Grad-CAM {DISEASE[CLASSES[k]]}", overlay(view, cams[e]))
                                       for k, cams in item["cams"].items()),
-                   ("attended by the other eye", overlay(view, attended[e]))]
+                   *([("attended by the other eye", overlay(view, attended[e]))] if attended[e] is not None else [])]
         upload = f" <small>({html.escape(names[e])})</small>" if names[e] else ""
         seen = f"<p class=found id=found-{eye}>Findings in the {eye} eye: <b>{html.escape(found[eye])}</b></p>" \
             if found else ""

@@ -105,7 +105,8 @@ def _eyes_section(ckpt: dict, report: dict | None) -> list[str]:
     eyes = ((report or {}).get("test") or {}).get("eyes") or {}
     out = ["## Per-eye findings", "",
            "`eye_probs` is the per-eye head's probability per class for each eye, calibrated and thresholded on "
-           f"{ckpt.get('eye_fit_eyes', '?')} validation eyes labelled from their diagnostic keywords. The patient "
+           f"{ckpt.get('eye_fit_eyes') or '?'} {'out-of-fold' if ckpt.get('folds') else 'validation'} eyes labelled "
+           "from their diagnostic keywords. The patient "
            "labels (`probs` at the thresholds above) stay the official output; score.py's `findings_vs_labels` says "
            "where the eyes differ.", "",
            "per-eye thresholds: " + " ".join(f"{c} {t:.2f}" for c, t in zip(CLASSES, ckpt["eye_thresholds"])), ""]

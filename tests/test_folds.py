@@ -22,7 +22,8 @@ from odir_dual.pipeline.split import load_split, stratified_folds, cross_validat
 from odir_dual.training import checkpoint, folds, loop
 
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32", "--batch-size", "8",
-        "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1", "--folds", "2"]
+        "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1", "--folds", "2",
+        "--eye-loss-weight", "1"]  # with the per-eye head: the ensemble's is fitted on the out-of-fold eyes
 EPOCHS, BATCH = 2, 8
 
 
@@ -130,8 +131,15 @@ def test_a_stopped_fold_run_resumes_at_the_unfinished_fold(fold_run, capsys):
     logits = [np.load(d / f"fold-{n}" / "fold_logits.npz")["test_logits"] for n in (1, 2)]
     test_csv = np.loadtxt(d / "predictions_test.csv", delimiter=",", skiprows=1)
     probs = apply_calibration(np.mean(logits, 0), report["calibration"])
-    np.testing.assert_allclose(test_csv[:, 1 + len(CLASSES):], probs, atol=1e-7)
+    np.testing.assert_allclose(test_csv[:, 1 + len(CLASSES):1 + 2 * len(CLASSES)], probs, atol=1e-7)
     assert report["test"]["odir"]["final"] == pytest.approx(odir_score(test_csv[:, 1:9], probs)["final"])
+    # the per-eye head too: the folds' mean eye logits, calibrated and thresholded on the out-of-fold eyes
+    eye_logits = [np.load(d / f"fold-{n}" / "fold_logits.npz")["test_eye_logits"] for n in (1, 2)]
+    header = (d / "predictions_test.csv").read_text().splitlines()[0].split(",")
+    left_p = test_csv[:, [header.index(f"left_p_{c}") for c in CLASSES]]
+    np.testing.assert_allclose(left_p, apply_calibration(np.mean(eye_logits, 0), report["eye_calibration"])[:, 0],
+                               atol=1e-7)
+    assert report["eye_fit_eyes"] > 0 and "model" in report["test"]["eyes"] and "eyes" in report["oof"]
     assert fold_run["seconds"] < 600
 
 
@@ -152,9 +160,14 @@ def test_fold_ensemble_onnx_is_the_mean_of_the_folds_calibrated(fold_run):
     left, right = (torch.randn(3, 3, 48, 48, generator=g) for _ in range(2))
     with torch.no_grad():
         mean_logits = torch.stack([net(left, right) for net in nets]).mean(0).numpy()
-    probs, logits = session.run(["probs", "logits"], {"left": left.numpy(), "right": right.numpy()})
+        mean_eyes = torch.stack([net(left, right, eye_logits=True)[1] for net in nets]).mean(0).numpy()
+    probs, logits, eye_probs = session.run(["probs", "logits", "eye_probs"],
+                                           {"left": left.numpy(), "right": right.numpy()})
     np.testing.assert_allclose(logits, mean_logits, atol=1e-4)
     np.testing.assert_allclose(probs, apply_calibration(mean_logits, report["calibration"]), atol=1e-4)
+    # the per-eye head: the folds' mean eye logits with the calibration fitted on the out-of-fold eyes
+    np.testing.assert_allclose(eye_probs, apply_calibration(mean_eyes, report["eye_calibration"]), atol=1e-4)
+    np.testing.assert_allclose(json.loads(meta["raw"]["eye_thresholds"]), list(report["eye_thresholds"].values()))
     assert "mean of the logits of 2 fold models" in (d / "MODEL_CARD.md").read_text()
     with pytest.raises(checkpoint.CheckpointError, match="--fold 3"):
         export.export(d, fold=3, log=lambda *a: None)

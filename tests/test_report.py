@@ -592,6 +592,13 @@ def test_web_page_explains_an_uploaded_pair(synth, tiny_checkpoint):
         explainer.quality = {"untrusted": {"O": "no better than chance on this model's test patients"}}
         answer = post(images).read().decode()
         assert "O · threshold" in answer and "not to be trusted" in answer
+        # a --head concat model has no cross-attention: the page shows the images and Grad-CAMs without that figure
+        explain = explainer.explain
+        explainer.explain = lambda *args: [dict(item, attention={}) for item in explain(*args)]
+        answer = post(images).read().decode()
+        assert "attended by the other eye" not in answer and answer.count("heatmap weight") == 2
+        assert answer.count("data:image/png;base64,") >= 4  # both eyes: image, >= 1 Grad-CAM
+        explainer.explain = explain
         page = serve.identity_html({"run": "r", "backbone": "b", "img_px": 64, "data": "/d", "patients": "",
                                     "preset": "demo", "commit": "c", "synthetic": False,
                                     "quality": {"untrusted": explainer.quality["untrusted"]}})

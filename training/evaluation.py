@@ -23,13 +23,14 @@ from odir_dual.training.checkpoint import weights_digest
 @dataclass
 class Fitted:
     """What train.py's `fit` (and a --folds run) hands back: best.pt's contents and its logits per split
-    ("validation", "test"; "oof", "test" for a fold ensemble), None on ranks other than 0 or without a finished
-    epoch; whether a signal or --stop-after-steps ended it; its optimizer updates."""
+    ("validation", "test"; "oof", "test" for a fold ensemble; with the per-eye head also its eye logits), None on ranks
+    other than 0 or without a finished epoch; whether a signal or --stop-after-steps ended it; its optimizer updates."""
 
     ckpt: dict | None
     logits: dict | None
     stopped: bool
     steps: int
+    eye_logits: dict | None = None  # per split (N, 2, K): a model with a fitted per-eye head
 
 
 def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: dict | None = None,
@@ -55,7 +56,8 @@ def final_report(run, ckpt: dict, tables: dict, logits: dict, y_train, epochs: d
               "calibration": ckpt.get("calibration") or {"method": "none"},
               "counts": {"train": len(y_train), **{k: len(t) for k, t in tables.items()}},
               **({"eye_thresholds": dict(zip(CLASSES, ckpt["eye_thresholds"])),
-                  "eye_calibration": ckpt["eye_calibration"], "labels_follow": LABELS_FOLLOW} if eye_logits else {}),
+                  "eye_calibration": ckpt["eye_calibration"], "eye_fit_eyes": ckpt.get("eye_fit_eyes"),
+                  "labels_follow": LABELS_FOLLOW} if eye_logits else {}),
               "started": _iso(run.started), "resumed": run.resume_dir is not None}
     bootstrap_s = 0.0
     for split, table in tables.items():

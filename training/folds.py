@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 
 from odir_dual.model.calibration import apply_calibration, fit_calibration, with_odir_offset
+from odir_dual.model.eyes import fit_eye_head
 from odir_dual.model.metrics import tune_thresholds
 from odir_dual.pipeline.host import atomic_write, write_text_atomic
 from odir_dual.pipeline.constants import CLASSES
+from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
 from odir_dual.model.net import DualEyeEnsemble
 from odir_dual.training.checkpoint import (CheckpointError, git_commit, load_checkpoint, model_from_checkpoint,
@@ -54,6 +56,8 @@ class FoldResult:
     held_logits: np.ndarray
     test_ids: np.ndarray
     test_logits: np.ndarray
+    held_eye_logits: np.ndarray | None = None  # (N, 2, K): a fold with the per-eye head (folds of older runs: none)
+    test_eye_logits: np.ndarray | None = None
 
 
 def describe_split(tables: list[tuple], seed: int) -> str:
@@ -121,8 +125,12 @@ def _train_fold(run, fit, n: int, k: int, tables: tuple, budget: int) -> FoldRes
     if fitted.stopped or fitted.ckpt is None or run.stop.requested:
         return None
     buffer = io.BytesIO()
+    eyes = fitted.eye_logits or {}
+    eye_arrays = {f"{key}_eye_logits": eyes.get(split, np.zeros((0, 2, len(CLASSES))))
+                  for key, split in (("held", "validation"), ("test", "test"))} if eyes else {}
     np.savez(buffer, steps=fitted.steps, held_ids=held_tab["id"].to_numpy(), held_logits=fitted.logits["validation"],
-             test_ids=test_tab["id"].to_numpy(), test_logits=fitted.logits.get("test", np.zeros((0, len(CLASSES)))))
+             test_ids=test_tab["id"].to_numpy(), test_logits=fitted.logits.get("test", np.zeros((0, len(CLASSES)))),
+             **eye_arrays)
     with atomic_write(folder / FOLD_LOGITS, "wb") as f:  # last: its presence says the fold is finished
         f.write(buffer.getvalue())
     return finished_fold(folder, n)
@@ -136,7 +144,8 @@ def finished_fold(folder: Path, n: int) -> FoldResult | None:
         arrays = {k: z[k] for k in z.files}
     return FoldResult(n=n, folder=folder, steps=int(arrays["steps"]), report=json.loads((folder / "report.json")
                       .read_text()), held_ids=arrays["held_ids"], held_logits=arrays["held_logits"],
-                      test_ids=arrays["test_ids"], test_logits=arrays["test_logits"])
+                      test_ids=arrays["test_ids"], test_logits=arrays["test_logits"],
+                      held_eye_logits=arrays.get("held_eye_logits"), test_eye_logits=arrays.get("test_eye_logits"))
 
 
 def fold_ensemble_state(states: list[dict]) -> dict:
@@ -167,9 +176,16 @@ def summarise(run, tables: list[tuple], results: list[FoldResult]) -> tuple[dict
     states = [load_checkpoint(r.folder / "best.pt")["model"] for r in results]
     ckpt = {"commit": git_commit(), "config": asdict(cfg), "thresholds": thresholds.tolist(),
             "calibration": calibration, "best": {"epoch": None, "metric": "each fold's own"}, "folds": len(results)}
+    eye_logits = None
+    if all(r.held_eye_logits is not None for r in results):  # the per-eye head: fitted on the out-of-fold eyes too
+        eye_logits = {"oof": np.concatenate([r.held_eye_logits for r in results])}
+        if len(test_tab):
+            eye_logits["test"] = np.mean([r.test_eye_logits for r in results], axis=0)
+        ckpt.update(fit_eye_head(eye_logits["oof"], *eye_label_matrix(held), cfg.calibration))
     source = {"file": ENSEMBLE, "epoch": None, "weights": weights_digest(fold_ensemble_state(states)),
               "folds": [f"{r.folder.name}/best.pt" for r in results]}
-    report = final_report(run, ckpt, splits, logits, y, source=source, extra={"folds": fold_figures(results)})
+    report = final_report(run, ckpt, splits, logits, y, source=source, extra={"folds": fold_figures(results)},
+                          eye_logits=eye_logits)
     print_final_report(report, run.run_dir)
     write_html_report(run.run_dir)
     return ckpt, logits
@@ -233,10 +249,12 @@ def load_fold_ensemble(run_dir) -> tuple[dict, DualEyeEnsemble, list[Path]]:
     if (report.get("checkpoint") or {}).get("weights") != digest:
         raise CheckpointError(f"{report_path}: is not of the folds' present best.pt weights (a fold trained again "
                               f"since?); its calibration and thresholds would not fit")
-    # fold 1's per-eye calibration and thresholds were fitted on its own validation eyes, not on the ensemble's:
-    # the fold ensemble is exported without the per-eye head (model/eyes.py)
+    # fold 1's per-eye calibration and thresholds were fitted on its own validation eyes, not on the ensemble's: the
+    # ensemble's own, fitted on the out-of-fold eyes, are in report.json (runs from before they were: no per-eye head)
     first = {key: v for key, v in ckpts[0].items() if key not in ("eye_calibration", "eye_thresholds", "eye_fit_eyes")}
+    eyes = ({"eye_thresholds": list(report["eye_thresholds"].values()), "eye_calibration": report["eye_calibration"],
+             "eye_fit_eyes": report.get("eye_fit_eyes")} if "eye_thresholds" in report else {})
     ckpt = {**first, "model": net.state_dict(), "config": report["config"], "folds": k, "epoch": None,
             "best": {}, "thresholds": list(report["thresholds"].values()), "calibration": report["calibration"],
-            "val_metrics": None}
+            "val_metrics": None, **eyes}
     return ckpt, net, paths

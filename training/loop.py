@@ -199,7 +199,8 @@ def fit(run: Run, train_tab, val_tab, test_tab) -> Fitted:
                    or progress.step % updates_per_epoch else None)
         best = report_best(run, val_tab, test_tab, y_train, val_loader, in_dtype,
                            epochs={"reached": reached, "of": cfg.epochs, "stopped_by": stopped})
-    return Fitted(*(best or (None, None)), stopped=bool(stop_now), steps=progress.step)
+    return Fitted(*(best or (None, None, None))[:2], stopped=bool(stop_now), steps=progress.step,
+                  eye_logits=best[2] if best else None)
 
 
 def train_epoch(run: Run, stepper: Stepper, loader, progress: Progress, epoch: int, lr: float, schedule,
@@ -348,7 +349,8 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     """The final report: best.pt scored once on validation and on the test patients (calibrated probabilities,
     thresholds tuned on validation), beside the trivial predictor; written to report.json and
     predictions_{val,test}.csv and printed. `epochs`: how far training went (report.json's "epochs").
-    Returns (best.pt's contents, its logits per split), or None without a completed epoch."""
+    Returns (best.pt's contents, its logits per split, its per-eye logits per split or None), or None without a
+    completed epoch."""
     best_path = run.run_dir / "best.pt"
     if not best_path.exists():
         print(f"no completed epoch yet: continue with {tool_command('train')} --resume {shell_path(run.run_dir)}")
@@ -372,7 +374,7 @@ def report_best(run: Run, val_tab, test_tab, y_train, val_loader, in_dtype, epoc
     report = final_report(run, ckpt, tables, logits, y_train, epochs, eye_logits=eye_logits if eyes else None)
     print_final_report(report, best_path)
     write_html_report(run.run_dir)
-    return ckpt, logits
+    return ckpt, logits, (eye_logits if eyes else None)
 
 
 def _check_finite(first_bad, epoch, accum):
