@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     out.add_argument("--report", metavar="DIR", help="also write DIR/index.html: one row per patient (both eyes, "
                                                      "probabilities against thresholds, labels, status, metrics)")
     out.add_argument("--explain", metavar="RUN", help="with --report: Grad-CAM heatmaps of the predicted classes "
-                     "from the run folder's best.pt (PyTorch: one backward pass per class)")
+                     "from the run folder's best.pt, or a --folds run's fold ensemble (PyTorch: one backward pass "
+                     "per class)")
     speed.add_argument("--batch-size", type=int, default=32, metavar="N", help="pairs per batch (default 32)")
     speed.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                        help="onnxruntime provider (auto: cuda when a GPU is visible and onnxruntime has CUDA, else "
@@ -255,7 +256,8 @@ def main(argv=None) -> int:
         ap.error("--batch-size must be >= 1")
     if args.explain and not args.report:
         ap.error("--explain RUN needs --report DIR")
-    if args.explain and not (Path(args.explain).is_file() or (Path(args.explain) / "best.pt").is_file()):
+    if args.explain and not (Path(args.explain).is_file() or (Path(args.explain) / "best.pt").is_file()
+                             or (Path(args.explain) / "fold-1" / "best.pt").is_file()):
         ap.error(f"--explain {args.explain}: no best.pt there (a run folder of train.py, or its best.pt)")
     if args.pattern:
         try:

@@ -3,10 +3,10 @@
     python serve.py runs/NAME                    then open http://127.0.0.1:8000
     python serve.py runs/NAME --port 8080        (--host 0.0.0.0 only if other machines must reach it)
 
-Listens on 127.0.0.1 unless --host says otherwise. Uses the run's best.pt on the CPU (heatmaps need gradients, which
-ONNX has not): the photographs are prepared as in training, then the page shows the calibrated probabilities against
-the run's thresholds, the Grad-CAM of every predicted class on both eyes, where each eye attends in the other, and
-links to download the result (JSON, CSV). A model trained with the per-eye head also shows each eye's findings
+Listens on 127.0.0.1 unless --host says otherwise. Uses the run's best.pt (a --folds run: the fold ensemble, as
+export.py writes it) on the CPU (heatmaps need gradients, which ONNX has not): the photographs are prepared as in
+training, then the page shows the calibrated probabilities against the run's thresholds, the Grad-CAM of every
+predicted class on both eyes, where each eye attends in the other, and links to download the result (JSON, CSV). A model trained with the per-eye head also shows each eye's findings
 under its photographs (and in the download). Nothing is stored. Every page names the model and says it is for research
 use; a model trained on the synthetic demo set gets a loud warning.
 
@@ -71,16 +71,19 @@ def model_identity(run, explainer: Explainer) -> dict:
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     cfg = explainer.config
     patients = ""
+    folds = getattr(explainer, "folds", None)
     try:
-        parts = load_split(folder / "split.csv")
-        patients = (f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
+        parts = load_split(folder / ("fold-1/split.csv" if folds else "split.csv"))
+        patients = (f"{sum(map(len, parts))} patients (the mean of {folds} fold models, which trained on the "
+                    f"{len(parts[0]) + len(parts[1])} outside the test split; test {len(parts[2])})" if folds else
+                    f"{sum(map(len, parts))} patients (train {len(parts[0])}, validation {len(parts[1])}, "
                     f"test {len(parts[2])})")
     except (OSError, ValueError):
         pass  # a best.pt copied without its run folder: the page says less
     return {"run": folder.name, "backbone": cfg.get("backbone", "?"), "img_px": explainer.img_px,
             "data": cfg.get("data", ""), "patients": patients, "preset": cfg.get("preset", ""),
             "commit": getattr(explainer, "commit", "") or "unknown", "synthetic": is_synthetic(cfg.get("data", "")),
-            "quality": getattr(explainer, "quality", {})}
+            "quality": getattr(explainer, "quality", {}), "folds": folds}
 
 
 def identity_html(ident: dict) -> str:
@@ -97,7 +100,8 @@ def identity_html(ident: dict) -> str:
                f"{html.escape(quality_text(ident.get('quality') or {}))}</div>"
                + "".join(untrusted_html((ident.get("quality") or {}).get("untrusted") or {}))
                + "<p class=note>For research use only: not a medical device, not a diagnosis. The probabilities are "
-               "calibrated on the run's validation patients and compared with the thresholds tuned there.</p>")
+               f"calibrated on the run's {'out-of-fold' if ident.get('folds') else 'validation'} predictions and "
+               "compared with the thresholds tuned there.</p>")
     return "".join(out)
 
 
@@ -369,7 +373,8 @@ def make_handler(explainer: Explainer, title: str, identity: dict | None = None,
 
 def main(argv=None) -> int:
     ap = ArgParser(prog="python serve.py", description=__doc__)
-    ap.add_argument("run", help="a run folder of train.py (its best.pt), or a best.pt")
+    ap.add_argument("run", help="a run folder of train.py (its best.pt; a --folds run: the fold ensemble), "
+                                "or a best.pt")
     net = ap.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000)")

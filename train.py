@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from odir_dual.common.cli import EXIT_SIGINT, EXIT_SIGTERM, run_cli, shell_path, tool_command
-from odir_dual.pipeline.host import wrap
+from odir_dual.pipeline.host import keep_freed_memory, wrap
 from odir_dual.training.config import config_parser, parse_config, resume_folder
 
 
@@ -155,6 +155,9 @@ def cli(argv=None) -> int:
 
     def body():
         config_parser().parse_args(argv)  # --help and a mistyped flag answer here, before torch is imported
+        # a CPU step's activations reused, not faulted in again; the command's own process only: a library caller's
+        # process would keep its peak memory (pipeline/host.py)
+        keep_freed_memory()
         result = main(argv)
         return result if isinstance(result, int) else None  # an exit status (a signal's stop), or success
 

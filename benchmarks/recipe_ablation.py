@@ -68,8 +68,8 @@ FIGURES = (("final", lambda t: t["odir"]["final"]), ("kappa", lambda t: t["odir"
 
 def start_run(key: str, seed: int, s: Settings, data: Path) -> tuple[subprocess.Popen, float]:
     name = f"{key}-s{seed}"
-    cmd = [sys.executable, "train.py", "--data", str(data), "--preset", "cpu", "--out", s.out, "--name", name,
-           "--seed", str(seed), *shlex.split(s.extra), *shlex.split(ROWS[key][1])]
+    cmd = [sys.executable, "train.py", "--data", str(data), "--preset", "cpu", "--folds", "0", "--out", s.out,
+           "--name", name, "--seed", str(seed), *shlex.split(s.extra), *shlex.split(ROWS[key][1])]
     if s.cache_dir:
         cmd += ["--cache-dir", s.cache_dir]
     env = dict(os.environ)

@@ -95,19 +95,27 @@ def save_image(pixels: np.ndarray, path: Path) -> None:
 
 
 class Explainer:
-    """A run's best.pt, ready to explain prepared image pairs (CPU, fp32, eval mode). Its probabilities are
-    calibrated as training calibrated them (the ones its thresholds apply to); a model with the per-eye head fitted
-    in best.pt also gives per-eye probabilities (`eye_thresholds` is then not None)."""
+    """A run's best.pt (a --folds run: its fold ensemble, as export.py writes it), ready to explain prepared image
+    pairs (CPU, fp32, eval mode). Its probabilities are calibrated as training calibrated them (the ones its
+    thresholds apply to); a model with the per-eye head fitted also gives per-eye probabilities (`eye_thresholds`
+    is then not None)."""
 
     def __init__(self, run):
         from odir_dual.deploy.modelcard import run_report
         from odir_dual.training.checkpoint import (checkpoint_file, model_from_checkpoint, read_checkpoint,  # torch
                                                    weights_digest)
+        from odir_dual.training.folds import ENSEMBLE, is_fold_run, load_fold_ensemble
 
-        ckpt = read_checkpoint(run)
+        if is_fold_run(run):
+            ckpt, self.model, _ = load_fold_ensemble(run)
+            source = Path(run) / ENSEMBLE  # report.json's name for the ensemble
+        else:
+            ckpt = read_checkpoint(run)
+            source = checkpoint_file(run)
+            self.model = model_from_checkpoint(ckpt, run)
         # its test figures and untrusted classes, from the run's report.json of this very checkpoint
-        self.quality = model_quality(run_report(ckpt, checkpoint_file(run))[0])
-        self.model = model_from_checkpoint(ckpt, run)
+        self.quality = model_quality(run_report(ckpt, source)[0])
+        self.folds = ckpt.get("folds")
         self.digest = weights_digest(ckpt["model"])  # which weights: export.py writes the same into the ONNX file
         self.path = run
         self.img_px, self.mean, self.std = int(ckpt["img_px"]), ckpt["mean"], ckpt["std"]

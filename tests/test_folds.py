@@ -173,6 +173,34 @@ def test_fold_ensemble_onnx_is_the_mean_of_the_folds_calibrated(fold_run):
         export.export(d, fold=3, log=lambda *a: None)
 
 
+@pytest.mark.slow  # the 2-fold run
+def test_serve_explains_the_fold_ensemble_with_its_out_of_fold_calibration(fold_run):
+    """serve.py RUN and score.py --explain RUN on a --folds run (the cpu preset's default) explain the model that
+    export.py writes: the folds' mean logits, calibrated and thresholded as fitted on the out-of-fold predictions."""
+    from odir_dual import serve
+    from odir_dual.deploy.report import Explainer, model_input, network_view
+
+    d = fold_run["dir"]
+    report = json.loads((d / "report.json").read_text())
+    explainer = Explainer(d)
+    left = sorted((fold_run["data"] / "Training Images").glob("*_left.jpg"))[:2]
+    right = [p.with_name(p.name.replace("_left", "_right")) for p in left]
+    items = explainer.explain(left, right, [[0], [3]])
+    nets = [checkpoint.model_from_checkpoint(checkpoint.read_checkpoint(d / f"fold-{n}" / "best.pt")) for n in (1, 2)]
+    views = [model_input([network_view(p, explainer.img_px) for p in eye], explainer.mean, explainer.std)
+             for eye in (left, right)]
+    with torch.no_grad():
+        mean_logits = torch.stack([net(*views) for net in nets]).mean(0).numpy()
+    np.testing.assert_allclose([it["probs"] for it in items], apply_calibration(mean_logits, report["calibration"]),
+                               atol=1e-5)
+    assert explainer.thresholds == pytest.approx(list(report["thresholds"].values()))
+    assert explainer.eye_thresholds == pytest.approx(list(report["eye_thresholds"].values()))
+    assert items[1]["cams"][3][0].shape == (explainer.img_px, explainer.img_px)
+    identity = serve.model_identity(d, explainer)
+    assert "the mean of 2 fold models" in identity["patients"] and identity["quality"]
+    assert "calibrated on the run's out-of-fold predictions" in serve.identity_html(identity)
+
+
 # ----------------------------------------------------------------------------------------------- compare
 
 

@@ -20,7 +20,8 @@ from odir_dual.pipeline.constants import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32",
-        "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1"]
+        "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1",
+        "--folds", "0"]  # one run (the cpu preset, auto's choice here, cross-validates)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +310,11 @@ def test_dry_run_on_real_data_reports_the_24_one_eyed_patients(odir256, tmp_path
     out = capsys.readouterr().out
     assert "left out 24 patient(s): 24 missing file" in out
     assert "usable patients: 2215" in out
-    assert "split (seed 42): train 1551 · validation 332 · test 332" in out
+    # the default (cpu preset) cross-validates: every non-test patient trains 2 of the 3 folds' models
+    assert "split (seed 42): 3 folds of the 1883 patients outside the test split, held out 628 / 628 / 627" in out
+    assert "test 332" in out
+    train.main(["--data", str(odir256), "--dry-run", "--folds", "0", "--cache-dir", str(tmp_path / "cache")])
+    assert "split (seed 42): train 1551 · validation 332 · test 332" in capsys.readouterr().out
 
 
 def test_bf16_autocast_run(tmp_path, tiny_odir):

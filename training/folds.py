@@ -84,7 +84,8 @@ def cross_validate(run, tables: list[tuple], fit):
         folds together, in fold order.
     """
     if run.world > 1:
-        raise FoldsError("--folds: runs in one process for now; start it without torchrun")
+        raise FoldsError(f"--folds {run.cfg.folds}: runs in one process for now; start it without torchrun, "
+                         "or add --folds 0 for one run")
     results = []
     for n, fold_tables in enumerate(tables, 1):
         result = finished_fold(fold_folder(run.run_dir, n), n)
