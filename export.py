@@ -48,7 +48,7 @@ from odir_dual.pipeline.pairs import default_cache, find_pairs, prepare_pairs
 from odir_dual.pipeline.split import load_split
 from odir_dual.deploy.runtime import ONNX_FORMAT, ort_session
 from odir_dual.training.data import fold_folder
-from odir_dual.training.folds import ENSEMBLE, is_fold_run, load_fold_ensemble
+from odir_dual.training.ensemble import ENSEMBLE, is_fold_run, load_fold_ensemble
 
 DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime 1.31 runs up to 23
 FP32_TOL = 1e-4  # max |Δ probability|, onnxruntime fp32 vs PyTorch fp32

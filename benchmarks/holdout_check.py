@@ -30,7 +30,7 @@ from odir_dual.pipeline.constants import CLASSES, EYES  # noqa: E402
 from odir_dual.pipeline.keywords import eye_label_matrix  # noqa: E402
 from odir_dual.pipeline.odir import read_patients, subset_folder  # noqa: E402
 from odir_dual.pipeline.split import load_split  # noqa: E402
-from odir_dual.training.folds import is_fold_run  # noqa: E402
+from odir_dual.training.ensemble import is_fold_run  # noqa: E402
 
 
 def main(argv=None) -> int:

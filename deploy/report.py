@@ -104,7 +104,7 @@ class Explainer:
         from odir_dual.deploy.modelcard import run_report
         from odir_dual.training.checkpoint import (checkpoint_file, model_from_checkpoint, read_checkpoint,  # torch
                                                    weights_digest)
-        from odir_dual.training.folds import ENSEMBLE, is_fold_run, load_fold_ensemble
+        from odir_dual.training.ensemble import ENSEMBLE, is_fold_run, load_fold_ensemble
 
         if is_fold_run(run):
             ckpt, self.model, _ = load_fold_ensemble(run)

@@ -20,6 +20,7 @@ from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.sampling import steps_per_epoch
 from odir_dual.pipeline.split import load_split, stratified_folds, cross_validation_split, three_way_split
 from odir_dual.training import checkpoint, folds, loop
+from odir_dual.training.ensemble import ENSEMBLE
 
 TINY = ["--backbone", "test_convnext", "--no-pretrained", "--img-px", "48", "--embed-dim", "32", "--batch-size", "8",
         "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5", "--loader-threads", "1", "--folds", "2",
@@ -152,7 +153,7 @@ def test_fold_ensemble_onnx_is_the_mean_of_the_folds_calibrated(fold_run):
     result = export.export(d, d / "ensemble.onnx", exporter="torchscript", log=lambda *a: None)
     session, meta, _ = runtime.load_session(result["path"], "cpu")  # what score.py and serve.py open
     report = json.loads((d / "report.json").read_text())
-    assert meta["raw"]["folds"] == "2" and meta["raw"]["checkpoint"] == folds.ENSEMBLE
+    assert meta["raw"]["folds"] == "2" and meta["raw"]["checkpoint"] == ENSEMBLE
     np.testing.assert_allclose(meta["thresholds"], list(report["thresholds"].values()))
     assert json.loads(meta["raw"]["calibration"]) == report["calibration"]
     nets = [checkpoint.model_from_checkpoint(checkpoint.read_checkpoint(d / f"fold-{n}" / "best.pt")) for n in (1, 2)]

@@ -132,7 +132,7 @@ class Config:
                                "tensorboard)")
 
 
-# Each preset overrides some of Config's defaults; why these values: benchmarks/RESULTS.md (cpu: round 4).
+# Each preset overrides some of Config's defaults; why these values: benchmarks/RESULTS.md (cpu: rounds 4 and 7).
 PRESETS = {
     # the seed's recipe exactly (best_model.py in ../shared/seed), for comparison and reproduction
     "seed": dict(backbone="convnext_small", img_px=384, batch_size=6, accum_steps=2, epochs=25, lr=5e-5,

@@ -27,15 +27,13 @@ from odir_dual.pipeline.host import atomic_write, write_text_atomic
 from odir_dual.pipeline.constants import CLASSES
 from odir_dual.pipeline.keywords import eye_label_matrix
 from odir_dual.pipeline.odir import label_matrix
-from odir_dual.model.net import DualEyeEnsemble
-from odir_dual.training.checkpoint import (CheckpointError, git_commit, load_checkpoint, model_from_checkpoint,
-                                           read_checkpoint, weights_digest)
+from odir_dual.training.checkpoint import git_commit, load_checkpoint, weights_digest
 from odir_dual.training.data import fold_folder
+from odir_dual.training.ensemble import ENSEMBLE, fold_ensemble_state
 from odir_dual.training.evaluation import Fitted, final_report, write_html_report
 from odir_dual.training.runlog import MARKER_NAME, RunFolderError, print_final_report
 
 FOLD_LOGITS = "fold_logits.npz"  # a finished fold's raw logits: held-out and test patients
-ENSEMBLE = "fold-ensemble"  # report.json's checkpoint "file" of a --folds run: every fold's best.pt
 FIGURES = ("final", "kappa", "f1", "auc", "auc_macro")  # per fold: the official figures and the AUC macro
 
 
@@ -149,12 +147,6 @@ def finished_fold(folder: Path, n: int) -> FoldResult | None:
                       held_eye_logits=arrays.get("held_eye_logits"), test_eye_logits=arrays.get("test_eye_logits"))
 
 
-def fold_ensemble_state(states: list[dict]) -> dict:
-    """The state dict of the folds' models as one DualEyeEnsemble (members.N.*): what report.json's weights hash
-    and export.py's fold-ensemble graph are of."""
-    return {f"members.{i}.{k}": v for i, state in enumerate(states) for k, v in state.items()}
-
-
 def summarise(run, tables: list[tuple], results: list[FoldResult]) -> tuple[dict, dict]:
     """The parent's report.json, predictions_oof.csv and predictions_test.csv, printed: the fold ensemble on the
     pooled out-of-fold and on the test patients (calibration and thresholds fitted on the out-of-fold logits), and
@@ -212,50 +204,3 @@ def fold_figures(results: list[FoldResult]) -> dict:
     return {"k": len(results), "per_fold": rows, **spread,
             "best_fold": {"fold": best.n, "chosen_by": "its held-out official final",
                           **({"test": best.report["test"]} if "test" in best.report else {})}}
-
-
-
-def is_fold_run(path) -> bool:
-    """A --folds run's parent folder (its fold-1 folder and config.json with folds > 1)."""
-    path = Path(path)
-    if not (path.is_dir() and (path / "fold-1").is_dir() and (path / "config.json").is_file()):
-        return False
-    try:
-        return int(json.loads((path / "config.json").read_text()).get("folds") or 0) > 1
-    except (ValueError, AttributeError):
-        return False
-
-
-def load_fold_ensemble(run_dir) -> tuple[dict, DualEyeEnsemble, list[Path]]:
-    """The fold ensemble of a finished --folds run, for export.py: (a checkpoint-like dict with the parent's
-    calibration and thresholds (fitted on the out-of-fold logits), the folds' models as one DualEyeEnsemble
-    (mean logits) in eval mode, the fold checkpoints read).
-
-    Raises:
-        CheckpointError: a fold unfinished, or report.json not of these very fold weights (one line naming it).
-    """
-    run_dir = Path(run_dir)
-    k = int(json.loads((run_dir / "config.json").read_text())["folds"])
-    report_path = run_dir / "report.json"
-    unfinished = [n for n in range(1, k + 1) if finished_fold(fold_folder(run_dir, n), n) is None]
-    if unfinished or not report_path.is_file():
-        raise CheckpointError(f"{run_dir}: a --folds run that has not finished (fold(s) {unfinished or 'all'} done, "
-                              f"no report.json): continue it with python train.py --resume {run_dir}, or export one "
-                              f"fold with --fold N")
-    paths = [fold_folder(run_dir, n) / "best.pt" for n in range(1, k + 1)]
-    ckpts = [read_checkpoint(p) for p in paths]
-    net = DualEyeEnsemble([model_from_checkpoint(c, p) for c, p in zip(ckpts, paths)]).eval()
-    report = json.loads(report_path.read_text())
-    digest = weights_digest(fold_ensemble_state([c["model"] for c in ckpts]))
-    if (report.get("checkpoint") or {}).get("weights") != digest:
-        raise CheckpointError(f"{report_path}: is not of the folds' present best.pt weights (a fold trained again "
-                              f"since?); its calibration and thresholds would not fit")
-    # fold 1's per-eye calibration and thresholds were fitted on its own validation eyes, not on the ensemble's: the
-    # ensemble's own, fitted on the out-of-fold eyes, are in report.json (runs from before they were: no per-eye head)
-    first = {key: v for key, v in ckpts[0].items() if key not in ("eye_calibration", "eye_thresholds", "eye_fit_eyes")}
-    eyes = ({"eye_thresholds": list(report["eye_thresholds"].values()), "eye_calibration": report["eye_calibration"],
-             "eye_fit_eyes": report.get("eye_fit_eyes")} if "eye_thresholds" in report else {})
-    ckpt = {**first, "model": net.state_dict(), "config": report["config"], "folds": k, "epoch": None,
-            "best": {}, "thresholds": list(report["thresholds"].values()), "calibration": report["calibration"],
-            "val_metrics": None, **eyes}
-    return ckpt, net, paths
