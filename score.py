@@ -256,6 +256,7 @@ def main(argv=None) -> int:
         ap.error("--batch-size must be >= 1")
     if args.explain and not args.report:
         ap.error("--explain RUN needs --report DIR")
+    # a --folds run by its fold-1/best.pt (training/ensemble.py's is_fold_run imports torch: not in the light install)
     if args.explain and not (Path(args.explain).is_file() or (Path(args.explain) / "best.pt").is_file()
                              or (Path(args.explain) / "fold-1" / "best.pt").is_file()):
         ap.error(f"--explain {args.explain}: no best.pt there (a run folder of train.py, or its best.pt)")

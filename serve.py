@@ -6,9 +6,10 @@
 Listens on 127.0.0.1 unless --host says otherwise. Uses the run's best.pt (a --folds run: the fold ensemble, as
 export.py writes it) on the CPU (heatmaps need gradients, which ONNX has not): the photographs are prepared as in
 training, then the page shows the calibrated probabilities against the run's thresholds, the Grad-CAM of every
-predicted class on both eyes, where each eye attends in the other, and links to download the result (JSON, CSV). A model trained with the per-eye head also shows each eye's findings
-under its photographs (and in the download). Nothing is stored. Every page names the model and says it is for research
-use; a model trained on the synthetic demo set gets a loud warning.
+predicted class on both eyes, where each eye attends in the other, and links to download the result (JSON, CSV). A
+model trained with the per-eye head also shows each eye's findings under its photographs (and in the download).
+Nothing is stored. Every page names the model and says it is for research use; a model trained on the synthetic demo
+set gets a loud warning.
 
 Limits: uploads up to 64 MB with a valid Content-Length, photographs up to 40 MP (checked before decoding), 4 requests
 at work at a time (others wait 2 s, then 503), 30 s socket timeouts, one upload explained at a time.

@@ -132,8 +132,8 @@ def test_a_pretrained_run_exports_its_weights_normalisation(tmp_path):
 
     data = make_synthetic_odir(tmp_path / "odir", n_patients=40, seed=2, min_px=64, max_px=96, workers=1)
     args = ["--data", str(data), "--out", str(tmp_path / "runs"), "--name", "lite", "--cache-dir",
-            str(tmp_path / "cache"), "--preset", "cpu", "--folds", "0", "--img-px", "64", "--batch-size", "8", "--epochs", "1",
-            "--embed-dim", "32", "--heads", "2", "--loader-threads", "1"]
+            str(tmp_path / "cache"), "--preset", "cpu", "--folds", "0", "--img-px", "64", "--batch-size", "8",
+            "--epochs", "1", "--embed-dim", "32", "--heads", "2", "--loader-threads", "1"]
     train.main(args)
     ckpt = torch.load(tmp_path / "runs" / "lite" / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["mean"] == [0.5] * 3 and ckpt["std"] == [0.5] * 3

@@ -1,6 +1,7 @@
 """A finished --folds run's fold ensemble, read back: the one model that export.py writes as one ONNX graph and
 serve.py and score.py --explain explain. Apart from training/folds.py (which trains the folds and fits the ensemble),
-so that reading a model does not import training."""
+so that reading a model does not import the training side's reports (folds → evaluation → deploy/report, which
+reads models with this: an import cycle)."""
 from __future__ import annotations
 
 import json
@@ -31,9 +32,9 @@ def is_fold_run(path) -> bool:
 
 
 def load_fold_ensemble(run_dir) -> tuple[dict, DualEyeEnsemble, list[Path]]:
-    """The fold ensemble of a finished --folds run, for export.py: (a checkpoint-like dict with the parent's
-    calibration and thresholds (fitted on the out-of-fold logits), the folds' models as one DualEyeEnsemble
-    (mean logits) in eval mode, the fold checkpoints read).
+    """The fold ensemble of a finished --folds run, for export.py and the Explainer: (a checkpoint-like dict with
+    the parent's calibration and thresholds (fitted on the out-of-fold logits), the folds' models as one
+    DualEyeEnsemble (mean logits) in eval mode, the fold checkpoints read).
 
     Raises:
         CheckpointError: a fold unfinished, or report.json not of these very fold weights (one line naming it).
