@@ -147,9 +147,9 @@ PRESETS = {
                  lr=2e-3, backbone_lr_mult=1.0, weight_decay=1e-4, warmup_epochs=1.0, patience=0,
                  embed_dim=128, dropout=0.1, compile=False),
     # real photographs on a CPU (auto's choice there with --data): a partly frozen ImageNet EfficientNet-Lite0, 192 px,
-    # 6 epochs (out of fold as good as 224 px × 8 epochs, in half the time), the concat head (out of fold AUC macro
-    # +0.019 over cross-attention: RESULTS round 8; embed_dim is for --head attention); 3 folds, so that the model it
-    # ships (the fold ensemble) has trained on every patient outside the test split
+    # 6 epochs (out of fold as good as 224 px × 8 epochs, in about half the time, estimated), the concat head (out of
+    # fold AUC macro +0.019 over cross-attention: RESULTS round 8; embed_dim is for --head attention); 3 folds, so that
+    # the model it ships (the fold ensemble) has trained on every patient outside the test split
     "cpu": dict(backbone="tf_efficientnet_lite0", pretrained=True, freeze_stages=2, head="concat", img_px=192,
                 batch_size=32, folds=3, accum_steps=1, epochs=6, lr=1e-3, backbone_lr_mult=1.0, weight_decay=1e-4,
                 warmup_epochs=1.0, patience=0, embed_dim=256, dropout=0.2, local_contrast=0.0, eye_loss_weight=2.0,
